@@ -1,0 +1,13 @@
+"""The errors that mean "bad input": shown to users as one clear line, not a traceback."""
+
+from polar_cube.archives import ArchiveError
+from polar_cube.download import DownloadError
+from polar_cube.readers import SourceFormatError
+from polar_cube.spec import SpecError
+
+USER_ERRORS: tuple[type[Exception], ...] = (
+    SpecError,
+    SourceFormatError,
+    DownloadError,
+    ArchiveError,
+)

@@ -1,0 +1,37 @@
+"""GeoTIFFs (rioxarray), opened lazily so only the windows a target chunk needs are read."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import rasterio
+import rioxarray
+from pyproj import CRS
+
+from polar_cube.readers import SourceFormatError, SourceLayer
+
+
+def read_geotiff(path: Path, variable: str | None, crs: str) -> SourceLayer:
+    """Band 1 (or band `variable`, a 1-based number) with nodata as NaN."""
+    band = int(variable) if variable else 1
+    try:
+        data = rioxarray.open_rasterio(path, masked=True, cache=False)
+    except rasterio.errors.RasterioIOError as error:
+        raise SourceFormatError(f"{path}: cannot open as GeoTIFF: {error}") from None
+    if band > data.sizes["band"]:
+        raise SourceFormatError(f"{path}: has {data.sizes['band']} band(s), spec asks for {band}")
+    file_crs = data.rio.crs
+    if file_crs is not None and not CRS.from_user_input(file_crs).equals(
+        CRS(crs), ignore_axis_order=True
+    ):
+        raise SourceFormatError(f"{path}: file CRS {file_crs} differs from the spec's {crs}")
+    if data.rio.transform().b != 0 or data.rio.transform().d != 0:
+        raise SourceFormatError(f"{path}: rotated GeoTIFFs are not supported")
+    layer = data.isel(band=band - 1, drop=True).drop_vars("spatial_ref", errors="ignore")
+    height, width = layer.shape
+    return SourceLayer(
+        data=layer,
+        crs=crs,
+        description=f"Read GeoTIFF band {band} ({width}x{height} px, "
+        f"{abs(data.rio.resolution()[0]):g} m), nodata as NaN",
+    )

@@ -1,0 +1,1 @@
+"""Thin Prefect task wrappers around the plain functions in `polar_cube`."""

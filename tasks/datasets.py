@@ -1,0 +1,54 @@
+"""Convert, resample and write one per-dataset cube."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import xarray as xr
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from polar_cube import dataset as ds
+from polar_cube.grid import TargetGrid
+from polar_cube.spec import CubeSpec
+
+
+@task(task_run_name="convert-{fetched.source.id}", cache_policy=NO_CACHE)
+def convert_source(spec: CubeSpec, fetched: ds.FetchedSource) -> list[ds.ConvertedVariable]:
+    converted = ds.convert_source(spec, fetched)
+    for item in converted:
+        first = next(iter(item.layers.values()))
+        get_run_logger().info("%s: %s", item.variable.name, first.description)
+    return converted
+
+
+@task(task_run_name="resample-{fetched.source.id}", cache_policy=NO_CACHE)
+def resample_source(
+    spec: CubeSpec,
+    fetched: ds.FetchedSource,
+    converted: list[ds.ConvertedVariable],
+    grid: TargetGrid,
+) -> xr.Dataset:
+    """Plan the chunked resampling (lazy: the work runs while writing)."""
+    dataset = ds.resample_layers(converted, grid)
+    get_run_logger().info(
+        "planned %s on a %dx%d grid at %g m (%d chunks per layer)",
+        ", ".join(dataset.data_vars),
+        grid.width,
+        grid.height,
+        grid.resolution,
+        len(grid.chunks()[0]) * len(grid.chunks()[1]),
+    )
+    return ds.describe_dataset(dataset, spec, fetched, converted, grid)
+
+
+@task(task_run_name="write-{target.name}", cache_policy=NO_CACHE, retries=1)
+def write_dataset(dataset: xr.Dataset, target: Path, grid: TargetGrid) -> Path:
+    started = time.monotonic()
+    ds.write_dataset(dataset, target, grid)
+    size = sum(f.stat().st_size for f in target.rglob("*") if f.is_file())
+    get_run_logger().info(
+        "wrote %s: %.1f MB in %.1f s", target, size / 1e6, time.monotonic() - started
+    )
+    return target

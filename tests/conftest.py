@@ -1,0 +1,41 @@
+"""Test set-up: a private Prefect home and a quiet, patient ephemeral Prefect API."""
+
+import os
+import tempfile
+
+# Must be set before prefect is imported anywhere.
+os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="polar-cube-prefect-")
+os.environ.pop("PREFECT_API_URL", None)
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def repo_spec_path() -> Path:
+    return REPO / "cube.geojson"
+
+
+@pytest.fixture(scope="session")
+def small_standins(tmp_path_factory) -> Path:
+    """The `small` stand-in sources, made once per test session."""
+    from polar_cube.standins import make_standins
+
+    folder = tmp_path_factory.mktemp("standins-small")
+    make_standins(folder, "small")
+    return folder
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _stop_ephemeral_prefect_server():
+    """Stop Prefect's temporary API server while pytest's output streams are still open."""
+    yield
+    from prefect.server.api.server import SubprocessASGIServer
+
+    for server in list(SubprocessASGIServer._instances.values()):
+        server.stop()

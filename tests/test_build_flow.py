@@ -1,0 +1,123 @@
+"""End to end through Prefect: small stand-ins served over HTTP -> one zarr per dataset."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import xarray as xr
+
+from polar_cube.mirror import serving_mirror
+from polar_cube.spec import load_spec
+
+pytestmark = pytest.mark.slow
+RESOLUTION = 3000.0  # divides the bbox; small stand-ins are this coarse
+
+
+@pytest.fixture(scope="module")
+def built(small_standins, repo_spec_path, tmp_path_factory):
+    from flows.build_datasets import build_datasets
+
+    work = tmp_path_factory.mktemp("build")
+    options = dict(
+        spec_path=str(repo_spec_path),
+        resolution=RESOLUTION,
+        cache_dir=str(work / "cache"),
+        store_dir=str(work / "datasets"),
+    )
+    with serving_mirror(small_standins) as mirror:
+        first = build_datasets(source_mirror=mirror, **options)
+        second = build_datasets(source_mirror=mirror, **options)
+    return first, second, work
+
+
+def test_every_source_becomes_a_labelled_cube(built, repo_spec_path):
+    first, _, work = built
+    spec = load_spec(repo_spec_path)
+    assert sorted(b.source_id for b in first) == sorted(s.id for s in spec.sources)
+    assert not any(b.reused for b in first)
+    for variable in spec.variables:
+        path = work / "datasets" / f"{variable.source}.zarr"
+        cube = xr.open_zarr(path, consolidated=True)
+        data = cube[variable.name]
+        assert data.dims == variable.dims
+        assert data.dtype == np.float32
+        assert data.attrs["units"] == variable.units
+        assert data.attrs["long_name"] == variable.long_name
+        assert data.attrs["grid_mapping"] == "crs"
+        assert any("Resampled" in s or "Rasterized" in s for s in data.attrs["processing_steps"])
+        assert data.encoding["chunks"][-2:] == (2048, 2048)[: data.ndim]
+        assert cube.sizes["x"] == 651 and cube.sizes["y"] == 707
+        values = data.values
+        assert np.isfinite(values).any(), variable.name
+    thw = xr.open_zarr(work / "datasets" / "subglacial_lakes_thwaites.zarr")
+    assert thw.sizes["time"] == 2
+    assert set(np.unique(thw.thw_70.values[np.isfinite(thw.thw_70.values)])) <= {0.0, 1.0}
+    lakes = xr.open_zarr(work / "datasets" / "supraglacial_lakes_wais.zarr").supraglacial_lakes
+    assert set(np.unique(lakes.values)) == {0.0, 1.0, 2.0}
+    heat = xr.open_zarr(work / "datasets" / "geothermal_heat_flow_200km.zarr")
+    assert float(heat.geothermal_heat_flow_200km.min()) > 0
+
+
+def test_rerun_reuses_downloads_and_cubes(built):
+    first, second, work = built
+    assert all(b.reused for b in second)
+    meta = json.loads(
+        (
+            work / "cache/magnetic_anomaly/ASE_MagneticCompilation_Dziadeketal_250m.tif.meta.json"
+        ).read_text()
+    )
+    assert len(meta["sha256"]) == 64
+    assert [b.path for b in first] == [b.path for b in second]
+
+
+def test_flow_runs_are_recorded_by_the_prefect_api(built):
+    from prefect import get_client
+
+    async def flow_run_names():
+        async with get_client() as client:
+            runs = await client.read_flow_runs()
+            return {(r.name, r.state.type.value) for r in runs}
+
+    import asyncio
+
+    names = asyncio.run(flow_run_names())
+    assert ("datasets-cube-3000m", "COMPLETED") in names
+
+
+def test_cli_only_one_variable_and_a_missing_source(small_standins, repo_spec_path, tmp_path):
+    empty = tmp_path / "empty-mirror"
+    empty.mkdir()
+    with serving_mirror(empty) as mirror:
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "polar_cube.cli",
+                "build",
+                "--spec",
+                str(repo_spec_path),
+                "--only",
+                "thw_70",
+                "--resolution",
+                "3000",
+                "--source-mirror",
+                mirror,
+                "--cache",
+                str(tmp_path / "cache"),
+                "--store",
+                str(tmp_path / "out"),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+    assert result.returncode == 2, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("polar-cube: error")]
+    assert errors == [
+        f"polar-cube: error: subglacial_lakes_thwaites: {mirror}/Malczyk_etal_2020_data_v2.tar: "
+        "HTTP 404 Not Found (not retried)"
+    ]
+    assert not (tmp_path / "out").exists()
+    assert not list((tmp_path / "cache").rglob("*.part"))

@@ -1,0 +1,57 @@
+"""The command line: clear one-line errors for bad input, help that matches the code."""
+
+import json
+import subprocess
+import sys
+
+
+def run_cli(*args, cwd=None):
+    return subprocess.run(
+        [sys.executable, "-m", "polar_cube.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=cwd,
+    )
+
+
+def test_spec_check_summarises_the_repo_spec(repo_spec_path):
+    result = run_cli("spec", "check", str(repo_spec_path))
+    assert result.returncode == 0, result.stderr
+    assert "13 variables from 10 sources on a 19530x21210 grid at 100 m" in result.stdout
+
+
+def test_bad_spec_is_one_clear_line_not_a_traceback(tmp_path, repo_spec_path):
+    document = json.loads(repo_spec_path.read_text())
+    document["properties"]["variables"][0]["resampling"] = "bicubic"
+    bad = tmp_path / "bad.geojson"
+    bad.write_text(json.dumps(document))
+    result = run_cli("spec", "check", str(bad))
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert "bad.geojson: invalid spec" in result.stderr
+    assert "variables[0:curie_depth_200km].resampling" in result.stderr
+
+
+def test_resolution_that_does_not_fit_the_grid(repo_spec_path, tmp_path):
+    result = run_cli(
+        "build",
+        "--spec",
+        str(repo_spec_path),
+        "--resolution",
+        "2000",
+        "--store",
+        str(tmp_path / "out"),
+    )
+    assert result.returncode == 2
+    assert "resolution 2000 m does not divide" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_help_lists_the_commands():
+    result = run_cli("--help")
+    for command in ("build", "demo", "sources", "spec"):
+        assert command in result.stdout
+    build_help = run_cli("build", "--help").stdout
+    for option in ("--spec", "--only", "--resolution", "--source-mirror", "--cache", "--store"):
+        assert option in build_help

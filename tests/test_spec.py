@@ -1,0 +1,130 @@
+import copy
+import json
+
+import pytest
+
+from polar_cube.grid import TargetGrid
+from polar_cube.spec import SpecError, ValidCondition, load_spec
+
+
+@pytest.fixture()
+def spec_document(repo_spec_path):
+    return json.loads(repo_spec_path.read_text())
+
+
+def write(tmp_path, document):
+    path = tmp_path / "cube.geojson"
+    path.write_text(json.dumps(document))
+    return path
+
+
+def variable(document, name):
+    return next(v for v in document["properties"]["variables"] if v["name"] == name)
+
+
+def test_repo_spec_fixes_the_published_defects(repo_spec_path):
+    spec = load_spec(repo_spec_path)
+    units = {v.name: v.units for v in spec.variables}
+    assert units["curie_depth_200km"] == "km"
+    assert units["geothermal_heat_flow_300km"] == "mW m-2"
+    assert units["geothermal_heat_flow_uncertainty_200km"] == "mW m-2"
+    assert units["magnetic_anomaly"] == "nT"
+    assert units["ice_thickness"] == "m"
+    assert units["thw_70"] == "1" and units["supraglacial_lakes"] == "1"
+    assert spec.data_id == f"polar-100m-1x2048x2048-v{spec.version}.zarr"
+    assert next(v for v in spec.variables if v.name == "ice_thickness").source_variable == "mrg"
+    assert all(s.source_crs for s in spec.sources)
+    assert len(spec.sources) == 10 and len(spec.variables) == 13
+    grid = TargetGrid.from_spec(spec)
+    assert grid.shape == (21210, 19530)
+    assert grid.x[0] == -2602500 + 50 and grid.y[0] == -1626000 + 50
+    assert grid.y[-1] > grid.y[0]
+
+
+def test_missing_field_is_named_with_the_variable(tmp_path, spec_document):
+    del variable(spec_document, "ice_thickness")["units"]
+    with pytest.raises(SpecError) as raised:
+        load_spec(write(tmp_path, spec_document))
+    message = str(raised.value)
+    assert "cube.geojson" in message
+    assert "variables[" in message and "ice_thickness].units" in message
+    assert "Field required" in message
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        (
+            lambda d: variable(d, "magnetic_anomaly").update(valid_if=["> zero"]),
+            "invalid condition",
+        ),
+        (lambda d: variable(d, "magnetic_anomaly").update(source="nope"), "unknown source 'nope'"),
+        (lambda d: variable(d, "magnetic_anomaly").update(resampling="cubic"), "resampling"),
+        (lambda d: variable(d, "magnetic_anomaly").update(resampling=None), "'resampling' must"),
+        (lambda d: variable(d, "thw_70").update(dims=["y", "x"]), "source_files_by_time"),
+        (lambda d: d["properties"]["sources"][0].update(source_crs="EPSG:99999"), "unknown CRS"),
+        (lambda d: d["properties"]["sources"][0].update(sha256="abc"), "sha256"),
+        (lambda d: d["properties"]["sources"][0].update(id="Bad Id"), "sources[0"),
+        (lambda d: d["properties"].update(spatial_bbox=[0, 0, -1, 1]), "spatial_bbox"),
+        (
+            lambda d: d["properties"]["variables"].append(copy.deepcopy(variable(d, "thw_70"))),
+            "duplicate name thw_70",
+        ),
+        (lambda d: variable(d, "thw_70").update(colour="red"), "colour"),
+    ],
+)
+def test_invalid_specs_name_the_problem(tmp_path, spec_document, change, expected):
+    change(spec_document)
+    with pytest.raises(SpecError, match="cube.geojson") as raised:
+        load_spec(write(tmp_path, spec_document))
+    assert expected in str(raised.value)
+
+
+def test_not_json_and_not_found(tmp_path):
+    bad = tmp_path / "bad.geojson"
+    bad.write_text("{not json")
+    with pytest.raises(SpecError, match="bad.geojson: not valid JSON"):
+        load_spec(bad)
+    with pytest.raises(SpecError, match="missing.geojson: spec file not found"):
+        load_spec(tmp_path / "missing.geojson")
+
+
+def test_resolution_must_divide_the_bbox(repo_spec_path):
+    spec = load_spec(repo_spec_path)
+    assert TargetGrid.from_spec(spec, 1000).shape == (2121, 1953)
+    with pytest.raises(SpecError, match="resolution 2000 m does not divide"):
+        TargetGrid.from_spec(spec, 2000)
+
+
+def test_select_sources_for_variables(repo_spec_path):
+    spec = load_spec(repo_spec_path)
+    assert [s.id for s in spec.select_sources(["thw_70", "thw_124"])] == [
+        "subglacial_lakes_thwaites"
+    ]
+    with pytest.raises(SpecError, match="unknown variable.*ice_thicnkess"):
+        spec.select_sources(["ice_thicnkess"])
+
+
+@pytest.mark.parametrize(
+    ("url", "name"),
+    [
+        ("https://x.org/a/b/file.nc", "file.nc"),
+        ("file:///data/sources/file.tif", "file.tif"),
+        ("/data/sources/archive.tar", "archive.tar"),
+        ("relative/dir/archive.zip", "archive.zip"),
+    ],
+)
+def test_file_urls_and_plain_paths_are_accepted(tmp_path, spec_document, url, name):
+    spec_document["properties"]["sources"][0]["download_url"] = url
+    spec = load_spec(write(tmp_path, spec_document))
+    assert spec.sources[0].file_name == name
+
+
+def test_conditions():
+    condition = ValidCondition.parse(">= -1.5")
+    assert str(condition) == ">= -1.5"
+    assert condition.holds(__import__("numpy").array([-2.0, -1.5, 0])).tolist() == [
+        False,
+        True,
+        True,
+    ]
