@@ -288,3 +288,53 @@ def test_logger_reports_start_progress_and_end(serve, tmp_path, caplog):
     messages = [r.getMessage() for r in caplog.records if r.name == "test.download"]
     assert any("resume from 0 bytes" in m for m in messages)
     assert any("MB/s" in m and "finished" in m for m in messages)
+
+
+@pytest.mark.slow
+def test_prefect_task_takes_credentials_from_a_secret_block(serve, tmp_path, capfd):
+    """The download task reads `user:password` from a Secret block; it never reaches the
+    console or the logs stored by the Prefect API."""
+    import asyncio
+
+    from prefect import flow, get_client
+    from prefect.blocks.system import Secret
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.logging.handlers import APILogWorker
+
+    from polar_cube.spec import SourceSpec
+    from tasks.download import download_source
+
+    password = "pa55-Secret-9"
+    server = serve("auth", credentials=("alice", password))
+    Secret(value=f"alice:{password}").save("test-source-credentials", overwrite=True)
+    source = SourceSpec(
+        id="private_source",
+        name="a source behind basic auth",
+        download_url=server.url,
+        source_format="geotiff",
+        source_crs="EPSG:3031",
+        credentials_block="test-source-credentials",
+    )
+
+    @flow
+    def fetch_private():
+        return download_source(source, tmp_path, None)
+
+    state = fetch_private(return_state=True)
+    fetched = state.result()
+    assert (fetched.folder / "file.bin").read_bytes() == PAYLOAD
+
+    async def stored_logs():
+        async with get_client() as client:
+            flow_run_id = LogFilterFlowRunId(any_=[state.state_details.flow_run_id])
+            return [
+                log.message for log in await client.read_logs(LogFilter(flow_run_id=flow_run_id))
+            ]
+
+    APILogWorker.drain_all(timeout=30)
+    logs = "\n".join(asyncio.run(stored_logs()))
+    console = capfd.readouterr().err
+    token = base64.b64encode(f"alice:{password}".encode()).decode()
+    for text in (logs, console):
+        assert "private_source: http://127.0.0.1" in text  # the task's lines are there...
+        assert password not in text and token not in text  # ...and hold no secret
