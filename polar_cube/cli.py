@@ -3,16 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
-
-
-def _prefect_defaults() -> None:
-    """Settings the ephemeral Prefect API needs here; must run before prefect is imported."""
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
 
 
 def _add_build_options(parser: argparse.ArgumentParser) -> None:
@@ -33,28 +25,81 @@ def _add_build_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--store", metavar="DIR", help="where per-dataset cubes go (default ./data/datasets)"
     )
+    parser.add_argument(
+        "--bucket-block",
+        metavar="NAME",
+        help="prefect-aws S3Bucket block to publish into (see `polar-cube blocks create`)",
+    )
+    parser.add_argument(
+        "--output",
+        metavar="DIR",
+        help="without --bucket-block: the local folder to publish into (default ./data/cube)",
+    )
+    parser.add_argument("--patch", default="patch.yaml", metavar="FILE", help="metadata patch")
+    parser.add_argument(
+        "--datasets-only",
+        action="store_true",
+        help="stop after the per-dataset cubes (no upload, merge or patch)",
+    )
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    from flows.build_datasets import build_datasets
+    if args.datasets_only:
+        from flows.build_datasets import build_datasets
 
-    built = build_datasets(
+        _print_datasets(
+            build_datasets(
+                spec_path=args.spec,
+                only=args.only,
+                resolution=args.resolution,
+                source_mirror=args.source_mirror,
+                cache_dir=args.cache,
+                store_dir=args.store,
+            )
+        )
+        return 0
+    from flows.build_cube import build_cube
+
+    built = build_cube(
         spec_path=args.spec,
         only=args.only,
         resolution=args.resolution,
         source_mirror=args.source_mirror,
         cache_dir=args.cache,
-        store_dir=args.store,
+        datasets_dir=args.store,
+        bucket_block=args.bucket_block,
+        output_dir=args.output,
+        patch_path=args.patch,
     )
-    _print_built(built)
+    _print_cube(built.url, args.bucket_block)
     return 0
 
 
-def _print_built(built) -> None:
+def _print_datasets(built) -> None:
     print("per-dataset cubes:")
     for item in built:
         state = "reused" if item.reused else "built"
         print(f"  {item.path}  [{state}]  {', '.join(item.variables)}")
+
+
+def open_snippet(url: str, bucket_block: str | None) -> str:
+    """Python that opens the published cube, pasted as-is into the project's python."""
+    if not bucket_block:
+        return f"import xarray as xr\ncube = xr.open_zarr({url!r}, consolidated=True)\nprint(cube)"
+    return (
+        "import xarray as xr\n"
+        "from polar_cube.storage import load_bucket, storage_options_from_blocks\n"
+        f"options = storage_options_from_blocks(load_bucket({bucket_block!r}))\n"
+        f"cube = xr.open_zarr({url!r}, consolidated=True, storage_options=options)\n"
+        "print(cube)"
+    )
+
+
+def _print_cube(url: str, bucket_block: str | None) -> None:
+    print(f"the cube is at {url}")
+    print("--- open the cube ---")
+    print(open_snippet(url, bucket_block))
+    print("---")
 
 
 def cmd_sources_make(args: argparse.Namespace) -> int:
@@ -73,25 +118,39 @@ def cmd_sources_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Offline demo: make stand-ins, serve them over HTTP, build every per-dataset cube."""
-    from flows.build_datasets import build_datasets
+    """Offline demo: stand-in sources on a local HTTP mirror, a local S3 server with blocks,
+    the whole cube built at a reduced resolution into the bucket."""
+    from flows.build_cube import build_cube
     from polar_cube.mirror import serving_mirror
+    from polar_cube.s3server import start_s3_server
     from polar_cube.standins import make_standins
+    from polar_cube.storage import save_blocks
 
     workdir = Path(args.workdir)
     sources_dir = workdir / f"sources-{args.scale}"
     print(f"making {args.scale} stand-in sources in {sources_dir} ...", flush=True)
     make_standins(sources_dir, args.scale)
+    server = start_s3_server(Path(args.s3_state_dir), port=args.s3_port, bucket=args.bucket)
+    print(f"local S3 server at {server.endpoint_url} (stop it: polar-cube s3 stop)", flush=True)
+    save_blocks(
+        bucket_block=args.bucket_block,
+        credentials_block=args.credentials_block,
+        bucket_name=args.bucket,
+        endpoint_url=server.endpoint_url,
+        access_key=server.access_key,
+        secret_key=server.secret_key,
+    )
     with serving_mirror(sources_dir) as mirror:
-        print(f"serving them at {mirror}", flush=True)
-        built = build_datasets(
+        print(f"serving the stand-ins at {mirror}", flush=True)
+        built = build_cube(
             spec_path=args.spec,
             resolution=args.resolution,
             source_mirror=mirror,
             cache_dir=str(workdir / "cache"),
-            store_dir=str(workdir / "datasets"),
+            datasets_dir=str(workdir / "datasets"),
+            bucket_block=args.bucket_block,
         )
-    _print_built(built)
+    _print_cube(built.url, args.bucket_block)
     return 0
 
 
@@ -109,23 +168,32 @@ def cmd_spec_check(args: argparse.Namespace) -> int:
 
 
 def make_parser() -> argparse.ArgumentParser:
+    from polar_cube.cli_s3 import add_blocks_commands, add_s3_commands
+
     parser = argparse.ArgumentParser(
         prog="polar-cube", description="Build the Polar Data Cube (Prefect flows)."
     )
     commands = parser.add_subparsers(dest="command", required=True)
 
-    build = commands.add_parser("build", help="build every per-dataset cube through Prefect")
+    build = commands.add_parser(
+        "build", help="build the cube through Prefect: datasets, upload, merge, patch, publish"
+    )
     _add_build_options(build)
     build.set_defaults(func=cmd_build)
 
     demo = commands.add_parser(
         "demo",
-        help="offline demo: stand-in sources, local HTTP mirror, build at reduced resolution",
+        help="offline demo: stand-ins on a local mirror, local S3 server, whole cube at 1 km",
     )
     demo.add_argument("--spec", default="cube.geojson")
     demo.add_argument("--scale", choices=["small", "full"], default="full")
     demo.add_argument("--resolution", type=float, default=1000.0, metavar="M")
-    demo.add_argument("--workdir", default="data/demo", help="where everything goes")
+    demo.add_argument("--workdir", default="data/demo", help="sources, cache, per-dataset cubes")
+    demo.add_argument("--s3-state-dir", default="data/s3", help="the local S3 server's folder")
+    demo.add_argument("--s3-port", type=int, default=8333)
+    demo.add_argument("--bucket", default="polar-cube")
+    demo.add_argument("--bucket-block", default="polar-cube-bucket")
+    demo.add_argument("--credentials-block", default="polar-cube-credentials")
     demo.set_defaults(func=cmd_demo)
 
     sources = commands.add_parser("sources", help="stand-in sources").add_subparsers(
@@ -140,6 +208,9 @@ def make_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8765)
     serve.set_defaults(func=cmd_sources_serve)
 
+    add_s3_commands(commands)
+    add_blocks_commands(commands)
+
     spec = commands.add_parser("spec", help="cube spec").add_subparsers(
         dest="spec_command", required=True
     )
@@ -151,7 +222,6 @@ def make_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
-    _prefect_defaults()
     from polar_cube.errors import USER_ERRORS
 
     try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import uuid
+from collections.abc import MutableMapping
 from pathlib import Path
 
 import dask
@@ -82,10 +83,29 @@ def rechunk_for_writing(dataset: xr.Dataset, chunk_size: int) -> xr.Dataset:
     return dataset.chunk(chunks)
 
 
+def write_zarr(
+    dataset: xr.Dataset,
+    store: str | Path | MutableMapping,
+    chunk_size: int,
+    num_workers: int | None = None,
+) -> None:
+    """Write chunk by chunk (dask) as zarr format 2 with consolidated metadata."""
+    dataset = rechunk_for_writing(dataset, chunk_size)
+    with dask.config.set(scheduler="threads", num_workers=num_workers):
+        dataset.to_zarr(
+            store,
+            mode="w",
+            zarr_format=2,
+            consolidated=True,
+            encoding=encoding_for(dataset, chunk_size),
+            write_empty_chunks=False,
+        )
+
+
 def write_zarr_atomically(
     dataset: xr.Dataset, target: Path, chunk_size: int, num_workers: int | None = None
 ) -> Path:
-    """Write `dataset` chunk by chunk into a hidden temp folder, then swap it in.
+    """Write `dataset` into a hidden temp folder, then swap it in.
 
     Whoever opens `target` sees the old complete cube or the new complete cube, never a
     partial one; a crash leaves only a `.tmp-*` folder, removed by the next write.
@@ -94,17 +114,8 @@ def write_zarr_atomically(
     target.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(target)
     temporary = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
-    dataset = rechunk_for_writing(dataset, chunk_size)
     try:
-        with dask.config.set(scheduler="threads", num_workers=num_workers):
-            dataset.to_zarr(
-                temporary,
-                mode="w",
-                zarr_format=2,
-                consolidated=True,
-                encoding=encoding_for(dataset, chunk_size),
-                write_empty_chunks=False,
-            )
+        write_zarr(dataset, temporary, chunk_size, num_workers)
         replace_directory(temporary, target)
     finally:
         shutil.rmtree(temporary, ignore_errors=True)
@@ -133,8 +144,13 @@ def remove_stale_temporaries(target: Path) -> None:
 
 def stored_fingerprint(target: Path) -> str | None:
     """The inputs fingerprint a complete cube at `target` was built from, if any."""
-    metadata = Path(target) / ".zmetadata"
-    if not metadata.is_file():
-        return None
-    attrs = json.loads(metadata.read_text())["metadata"].get(".zattrs", {})
-    return attrs.get(FINGERPRINT_ATTR)
+    return stored_attrs(Path(target) / ".zmetadata").get(FINGERPRINT_ATTR)
+
+
+def stored_attrs(zmetadata: Path | bytes | None) -> dict:
+    """Global attributes from consolidated metadata (a file, its bytes, or None: {})."""
+    if isinstance(zmetadata, Path):
+        zmetadata = zmetadata.read_bytes() if zmetadata.is_file() else None
+    if not zmetadata:
+        return {}
+    return json.loads(zmetadata)["metadata"].get(".zattrs", {})

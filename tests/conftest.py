@@ -39,3 +39,36 @@ def _stop_ephemeral_prefect_server():
 
     for server in list(SubprocessASGIServer._instances.values()):
         server.stop()
+
+
+def free_port_block(size: int = 12) -> int:
+    """A port P such that P .. P+size-1 are all free on 127.0.0.1 (for SeaweedFS)."""
+    import random
+    import socket
+
+    rng = random.Random()
+    for _ in range(200):
+        base = rng.randrange(20000, 40000)
+        try:
+            sockets = []
+            for port in range(base, base + size):
+                s = socket.socket()
+                sockets.append(s)
+                s.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in sockets:
+                s.close()
+    raise RuntimeError("no free block of ports")
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A real SeaweedFS S3 server on 127.0.0.1 with a bucket, stopped by pid at the end."""
+    from polar_cube.s3server import running_s3_server
+
+    state = tmp_path_factory.mktemp("seaweedfs")
+    with running_s3_server(state, port=free_port_block(), bucket="polar-test") as info:
+        yield info

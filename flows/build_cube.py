@@ -1,0 +1,106 @@
+"""The parent flow: sources -> per-dataset cubes -> bucket -> one merged, patched,
+verified cube published under the spec's data_id."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from prefect import flow, get_run_logger
+from prefect.runtime import flow_run
+
+from flows.build_datasets import build_datasets
+from polar_cube import cube as steps
+from polar_cube.grid import TargetGrid
+from polar_cube.location import StoreLocation
+from polar_cube.patching import load_patch
+from polar_cube.spec import load_spec
+from tasks.cube import (
+    merge_cube,
+    patch_cube,
+    publish_cube,
+    report_cube,
+    upload_dataset,
+    verify_staged_cube,
+    verify_stored_cube,
+)
+
+DEFAULT_OUTPUT = Path("data/cube")
+
+
+@dataclass(frozen=True)
+class BuiltCube:
+    url: str
+    quicklooks: list[str]
+    reused: bool
+
+
+def resolve_location(bucket_block: str | None, output_dir: str | None) -> StoreLocation:
+    """The bucket of an S3Bucket block (access checked), else a local folder."""
+    if not bucket_block:
+        return StoreLocation.local(output_dir or DEFAULT_OUTPUT)
+    from polar_cube.storage import (
+        bucket_url,
+        check_bucket_access,
+        load_bucket,
+        storage_options_from_blocks,
+    )
+
+    bucket = load_bucket(bucket_block)
+    location = StoreLocation(bucket_url(bucket), storage_options_from_blocks(bucket))
+    check_bucket_access(location.root, location.storage_options)
+    return location
+
+
+def _run_name() -> str:
+    params = flow_run.parameters
+    spec = Path(params.get("spec_path") or "cube.geojson").stem
+    resolution = params.get("resolution")
+    target = params.get("bucket_block") or "local"
+    return f"cube-{spec}-{f'{resolution:g}m' if resolution else 'spec-res'}-{target}"
+
+
+@flow(name="build-cube", flow_run_name=_run_name, log_prints=True)
+def build_cube(
+    spec_path: str = "cube.geojson",
+    only: list[str] | None = None,
+    resolution: float | None = None,
+    source_mirror: str | None = None,
+    cache_dir: str | None = None,
+    datasets_dir: str | None = None,
+    bucket_block: str | None = None,
+    output_dir: str | None = None,
+    patch_path: str = "patch.yaml",
+) -> BuiltCube:
+    """Build every per-dataset cube, upload them, merge, patch, verify, publish, report."""
+    logger = get_run_logger()
+    spec = load_spec(spec_path)
+    grid = TargetGrid.from_spec(spec, resolution)
+    patch = load_patch(patch_path)  # a bad patch file fails before hours of work
+    location = resolve_location(bucket_block, output_dir)
+    logger.info("publishing %s to %s", spec.data_id, location.root)
+
+    built = build_datasets(
+        spec_path=spec_path,
+        only=only,
+        resolution=resolution,
+        source_mirror=source_mirror,
+        cache_dir=cache_dir,
+        store_dir=datasets_dir,
+    )
+    uploads = [upload_dataset.submit(Path(item.path), location) for item in built]
+    for upload in uploads:
+        upload.result()
+
+    fingerprint = steps.current_fingerprint(location, spec, grid)
+    reused = steps.is_published(location, spec, fingerprint, patch)
+    if reused:
+        logger.info("%s is already current; nothing to rebuild", location.url(spec.data_id))
+    else:
+        staged = merge_cube(location, spec, grid)
+        patch_cube(location, spec, staged, patch, patch_path)
+        verify_staged_cube(location, staged, spec, grid)
+        publish_cube(location, spec, staged)
+    verify_stored_cube(location, spec.data_id, spec, grid)
+    quicklooks = report_cube(location, spec)
+    return BuiltCube(url=location.url(spec.data_id), quicklooks=quicklooks, reused=reused)

@@ -1,0 +1,195 @@
+"""`polar-cube s3 …` (the local S3 server) and `polar-cube blocks …` (Prefect storage blocks).
+
+Secrets are never printed: `s3 start` says where the keys are, `blocks create` shows the
+access key masked.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+DEFAULT_STATE_DIR = "data/s3"
+DEFAULT_BUCKET = "polar-cube"
+DEFAULT_BUCKET_BLOCK = "polar-cube-bucket"
+DEFAULT_CREDENTIALS_BLOCK = "polar-cube-credentials"
+DEFAULT_REGION = "us-east-1"
+
+
+def add_s3_commands(commands: argparse._SubParsersAction) -> None:
+    """`s3 start|stop|status`: a local S3-compatible server (SeaweedFS) for the cubes."""
+    s3 = commands.add_parser("s3", help="a local S3-compatible server (SeaweedFS)")
+    actions = s3.add_subparsers(dest="s3_command", required=True)
+
+    start = actions.add_parser("start", help="start it in the background (idempotent)")
+    _add_state_dir(start)
+    start.add_argument("--port", type=int, default=8333, help="S3 port (the next 7 are used too)")
+    start.add_argument("--bucket", default=DEFAULT_BUCKET, help="bucket to create (if missing)")
+    start.set_defaults(func=cmd_s3_start)
+
+    stop = actions.add_parser("stop", help="stop it (by its process id)")
+    _add_state_dir(stop)
+    stop.set_defaults(func=cmd_s3_stop)
+
+    status = actions.add_parser("status", help="is it running? (exit code 1 if not)")
+    _add_state_dir(status)
+    status.set_defaults(func=cmd_s3_status)
+
+
+def _add_state_dir(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--state-dir",
+        default=DEFAULT_STATE_DIR,
+        metavar="DIR",
+        help=f"its data, log, keys and pid (default {DEFAULT_STATE_DIR})",
+    )
+
+
+def cmd_s3_start(args: argparse.Namespace) -> int:
+    from polar_cube.s3server import start_s3_server
+
+    state_dir = Path(args.state_dir)
+    info = start_s3_server(state_dir, port=args.port, bucket=args.bucket)
+    print(f"S3 server running at {info.endpoint_url} (pid {info.pid}), bucket {args.bucket}")
+    print(f"  keys: {info.state_dir / 'server.json'} (owner-only)")
+    print(f"  log:  {info.state_dir / 'weed.log'}")
+    print(f"  next: polar-cube blocks create --from-s3-server {args.state_dir}")
+    return 0
+
+
+def cmd_s3_stop(args: argparse.Namespace) -> int:
+    from polar_cube.s3server import stop_s3_server
+
+    if stop_s3_server(Path(args.state_dir)):
+        print(f"stopped the S3 server of {args.state_dir}")
+    else:
+        print(f"no S3 server was running for {args.state_dir}")
+    return 0
+
+
+def cmd_s3_status(args: argparse.Namespace) -> int:
+    from polar_cube.s3server import s3_server_status
+
+    info = s3_server_status(Path(args.state_dir))
+    if info is None:
+        print(f"no S3 server running for {args.state_dir}")
+        return 1
+    print(f"S3 server running at {info.endpoint_url} (pid {info.pid})")
+    return 0
+
+
+def add_blocks_commands(commands: argparse._SubParsersAction) -> None:
+    """`blocks create`: the AwsCredentials + S3Bucket blocks the flows write cubes with."""
+    blocks = commands.add_parser("blocks", help="Prefect blocks for S3 storage")
+    actions = blocks.add_subparsers(dest="blocks_command", required=True)
+
+    create = actions.add_parser(
+        "create",
+        help="save (overwrite) an AwsCredentials block and an S3Bucket block using it",
+        description=(
+            "Each value comes from its option, else the environment (POLAR_CUBE_S3_BUCKET, "
+            "AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION); "
+            "with --from-s3-server the local server's endpoint and keys come before the "
+            "environment's."
+        ),
+    )
+    create.add_argument("--bucket-block", default=DEFAULT_BUCKET_BLOCK, metavar="NAME")
+    create.add_argument("--credentials-block", default=DEFAULT_CREDENTIALS_BLOCK, metavar="NAME")
+    create.add_argument("--bucket", metavar="NAME", help="bucket name")
+    create.add_argument("--folder", default="", metavar="PREFIX", help="folder in the bucket")
+    create.add_argument("--endpoint-url", metavar="URL", help="S3 endpoint (default: AWS)")
+    create.add_argument("--access-key", metavar="KEY")
+    create.add_argument("--secret-key", metavar="SECRET", help="prefer AWS_SECRET_ACCESS_KEY")
+    create.add_argument("--region", metavar="REGION", help=f"default {DEFAULT_REGION}")
+    create.add_argument(
+        "--from-s3-server",
+        metavar="STATE_DIR",
+        help=f"endpoint and keys of the local server (`polar-cube s3 start`), "
+        f"bucket {DEFAULT_BUCKET} unless given",
+    )
+    create.set_defaults(func=cmd_blocks_create)
+
+
+def cmd_blocks_create(args: argparse.Namespace) -> int:
+    from polar_cube.storage import bucket_url, load_bucket, save_blocks
+
+    values = block_values(args)
+    save_blocks(
+        bucket_block=args.bucket_block,
+        credentials_block=args.credentials_block,
+        bucket_name=values["bucket"],
+        endpoint_url=values["endpoint_url"],
+        access_key=values["access_key"],
+        secret_key=values["secret_key"],
+        region_name=values["region"],
+        bucket_folder=args.folder or "",
+    )
+    endpoint = values["endpoint_url"] or "AWS S3"
+    print(
+        f"saved AwsCredentials block {args.credentials_block!r} "
+        f"(access key {_mask(values['access_key'])}, {endpoint}, {values['region']})"
+    )
+    url = bucket_url(load_bucket(args.bucket_block))
+    print(f"saved S3Bucket block {args.bucket_block!r} -> {url}")
+    return 0
+
+
+def block_values(args: argparse.Namespace) -> dict[str, str | None]:
+    """The blocks' values: each option, else the local server (if asked), else the environment.
+
+    The local server's endpoint and keys go together, so with --from-s3-server they win over
+    AWS_* variables meant for some other S3; the bucket still comes from the environment
+    before falling back to the server's default bucket.
+    """
+    from polar_cube.storage import StorageAccessError
+
+    server = _server_values(args.from_s3_server) if args.from_s3_server else {}
+    env = os.environ
+    values = {
+        "bucket": args.bucket or env.get("POLAR_CUBE_S3_BUCKET") or server.get("bucket"),
+        "endpoint_url": args.endpoint_url
+        or server.get("endpoint_url")
+        or env.get("AWS_ENDPOINT_URL"),
+        "access_key": args.access_key or server.get("access_key") or env.get("AWS_ACCESS_KEY_ID"),
+        "secret_key": args.secret_key
+        or server.get("secret_key")
+        or env.get("AWS_SECRET_ACCESS_KEY"),
+        "region": args.region or env.get("AWS_DEFAULT_REGION") or DEFAULT_REGION,
+    }
+    wanted = {
+        "bucket": "bucket (--bucket or POLAR_CUBE_S3_BUCKET)",
+        "access_key": "access key (--access-key or AWS_ACCESS_KEY_ID)",
+        "secret_key": "secret key (--secret-key or AWS_SECRET_ACCESS_KEY)",
+    }
+    missing = [what for name, what in wanted.items() if not values[name]]
+    if missing:
+        raise StorageAccessError(
+            f"blocks create: missing {', '.join(missing)}; "
+            "or use --from-s3-server DIR for the local server"
+        )
+    return values
+
+
+def _server_values(state_dir: str) -> dict[str, str]:
+    """Endpoint and keys of the local S3 server running for `state_dir`."""
+    from polar_cube.s3server import s3_server_status
+    from polar_cube.storage import StorageAccessError
+
+    info = s3_server_status(Path(state_dir))
+    if info is None:
+        raise StorageAccessError(
+            f"no S3 server running for {state_dir}; "
+            f"start it with `polar-cube s3 start --state-dir {state_dir}`"
+        )
+    return {
+        "bucket": DEFAULT_BUCKET,
+        "endpoint_url": info.endpoint_url,
+        "access_key": info.access_key,
+        "secret_key": info.secret_key,
+    }
+
+
+def _mask(key: str) -> str:
+    """An access key shown like the AWS CLI does: only its last four characters."""
+    return "*" * max(len(key) - 4, 4) + key[-4:]

@@ -1,0 +1,70 @@
+"""Patch the cube's metadata with xcube's patch (`xcube patch` semantics, `__delete__` too):
+our patch.yaml plus attributes generated from the run."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+import xarray as xr
+import yaml
+
+from polar_cube.dataset import software_version
+from polar_cube.location import StoreLocation
+
+PATCH_ATTR = "polar_cube_patch_sha256"
+
+
+class PatchError(ValueError):
+    """The patch file is invalid or names what the cube does not have."""
+
+
+def load_patch(path: str | Path) -> dict[str, dict[str, Any]]:
+    """Read a patch file in xcube's consolidated-metadata format: {'.zattrs': …, 'v/.zattrs': …}."""
+    import click
+    from xcube.cli.patch import parse_metadata
+
+    path = Path(path)
+    try:
+        document = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise PatchError(f"{path}: patch file not found") from None
+    except yaml.YAMLError as error:
+        raise PatchError(f"{path}: not valid YAML: {error}") from None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # xcube only warns about entries it ignores
+            return parse_metadata(document)
+    except (click.ClickException, UserWarning) as error:
+        message = error.format_message() if isinstance(error, click.ClickException) else error
+        raise PatchError(f"{path}: {message}") from None
+
+
+def patch_metadata(
+    patch: dict[str, dict[str, Any]], cube: xr.Dataset, patch_path: str | Path
+) -> dict[str, dict[str, Any]]:
+    """The patch plus generated attributes; refuses entries for variables not in the cube."""
+    unknown = [k for k in patch if k != ".zattrs" and k.split("/")[0] not in cube.variables]
+    if unknown:
+        raise PatchError(f"{patch_path}: entries for variables the cube lacks: {unknown}")
+    now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    generated = {"date_modified": now, "processing_software": software_version()}
+    metadata = {key: dict(value) for key, value in patch.items()}
+    metadata[".zattrs"] = {**metadata.get(".zattrs", {}), **generated}
+    metadata[".zattrs"][PATCH_ATTR] = patch_digest(patch)
+    return metadata
+
+
+def patch_digest(patch: dict[str, dict[str, Any]]) -> str:
+    return hashlib.sha256(json.dumps(patch, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def apply_patch(location: StoreLocation, key: str, metadata: dict[str, dict[str, Any]]) -> None:
+    """xcube's patch_dataset on the cube at `key`; it re-consolidates the metadata."""
+    from xcube.cli.patch import patch_dataset
+
+    patch_dataset(location.url(key), location.storage_options, metadata, dry_run=False)

@@ -1,0 +1,68 @@
+"""Publishing a cube under its final name so that nobody ever opens a partial one.
+
+The cube is merged, patched and verified under a staging name first. Publishing then:
+- local folder: swaps the staged folder in by renames (old version removed after);
+- object store (no renames): hides the old version by deleting its metadata objects
+  (consolidated metadata first), copies the chunks, removes stale ones, and writes the
+  metadata last, consolidated metadata very last. While that runs the name holds no
+  openable cube; if it is interrupted, rerunning the publish completes it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from polar_cube.location import StoreLocation
+from polar_cube.upload import is_metadata, remote_files
+from polar_cube.zarr_store import replace_directory
+
+STAGING_PREFIX = ".staging"
+
+
+def staging_key(final_key: str, fingerprint: str) -> str:
+    """Deterministic per inputs, so a rerun finds (and resumes) its own staged cube."""
+    return f"{STAGING_PREFIX}/{final_key}.{fingerprint[:16]}"
+
+
+def _metadata_order(key: str) -> tuple[int, str]:
+    """Array metadata first, then the group's, consolidated metadata last."""
+    name = key.rsplit("/", 1)[-1]
+    depth = 0 if "/" in key else 1
+    return (2 if name == ".zmetadata" else depth, key)
+
+
+def publish(location: StoreLocation, staged_key: str, final_key: str) -> str:
+    """Move the staged cube to `final_key`; returns the published URL."""
+    if location.is_local:
+        replace_directory(Path(location.path(staged_key)), Path(location.path(final_key)))
+        return location.url(final_key)
+    fs = location.fs
+    source, target = location.path(staged_key), location.path(final_key)
+    staged = remote_files(location, staged_key)
+    if ".zmetadata" not in staged:
+        raise FileNotFoundError(f"{location.url(staged_key)}: no complete staged cube")
+    old = remote_files(location, final_key)
+    hide = sorted((k for k in old if is_metadata(k)), key=lambda k: k != ".zmetadata")
+    for key in hide:  # one by one: consolidated metadata is gone before anything else
+        fs.rm(f"{target}/{key}")
+    chunks = sorted(k for k in staged if not is_metadata(k))
+    if chunks:
+        fs.copy([f"{source}/{k}" for k in chunks], [f"{target}/{k}" for k in chunks])
+    stale = sorted(set(old) - set(staged))
+    if stale:
+        fs.rm([f"{target}/{k}" for k in stale if k not in hide])
+    for key in sorted((k for k in staged if is_metadata(k)), key=_metadata_order):
+        fs.copy(f"{source}/{key}", f"{target}/{key}")
+    fs.rm(source, recursive=True)
+    return location.url(final_key)
+
+
+def remove_stale_staging(location: StoreLocation, final_key: str, keep: str) -> None:
+    """Drop staged cubes of earlier inputs (crashed runs), keeping the current one."""
+    prefix = location.path(STAGING_PREFIX)
+    if not location.fs.exists(prefix):
+        return
+    for path in location.fs.ls(prefix, detail=False):
+        name = path.rstrip("/").rsplit("/", 1)[-1]
+        if name.startswith(f"{final_key}.") and name != keep.rsplit("/", 1)[-1]:
+            location.fs.rm(path, recursive=True)

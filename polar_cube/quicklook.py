@@ -1,0 +1,242 @@
+"""Quicklook PNGs of a cube: one map per variable (per time step for time-stepped ones)."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import fsspec
+import numpy as np
+import pandas as pd
+import xarray as xr
+from matplotlib import colormaps
+from matplotlib.colors import BoundaryNorm, Colormap, ListedColormap, Normalize
+from matplotlib.figure import Figure
+
+from polar_cube.spec import CubeSpec
+
+NAN_COLOUR = "#d9d9d9"  # light grey where there is no data
+DIVERGING = "RdBu_r"
+SEQUENTIAL = "viridis"
+CATEGORICAL = "tab10"
+ROBUST_PERCENTILES = (1, 99)
+ZOOM_BELOW = 0.1  # zoom in when the valid cells' box is under 10 % of the map
+
+
+def thinned(data: xr.DataArray, max_pixels: int = 1200) -> xr.DataArray:
+    """Every n-th cell along y and x (still lazy) so neither axis exceeds `max_pixels`."""
+    step = max(1, math.ceil(max(data.sizes["y"], data.sizes["x"]) / max_pixels))
+    return data.isel(y=slice(None, None, step), x=slice(None, None, step))
+
+
+def display_layer(
+    data: xr.DataArray, max_pixels: int = 1200, zoom_to_data: bool = True
+) -> xr.DataArray:
+    """The loaded, thinned, north-up (y, x) layer to draw.
+
+    With `zoom_to_data`, a layer whose valid cells cover a small part of the grid (a lake
+    mask) is read again, thinned less, over just that part (plus a margin).
+    """
+    full = _two_dimensional(data)
+    layer = _north_up(thinned(full, max_pixels).load())
+    window = _data_window(layer, full) if zoom_to_data else None
+    if window is None:
+        return layer
+    return _north_up(thinned(full.isel(y=window[0], x=window[1]), max_pixels).load())
+
+
+def quicklook_png(
+    data: xr.DataArray,
+    *,
+    title: str,
+    units: str,
+    max_pixels: int = 1200,
+    zoom_to_data: bool = True,
+) -> bytes:
+    """A north-up map of a (y, x) layer in polar-stereographic km, as PNG bytes."""
+    layer = display_layer(data, max_pixels, zoom_to_data)
+    values = np.asarray(layer.values, dtype="float64")
+    x_km, y_km = layer["x"].values / 1000, layer["y"].values / 1000
+    figure = Figure(figsize=_figure_size(values.shape), dpi=100, layout="constrained")
+    axes = figure.add_subplot()
+    axes.set_facecolor(NAN_COLOUR)
+    cmap, norm, ticks, tick_labels = colour_scale(values, data.attrs)
+    image = axes.imshow(
+        values,
+        origin="lower",
+        extent=_extent(x_km, y_km),
+        cmap=cmap,
+        norm=norm,
+        interpolation="nearest",
+    )
+    axes.set_aspect("equal")
+    axes.set_xlabel("x [km] (EPSG:3031)")
+    axes.set_ylabel("y [km] (EPSG:3031)")
+    axes.set_title(title)
+    colorbar = figure.colorbar(image, ax=axes, shrink=0.85, extend=_extend(values, norm, ticks))
+    colorbar.set_label(_colorbar_label(data, units, categorical=ticks is not None))
+    if ticks is not None:
+        colorbar.set_ticks(ticks, labels=tick_labels)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    return buffer.getvalue()
+
+
+def write_quicklooks(
+    cube: xr.Dataset,
+    spec: CubeSpec,
+    folder_url: str,
+    storage_options: dict | None = None,
+    max_pixels: int = 1200,
+) -> list[str]:
+    """Write `<variable>.png`, or `<variable>_<YYYY-MM-DD>.png` per time step; return URLs."""
+    folder_url = folder_url.rstrip("/")
+    written = []
+    for variable in spec.variables:
+        if variable.name not in cube.data_vars:
+            continue
+        data = cube[variable.name]
+        units = str(data.attrs.get("units", variable.units))
+        long_name = str(data.attrs.get("long_name", variable.long_name))
+        for suffix, title, layer in _layers(data, long_name):
+            png = quicklook_png(layer, title=title, units=units, max_pixels=max_pixels)
+            url = f"{folder_url}/{variable.name}{suffix}.png"
+            _write_bytes(url, png, storage_options or {})
+            written.append(url)
+    return written
+
+
+def _layers(data: xr.DataArray, long_name: str):
+    """(file-name suffix, title, 2-D layer) for a static layer or each time step."""
+    if "time" not in data.dims:
+        yield "", long_name, data
+        return
+    for index in range(data.sizes["time"]):
+        day = pd.Timestamp(data["time"].values[index]).strftime("%Y-%m-%d")
+        yield f"_{day}", f"{long_name}, {day}", data.isel(time=index)
+
+
+def _write_bytes(url: str, payload: bytes, storage_options: dict) -> None:
+    if "://" not in url:
+        fsspec.filesystem("file").makedirs(url.rsplit("/", 1)[0], exist_ok=True)
+    with fsspec.open(url, "wb", **storage_options) as stream:
+        stream.write(payload)
+
+
+def _two_dimensional(data: xr.DataArray) -> xr.DataArray:
+    extra = [d for d in data.dims if d not in ("y", "x")]
+    if any(data.sizes[d] != 1 for d in extra):
+        raise ValueError(f"{data.name}: a quicklook needs one (y, x) layer, got dims {data.dims}")
+    return data.squeeze(extra, drop=True).transpose("y", "x")
+
+
+def _data_window(layer: xr.DataArray, full: xr.DataArray) -> tuple[slice, slice] | None:
+    """Index slices of `full` around the valid cells of thinned `layer`, if they are few."""
+    valid = np.isfinite(layer.values)
+    if not valid.any():
+        return None
+    rows, columns = np.flatnonzero(valid.any(axis=1)), np.flatnonzero(valid.any(axis=0))
+    if (rows[-1] - rows[0] + 1) * (columns[-1] - columns[0] + 1) > ZOOM_BELOW * valid.size:
+        return None
+    window = []
+    for axis, kept in (("y", rows), ("x", columns)):
+        centres = layer[axis].values
+        step = abs(centres[1] - centres[0]) if centres.size > 1 else 0.0
+        low, high = centres[kept[0]], centres[kept[-1]]
+        margin = step + 0.1 * (high - low)
+        inside = np.flatnonzero(
+            (full[axis].values >= low - margin) & (full[axis].values <= high + margin)
+        )
+        window.append(slice(int(inside[0]), int(inside[-1]) + 1))
+    return window[0], window[1]
+
+
+def _north_up(layer: xr.DataArray) -> xr.DataArray:
+    """Ascending x and y, so `origin='lower'` puts north (larger y) at the top."""
+    for axis in ("x", "y"):
+        if layer.sizes[axis] > 1 and layer[axis].values[0] > layer[axis].values[-1]:
+            layer = layer.isel({axis: slice(None, None, -1)})
+    return layer
+
+
+def _extent(x_km: np.ndarray, y_km: np.ndarray) -> tuple[float, float, float, float]:
+    """Outer cell edges in km (half a step beyond the first and last centres)."""
+    half_x = (x_km[-1] - x_km[0]) / (2 * (len(x_km) - 1)) if len(x_km) > 1 else 0.5
+    half_y = (y_km[-1] - y_km[0]) / (2 * (len(y_km) - 1)) if len(y_km) > 1 else 0.5
+    return x_km[0] - half_x, x_km[-1] + half_x, y_km[0] - half_y, y_km[-1] + half_y
+
+
+def _figure_size(shape: tuple[int, int]) -> tuple[float, float]:
+    """About 7 inches for the longer map side, plus room for labels and the colour bar."""
+    rows, columns = shape
+    scale = 7 / max(rows, columns)
+    return max(columns * scale, 3.5) + 2.6, max(rows * scale, 3.5) + 1.2
+
+
+def colour_scale(values: np.ndarray, attrs: dict):
+    """(colormap, norm, colour-bar ticks or None, tick labels or None) for the data's kind.
+
+    Flags (`flag_values`): one colour per class; both signs: diverging, centred on 0;
+    otherwise sequential; limits at the 1st/99th percentile.
+    """
+    if "flag_values" in attrs:
+        return _categorical_scale(attrs)
+    finite = values[np.isfinite(values)]
+    low, high = np.percentile(finite, ROBUST_PERCENTILES) if finite.size else (0.0, 1.0)
+    if finite.size and finite.min() < 0 < finite.max():
+        limit = max(abs(low), abs(high)) or 1.0
+        cmap = _named_cmap(attrs, DIVERGING)
+        return cmap, Normalize(-limit, limit), None, None
+    if low == high:
+        low, high = low - 0.5, high + 0.5
+    return _named_cmap(attrs, SEQUENTIAL), Normalize(low, high), None, None
+
+
+def _categorical_scale(attrs: dict):
+    flags = [float(v) for v in np.atleast_1d(attrs["flag_values"])]
+    meanings = str(attrs.get("flag_meanings", "")).split()
+    labels = meanings if len(meanings) == len(flags) else [f"{f:g}" for f in flags]
+    base = _named_cmap(attrs, CATEGORICAL)
+    if isinstance(base, ListedColormap) and base.N >= len(flags):
+        colours = base.colors[: len(flags)]
+    else:
+        colours = base(np.linspace(0.15, 0.9, len(flags)))
+    cmap = ListedColormap(colours).with_extremes(bad=(0, 0, 0, 0))
+    edges = _class_edges(flags)
+    return cmap, BoundaryNorm(edges, len(flags)), flags, labels
+
+
+def _class_edges(flags: list[float]) -> list[float]:
+    """Boundaries half-way between sorted flag values (and half a step outside them)."""
+    ordered = sorted(flags)
+    if len(ordered) == 1:
+        return [ordered[0] - 0.5, ordered[0] + 0.5]
+    middles = [(a + b) / 2 for a, b in zip(ordered, ordered[1:], strict=False)]
+    first = ordered[0] - (ordered[1] - ordered[0]) / 2
+    last = ordered[-1] + (ordered[-1] - ordered[-2]) / 2
+    return [first, *middles, last]
+
+
+def _named_cmap(attrs: dict, default: str) -> Colormap:
+    """The variable's `color_bar_name` if matplotlib knows it, else `default`; NaN clear."""
+    name = attrs.get("color_bar_name")
+    cmap = colormaps[name] if isinstance(name, str) and name in colormaps else colormaps[default]
+    return cmap.with_extremes(bad=(0, 0, 0, 0))
+
+
+def _extend(values: np.ndarray, norm: Normalize, ticks) -> str:
+    """Colour-bar arrows where robust limits clip the data."""
+    finite = values[np.isfinite(values)]
+    if ticks is not None or not finite.size:
+        return "neither"
+    below, above = finite.min() < norm.vmin, finite.max() > norm.vmax
+    return {(False, False): "neither", (True, False): "min", (False, True): "max"}.get(
+        (below, above), "both"
+    )
+
+
+def _colorbar_label(data: xr.DataArray, units: str, categorical: bool) -> str:
+    name = str(data.attrs.get("long_name") or data.name or "")
+    if categorical or units in ("", "1"):
+        return name
+    return f"{name} [{units}]"

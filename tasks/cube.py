@@ -1,0 +1,123 @@
+"""Upload, merge, patch, verify, publish and report: thin tasks over `polar_cube.cube`."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from prefect import get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
+
+from polar_cube import cube as steps
+from polar_cube.grid import TargetGrid
+from polar_cube.location import StoreLocation
+from polar_cube.quicklook import write_quicklooks
+from polar_cube.spec import CubeSpec
+from polar_cube.upload import UploadResult, upload_cube
+from polar_cube.verify import (
+    CubeCheckError,
+    check_store_layout,
+    stats_markdown,
+    stats_table_rows,
+    variable_stats,
+    verify_cube,
+)
+
+
+@task(task_run_name="upload-{cube.name}", retries=2, retry_delay_seconds=10, cache_policy=NO_CACHE)
+def upload_dataset(cube: Path, location: StoreLocation) -> UploadResult:
+    started = time.monotonic()
+    result = upload_cube(cube, location)
+    what = "already there, skipped" if result.skipped else "uploaded and checked"
+    get_run_logger().info(
+        "%s: %d files, %.1f MB %s in %.1f s",
+        result.url,
+        result.files,
+        result.bytes / 1e6,
+        what,
+        time.monotonic() - started,
+    )
+    return result
+
+
+@task(task_run_name="merge-{spec.data_id}", retries=1, cache_policy=NO_CACHE)
+def merge_cube(location: StoreLocation, spec: CubeSpec, grid: TargetGrid) -> steps.StagedCube:
+    started = time.monotonic()
+    staged = steps.stage_merged_cube(location, spec, grid)
+    get_run_logger().info(
+        "%s %s in %.1f s",
+        location.url(staged.key),
+        "reused (complete from an earlier run)" if staged.reused else "merged",
+        time.monotonic() - started,
+    )
+    return staged
+
+
+@task(task_run_name="patch-{spec.data_id}", retries=1, cache_policy=NO_CACHE)
+def patch_cube(
+    location: StoreLocation, spec: CubeSpec, staged: steps.StagedCube, patch: dict, patch_path: str
+) -> bool:
+    applied = steps.patch_staged_cube(location, staged, patch, patch_path)
+    get_run_logger().info(
+        "%s with %s", "patched" if applied else "already patched", Path(patch_path).name
+    )
+    return applied
+
+
+@task(task_run_name="verify-{key}", cache_policy=NO_CACHE)
+def verify_stored_cube(location: StoreLocation, key: str, spec: CubeSpec, grid: TargetGrid) -> None:
+    """Reopen the cube from the store and check it against the spec."""
+    where = location.url(key)
+    check_store_layout(location.mapper(key), where)
+    verify_cube(steps.open_cube(location, key), spec, grid, where)
+    get_run_logger().info("%s matches the spec (%d variables)", where, len(spec.variables))
+
+
+@task(task_run_name="verify-{staged.key}", cache_policy=NO_CACHE)
+def verify_staged_cube(
+    location: StoreLocation, staged: steps.StagedCube, spec: CubeSpec, grid: TargetGrid
+) -> None:
+    """Check the staged cube before anyone can see it; a failing one is discarded."""
+    where = location.url(staged.key)
+    try:
+        check_store_layout(location.mapper(staged.key), where)
+        verify_cube(steps.open_cube(location, staged.key), spec, grid, where)
+    except CubeCheckError:
+        steps.discard_staged_cube(location, staged)
+        raise
+    get_run_logger().info("%s matches the spec (%d variables)", where, len(spec.variables))
+
+
+@task(
+    task_run_name="publish-{spec.data_id}", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE
+)
+def publish_cube(location: StoreLocation, spec: CubeSpec, staged: steps.StagedCube) -> str:
+    started = time.monotonic()
+    url = steps.publish_staged_cube(location, spec, staged)
+    get_run_logger().info("published %s in %.1f s", url, time.monotonic() - started)
+    return url
+
+
+@task(task_run_name="report-{spec.data_id}", cache_policy=NO_CACHE)
+def report_cube(location: StoreLocation, spec: CubeSpec) -> list[str]:
+    """Coverage/min/max table and summary artifacts, quicklooks and stats next to the cube."""
+    cube = steps.open_cube(location, spec.data_id)
+    stats = variable_stats(cube, spec)
+    folder = location.url(steps.quicklooks_key(spec))
+    quicklooks = write_quicklooks(cube, spec, folder, location.storage_options)
+    summary = stats_markdown(
+        stats,
+        title=spec.title,
+        cube_url=location.url(spec.data_id),
+        extra_lines=[f"Quicklooks: `{folder}/` ({len(quicklooks)} PNG)"],
+    )
+    steps.save_report(location, spec, stats, summary)
+    create_table_artifact(
+        key="polar-cube-coverage",
+        table=stats_table_rows(stats),
+        description=f"{spec.data_id}: valid-pixel coverage and value range per variable",
+    )
+    create_markdown_artifact(key="polar-cube-summary", markdown=summary)
+    get_run_logger().info("wrote %d quicklooks to %s", len(quicklooks), folder)
+    return quicklooks

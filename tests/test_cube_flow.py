@@ -1,0 +1,296 @@
+"""The parent flow end to end into a real S3 server (SeaweedFS): build, reopen, refuse wrong
+keys, survive kills during merge/patch without ever exposing a partial cube."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+import xarray as xr
+
+from polar_cube.mirror import serving_mirror
+from polar_cube.spec import load_spec
+from polar_cube.storage import (
+    StorageAccessError,
+    check_bucket_access,
+    load_bucket,
+    save_blocks,
+    storage_options_from_blocks,
+)
+
+pytestmark = pytest.mark.slow
+RESOLUTION = 3000.0
+BUCKET_BLOCK = "polar-test-bucket"
+
+
+@pytest.fixture(scope="module")
+def mirror(small_standins):
+    with serving_mirror(small_standins) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def blocks(s3_server):
+    save_blocks(
+        bucket_block=BUCKET_BLOCK,
+        credentials_block="polar-test-credentials",
+        bucket_name="polar-test",
+        bucket_folder="cubes",
+        endpoint_url=s3_server.endpoint_url,
+        access_key=s3_server.access_key,
+        secret_key=s3_server.secret_key,
+    )
+    return storage_options_from_blocks(load_bucket(BUCKET_BLOCK))
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    return tmp_path_factory.mktemp("cube-flow")
+
+
+def build_options(repo_spec_path, work, mirror):
+    return dict(
+        spec_path=str(repo_spec_path),
+        resolution=RESOLUTION,
+        source_mirror=mirror,
+        cache_dir=str(work / "cache"),
+        datasets_dir=str(work / "datasets"),
+        bucket_block=BUCKET_BLOCK,
+    )
+
+
+@pytest.fixture(scope="module")
+def built(repo_spec_path, work, mirror, blocks):
+    from flows.build_cube import build_cube
+
+    return build_cube(**build_options(repo_spec_path, work, mirror))
+
+
+def open_published(url, options):
+    return xr.open_zarr(url, consolidated=True, storage_options=options)
+
+
+def test_whole_cube_is_in_the_bucket_and_opens(built, blocks, repo_spec_path):
+    spec = load_spec(repo_spec_path)
+    assert built.url == f"s3://polar-test/cubes/{spec.data_id}"
+    cube = open_published(built.url, blocks)
+    for variable in spec.variables:
+        data = cube[variable.name]
+        assert data.attrs["units"] == variable.units
+        assert data.attrs["grid_mapping"] == "crs"
+        assert data.dims == variable.dims and data.dtype == np.float32
+    assert cube.attrs["title"] == "Polar Data Cube v1.1.0"  # from patch.yaml
+    assert cube.attrs["processing_software"].startswith("polar-datacube")  # generated
+    assert cube.thw_70.attrs["color_bar_name"] == "GnBu"
+    assert "spatial_ref" not in cube.variables
+    assert len(built.quicklooks) == 17
+    import fsspec
+
+    fs = fsspec.filesystem("s3", **blocks)
+    stats = json.loads(fs.cat_file(f"polar-test/cubes/{spec.data_id[:-5]}.quicklooks/stats.json"))
+    assert {s["name"] for s in stats} == {v.name for v in spec.variables}
+    assert fs.cat_file(built.quicklooks[0].removeprefix("s3://"))[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_artifacts_are_recorded(built):
+    import asyncio
+
+    from prefect import get_client
+
+    async def read(key):
+        async with get_client() as client:
+            return await client.read_latest_artifacts()
+
+    keys = {a.key for a in asyncio.run(read(None))}
+    assert {"polar-cube-coverage", "polar-cube-summary"} <= keys
+
+
+def test_wrong_credentials_are_refused_clearly(s3_server, built):
+    options = {
+        "key": s3_server.access_key,
+        "secret": "not-the-secret",
+        "client_kwargs": {"endpoint_url": s3_server.endpoint_url},
+    }
+    with pytest.raises(StorageAccessError, match="access denied") as raised:
+        check_bucket_access("s3://polar-test/cubes", options)
+    assert "not-the-secret" not in str(raised.value)
+    with pytest.raises(PermissionError):
+        open_published(built.url, options).load()
+
+
+def test_rerun_reuses_the_published_cube(built, repo_spec_path, work, mirror):
+    from flows.build_cube import build_cube
+
+    again = build_cube(**build_options(repo_spec_path, work, mirror))
+    assert again.reused and again.url == built.url
+
+
+def layer_sums(cube):
+    return {name: float(np.nansum(cube[name].values)) for name in cube.data_vars if name != "crs"}
+
+
+class PublishedWatcher(threading.Thread):
+    """Opens the published name over and over; records what it saw."""
+
+    def __init__(self, url, options):
+        super().__init__(daemon=True)
+        self.url, self.options = url, options
+        self.seen, self.unopenable, self.stop = [], 0, threading.Event()
+
+    def run(self):
+        while not self.stop.is_set():
+            try:
+                cube = open_published(self.url, self.options)
+                self.seen.append((cube.attrs.get("title"), layer_sums(cube)))
+            except Exception:  # not openable at this instant: allowed, partial is not
+                self.unopenable += 1
+            time.sleep(0.02)
+
+
+def run_build_cli(repo_spec_path, work, mirror, patch, *, kill_when=None):
+    command = [
+        sys.executable,
+        "-m",
+        "polar_cube.cli",
+        "build",
+        "--spec",
+        str(repo_spec_path),
+        "--resolution",
+        str(RESOLUTION),
+        "--source-mirror",
+        mirror,
+        "--cache",
+        str(work / "cache"),
+        "--store",
+        str(work / "datasets"),
+        "--bucket-block",
+        BUCKET_BLOCK,
+        "--patch",
+        str(patch),
+    ]
+    process = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    if kill_when is None:
+        output, _ = process.communicate(timeout=600)
+        return process.returncode, output
+    deadline = time.monotonic() + 300
+    while not kill_when() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    os.killpg(process.pid, signal.SIGKILL)  # the CLI and its Prefect server, by process group
+    process.wait(timeout=30)
+    return process.returncode, process.stdout.read()
+
+
+@pytest.mark.parametrize("phase", ["merge", "patch"])
+def test_killed_builds_never_expose_a_partial_cube(
+    phase, built, blocks, repo_spec_path, work, mirror, tmp_path
+):
+    import fsspec
+
+    fs = fsspec.filesystem("s3", **blocks)
+    reference = layer_sums(open_published(built.url, blocks))
+    patch = tmp_path / "patch.yaml"
+    title = f"Polar Data Cube v1.1.0 (after a kill during {phase})"
+    patch.write_text(
+        (repo_spec_path.parent / "patch.yaml")
+        .read_text()
+        .replace("title: Polar Data Cube v1.1.0", f"title: {title}")
+    )
+    staging = "polar-test/cubes/.staging"
+
+    def merging():
+        return fs.exists(staging) and bool(fs.ls(staging, refresh=True))
+
+    def patching():
+        if not merging():
+            return False
+        staged = fs.ls(staging, refresh=True)[0]
+        return fs.exists(f"{staged}/.zmetadata")
+
+    watcher = PublishedWatcher(built.url, blocks)
+    watcher.start()
+    try:
+        code, output = run_build_cli(
+            repo_spec_path, work, mirror, patch, kill_when=merging if phase == "merge" else patching
+        )
+        assert code == -signal.SIGKILL, output[-2000:]
+        try:  # the previous version is still there, whole (or, killed while publishing, none)
+            assert layer_sums(open_published(built.url, blocks)) == reference
+        except FileNotFoundError:
+            assert phase == "patch"
+        code, output = run_build_cli(repo_spec_path, work, mirror, patch)
+        assert code == 0, output[-3000:]
+        assert "--- open the cube ---" in output
+    finally:
+        watcher.stop.set()
+        watcher.join()
+    final = open_published(built.url, blocks)
+    assert final.attrs["title"] == title
+    assert layer_sums(final) == reference
+    assert watcher.seen, "the watcher never managed to open the cube"
+    for seen_title, sums in watcher.seen:  # every successful open saw a complete cube
+        assert sums == reference, seen_title
+    fs.invalidate_cache()
+    assert [p for p in fs.find(staging) if p != staging] == []  # no staged objects left
+
+
+def test_demo_command_publishes_and_its_snippet_opens_the_cube(tmp_path, repo_spec_path):
+    """What the README's main command runs (small stand-ins, own ports and folders)."""
+    from tests.conftest import REPO, free_port_block
+
+    state = tmp_path / "s3"
+    command = [
+        sys.executable,
+        "-m",
+        "polar_cube.cli",
+        "demo",
+        "--scale",
+        "small",
+        "--resolution",
+        "3000",
+        "--workdir",
+        str(tmp_path / "demo"),
+        "--s3-state-dir",
+        str(state),
+        "--s3-port",
+        str(free_port_block()),
+        "--bucket",
+        "demo-bucket",
+        "--bucket-block",
+        "demo-bucket-block",
+        "--credentials-block",
+        "demo-credentials-block",
+    ]
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=REPO)
+        assert result.returncode == 0, result.stderr[-3000:]
+        lines = result.stdout.splitlines()
+        start = lines.index("--- open the cube ---")
+        snippet = "\n".join(lines[start + 1 : lines.index("---", start)])
+        assert "demo-bucket-block" in snippet
+        opened = subprocess.run(
+            [sys.executable, "-c", snippet + "\nprint(sorted(cube.data_vars))"],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            cwd=REPO,
+        )
+        assert opened.returncode == 0, opened.stderr[-3000:]
+        for variable in load_spec(repo_spec_path).variables:
+            assert f"'{variable.name}'" in opened.stdout
+    finally:
+        subprocess.run(
+            [sys.executable, "-m", "polar_cube.cli", "s3", "stop", "--state-dir", str(state)],
+            timeout=120,
+        )
+    assert not (state / "server.json").exists()

@@ -1,0 +1,324 @@
+"""S3 storage: a real local SeaweedFS server, real Prefect blocks, s3fs and zarr over S3."""
+
+import argparse
+import json
+import os
+import socket
+import stat
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import s3fs
+import xarray as xr
+
+from polar_cube.cli_s3 import add_blocks_commands, add_s3_commands
+from polar_cube.s3server import (
+    S3ServerError,
+    S3ServerInfo,
+    running_s3_server,
+    s3_server_status,
+    server_ports,
+    start_s3_server,
+    stop_s3_server,
+)
+from polar_cube.storage import (
+    StorageAccessError,
+    bucket_url,
+    check_bucket_access,
+    load_bucket,
+    save_blocks,
+    storage_options_from_blocks,
+)
+
+pytestmark = pytest.mark.slow
+
+BUCKET = "test-bucket"
+
+
+def _port_is_free(port: int) -> bool:
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def process_is_gone(pid: int) -> bool:
+    """No such process, or only a zombie (no threads left) for init to reap."""
+    try:
+        os.kill(pid, 0)
+        state = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[-1].split()[0]
+        threads = len(os.listdir(f"/proc/{pid}/task"))
+    except (ProcessLookupError, FileNotFoundError):
+        return True
+    return state == "Z" and threads == 1
+
+
+def free_port_block(start: int) -> int:
+    """The first S3 port from `start` (stepping 16) whose server ports are all free."""
+    for port in range(start, start + 4000, 16):
+        if all(_port_is_free(p) for p in server_ports(port).values()):
+            return port
+    raise RuntimeError("no free block of ports")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    with running_s3_server(
+        tmp_path_factory.mktemp("s3"), port=free_port_block(21000), bucket=BUCKET
+    ) as info:
+        yield info
+
+
+@pytest.fixture(scope="module")
+def bucket_block(server):
+    save_blocks(
+        bucket_block="test-bucket-block",
+        credentials_block="test-credentials",
+        bucket_name=BUCKET,
+        endpoint_url=server.endpoint_url,
+        access_key=server.access_key,
+        secret_key=server.secret_key,
+    )
+    return load_bucket("test-bucket-block")
+
+
+@pytest.fixture
+def options(bucket_block):
+    return storage_options_from_blocks(bucket_block)
+
+
+def test_blocks_to_s3fs_and_zarr_round_trip(server, bucket_block, options):
+    assert options["key"] == server.access_key
+    assert options["secret"] == server.secret_key
+    assert options["client_kwargs"] == {
+        "endpoint_url": server.endpoint_url,
+        "region_name": "us-east-1",
+    }
+    check_bucket_access(bucket_url(bucket_block), options)
+
+    fs = s3fs.S3FileSystem(**options)
+    fs.pipe_file(f"{BUCKET}/hello.txt", b"hello polar")
+    assert fs.cat_file(f"{BUCKET}/hello.txt") == b"hello polar"
+
+    url = bucket_url(bucket_block, "x.zarr")
+    assert url == "s3://test-bucket/x.zarr"
+    ds = xr.Dataset(
+        {"thickness": (("y", "x"), np.arange(12, dtype="float32").reshape(3, 4))},
+        coords={"y": [0.0, 1.0, 2.0], "x": [0.0, 1.0, 2.0, 3.0]},
+        attrs={"title": "tiny"},
+    )
+    ds.to_zarr(url, storage_options=options, zarr_format=2, consolidated=True, mode="w")
+    assert fs.exists(f"{BUCKET}/x.zarr/.zmetadata")
+    back = xr.open_zarr(url, storage_options=options, consolidated=True)
+    xr.testing.assert_identical(back.load(), ds)
+
+
+def test_bucket_url_joins_folder_and_parts_without_double_slashes():
+    from prefect_aws import AwsCredentials, S3Bucket
+
+    block = S3Bucket(bucket_name="b-1", credentials=AwsCredentials(), bucket_folder="/cubes/")
+    assert bucket_url(block) == "s3://b-1/cubes"
+    assert bucket_url(block, "v1/", "/x.zarr") == "s3://b-1/cubes/v1/x.zarr"
+    block = S3Bucket(bucket_name="b-1", credentials=AwsCredentials())
+    assert bucket_url(block, "x.zarr") == "s3://b-1/x.zarr"
+
+
+def test_wrong_secret_is_access_denied_and_never_shown(server, options):
+    wrong = "0123456789abcdef-wrong-secret"
+    for write in (True, False):
+        with pytest.raises(StorageAccessError) as caught:
+            check_bucket_access("s3://test-bucket/cubes", options | {"secret": wrong}, write=write)
+        message = str(caught.value)
+        assert "s3://test-bucket/cubes: access denied" in message
+        assert "keys were refused by " + server.endpoint_url in message
+        assert wrong not in message and server.secret_key not in message
+
+
+def test_unknown_access_key_is_access_denied(options):
+    with pytest.raises(StorageAccessError, match="access denied"):
+        check_bucket_access("s3://test-bucket", options | {"key": "nobody"})
+
+
+def test_anonymous_access_is_refused(server):
+    anonymous = {"anon": True, "client_kwargs": {"endpoint_url": server.endpoint_url}}
+    with pytest.raises(StorageAccessError, match="access denied: anonymous"):
+        check_bucket_access("s3://test-bucket", anonymous, write=False)
+    fs = s3fs.S3FileSystem(skip_instance_cache=True, **anonymous)
+    with pytest.raises(PermissionError):
+        fs.pipe_file(f"{BUCKET}/anonymous.txt", b"no")
+
+
+def test_missing_bucket_is_named(server, options):
+    for write in (True, False):
+        with pytest.raises(StorageAccessError) as caught:
+            check_bucket_access("s3://no-such-bucket/cubes", options, write=write)
+        assert str(caught.value) == (
+            f"s3://no-such-bucket/cubes: bucket no-such-bucket does not exist at "
+            f"{server.endpoint_url}"
+        )
+
+
+def test_unreachable_endpoint_says_start_the_server(options):
+    closed_port = free_port_block(26000)
+    endpoint = f"http://127.0.0.1:{closed_port}"
+    unreachable = options | {"client_kwargs": {"endpoint_url": endpoint}}
+    started = time.monotonic()
+    with pytest.raises(StorageAccessError) as caught:
+        check_bucket_access("s3://test-bucket", unreachable)
+    assert time.monotonic() - started < 10
+    assert f"cannot reach S3 endpoint {endpoint}" in str(caught.value)
+    assert "polar-cube s3 start" in str(caught.value)
+
+
+def test_missing_block_names_it_and_says_how_to_create_it():
+    with pytest.raises(StorageAccessError) as caught:
+        load_bucket("no-such-bucket-block")
+    assert str(caught.value) == (
+        "no S3Bucket block named 'no-such-bucket-block'; create it with `polar-cube blocks create`"
+    )
+
+
+def test_secrets_are_hidden(server, bucket_block):
+    credentials = bucket_block.credentials
+    assert credentials.aws_secret_access_key.get_secret_value() == server.secret_key
+    assert server.secret_key not in repr(credentials)
+    assert server.secret_key not in repr(bucket_block)
+    assert server.secret_key not in repr(server) and server.access_key in repr(server)
+    for name in ("server.json", "identities.json"):
+        assert stat.S_IMODE((server.state_dir / name).stat().st_mode) == 0o600
+    state = json.loads((server.state_dir / "server.json").read_text())
+    assert state["pid"] == server.pid and state["secret_key"] == server.secret_key
+    assert set(state["ports"].values()) == set(server_ports(state["ports"]["s3.port"]).values())
+
+
+def test_start_is_idempotent_and_server_runs_in_its_own_session(server):
+    again = start_s3_server(server.state_dir, bucket=BUCKET)
+    assert again == server
+    assert s3_server_status(server.state_dir) == server
+    assert os.getpgid(server.pid) == server.pid != os.getpgid(0)
+    assert os.getsid(server.pid) != os.getsid(0)
+
+
+def test_busy_port_is_named(tmp_path):
+    port = free_port_block(27000)
+    busy = port + 3
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", busy))
+        taken.listen()
+        with pytest.raises(S3ServerError, match=f"port {busy} .* is in use"):
+            start_s3_server(tmp_path / "s3", port=port)
+    assert not (tmp_path / "s3" / "server.json").exists()
+
+
+@pytest.mark.parametrize(
+    ("script", "what"),
+    [
+        ("echo cannot start: bad things; exit 3", "exited early"),
+        ("echo starting slowly; exec sleep 60", "did not answer within 1 s"),
+    ],
+)
+def test_failed_start_shows_the_log_and_leaves_nothing_running(tmp_path, monkeypatch, script, what):
+    fake = tmp_path / "weed"
+    fake.write_text(f"#!/bin/sh\nfor i in $(seq 1 30); do echo log line $i; done\n{script}\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr("polar_cube.s3server.weed_binary", lambda: fake)
+    state_dir = tmp_path / "s3"
+    with pytest.raises(S3ServerError) as caught:
+        start_s3_server(state_dir, port=free_port_block(29000), timeout_seconds=1)
+    message = str(caught.value)
+    assert what in message and str(state_dir / "weed.log") in message
+    assert "log line 30" in message and "log line 5\n" not in message
+    assert not (state_dir / "server.json").exists()
+    assert s3_server_status(state_dir) is None
+
+
+def test_server_outlives_its_starter_and_is_stopped_by_pid(tmp_path):
+    state_dir = tmp_path / "s3"
+    port = free_port_block(28000)
+    starter = (
+        "import sys; from pathlib import Path; from polar_cube.s3server import start_s3_server; "
+        "print(start_s3_server(Path(sys.argv[1]), port=int(sys.argv[2])).pid)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", starter, str(state_dir), str(port)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    pid = int(result.stdout.strip())
+    try:
+        info = s3_server_status(state_dir)  # the starter has exited; the server has not
+        assert isinstance(info, S3ServerInfo) and info.pid == pid
+        assert info.endpoint_url == f"http://127.0.0.1:{port}"
+        assert os.getpgid(pid) != os.getpgid(0)
+    finally:
+        # graceful stop takes ~15 s (the filer's gRPC drain); 3 s then SIGKILL keeps this short
+        assert stop_s3_server(state_dir, timeout_seconds=3) is True
+    assert process_is_gone(pid)
+    assert _port_is_free(port)
+    assert not (state_dir / "server.json").exists()
+    assert stop_s3_server(state_dir) is False
+    assert s3_server_status(state_dir) is None
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="polar-cube")
+    commands = parser.add_subparsers(dest="command", required=True)
+    add_s3_commands(commands)
+    add_blocks_commands(commands)
+    return parser
+
+
+def run(argv, capsys):
+    args = make_parser().parse_args(argv)
+    code = args.func(args)
+    out, err = capsys.readouterr()
+    return code, out + err
+
+
+def test_cli_s3_start_and_status_never_print_the_secret(server, capsys):
+    state = str(server.state_dir)
+    port = str(server.endpoint_url.rsplit(":", 1)[1])
+    code, out = run(["s3", "start", "--state-dir", state, "--port", port], capsys)
+    assert code == 0 and server.endpoint_url in out and "server.json" in out
+    code, out2 = run(["s3", "status", "--state-dir", state], capsys)
+    assert code == 0 and f"pid {server.pid}" in out2
+    assert server.secret_key not in out + out2
+
+
+def test_cli_blocks_create_from_s3_server(server, capsys, monkeypatch):
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID", raising=False)
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY", raising=False)
+    argv = ["blocks", "create", "--from-s3-server", str(server.state_dir), "--bucket", BUCKET]
+    argv += ["--bucket-block", "cli-bucket", "--credentials-block", "cli-credentials"]
+    code, out = run(argv, capsys)
+    assert code == 0
+    assert "'cli-bucket' -> s3://test-bucket" in out
+    assert server.secret_key not in out and server.access_key not in out
+    block = load_bucket("cli-bucket")
+    assert block.bucket_name == BUCKET
+    options = storage_options_from_blocks(block)
+    assert options["secret"] == server.secret_key
+    check_bucket_access(bucket_url(block, "from-cli"), options)
+
+
+def test_cli_blocks_create_names_what_is_missing(tmp_path, capsys, monkeypatch):
+    for name in ("POLAR_CUBE_S3_BUCKET", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    args = make_parser().parse_args(["blocks", "create", "--access-key", "ak"])
+    with pytest.raises(StorageAccessError) as caught:
+        args.func(args)
+    message = str(caught.value)
+    assert "missing bucket (--bucket or POLAR_CUBE_S3_BUCKET)" in message
+    assert "secret key (--secret-key or AWS_SECRET_ACCESS_KEY)" in message
+    assert "access key" not in message
+    args = make_parser().parse_args(["blocks", "create", "--from-s3-server", str(tmp_path)])
+    with pytest.raises(StorageAccessError, match="no S3 server running for"):
+        args.func(args)
