@@ -9,8 +9,9 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
-from flows.build_datasets import build_datasets
+from flows.build_datasets import build_datasets, run_label
 from polar_cube import cube as steps
+from polar_cube.compute import dask_cluster
 from polar_cube.grid import TargetGrid
 from polar_cube.location import StoreLocation
 from polar_cube.patching import load_patch
@@ -23,6 +24,7 @@ from tasks.cube import (
     upload_dataset,
     verify_staged_cube,
     verify_stored_cube,
+    write_stac,
 )
 
 DEFAULT_OUTPUT = Path("data/cube")
@@ -32,6 +34,7 @@ DEFAULT_OUTPUT = Path("data/cube")
 class BuiltCube:
     url: str
     quicklooks: list[str]
+    stac_item: str
     reused: bool
 
 
@@ -54,10 +57,9 @@ def resolve_location(bucket_block: str | None, output_dir: str | None) -> StoreL
 
 def _run_name() -> str:
     params = flow_run.parameters
-    spec = Path(params.get("spec_path") or "cube.geojson").stem
-    resolution = params.get("resolution")
-    target = params.get("bucket_block") or "local"
-    return f"cube-{spec}-{f'{resolution:g}m' if resolution else 'spec-res'}-{target}"
+    target = params.get("bucket_block") or "local-folder"
+    on_dask = "-on-dask" if params.get("dask_address") else ""
+    return f"cube-{run_label(params)}-to-{target}{on_dask}"
 
 
 @flow(name="build-cube", flow_run_name=_run_name, log_prints=True)
@@ -71,8 +73,14 @@ def build_cube(
     bucket_block: str | None = None,
     output_dir: str | None = None,
     patch_path: str = "patch.yaml",
+    dask_address: str | None = None,
 ) -> BuiltCube:
-    """Build every per-dataset cube, upload them, merge, patch, verify, publish, report."""
+    """Build every per-dataset cube, upload them, merge, patch, verify, publish, report.
+
+    `dask_address`: the chunked array work (resample, merge, statistics) runs on this
+    dask.distributed scheduler (`tcp://host:port`), or on a LocalCluster sized for this
+    machine with `local`; by default on threads in this process.
+    """
     logger = get_run_logger()
     spec = load_spec(spec_path)
     grid = TargetGrid.from_spec(spec, resolution)
@@ -80,27 +88,32 @@ def build_cube(
     location = resolve_location(bucket_block, output_dir)
     logger.info("publishing %s to %s", spec.data_id, location.root)
 
-    built = build_datasets(
-        spec_path=spec_path,
-        only=only,
-        resolution=resolution,
-        source_mirror=source_mirror,
-        cache_dir=cache_dir,
-        store_dir=datasets_dir,
-    )
-    uploads = [upload_dataset.submit(Path(item.path), location) for item in built]
-    for upload in uploads:
-        upload.result()
+    with dask_cluster(dask_address) as address:
+        built = build_datasets(
+            spec_path=spec_path,
+            only=only,
+            resolution=resolution,
+            source_mirror=source_mirror,
+            cache_dir=cache_dir,
+            store_dir=datasets_dir,
+            dask_address=address,
+        )
+        uploads = [upload_dataset.submit(Path(item.path), location) for item in built]
+        for upload in uploads:
+            upload.result()
 
-    fingerprint = steps.current_fingerprint(location, spec, grid)
-    reused = steps.is_published(location, spec, fingerprint, patch)
-    if reused:
-        logger.info("%s is already current; nothing to rebuild", location.url(spec.data_id))
-    else:
-        staged = merge_cube(location, spec, grid)
-        patch_cube(location, spec, staged, patch, patch_path)
-        verify_staged_cube(location, staged, spec, grid)
-        publish_cube(location, spec, staged)
-    verify_stored_cube(location, spec.data_id, spec, grid)
-    quicklooks = report_cube(location, spec)
-    return BuiltCube(url=location.url(spec.data_id), quicklooks=quicklooks, reused=reused)
+        fingerprint = steps.current_fingerprint(location, spec, grid)
+        reused = steps.is_published(location, spec, fingerprint, patch)
+        if reused:
+            logger.info("%s is already current; nothing to rebuild", location.url(spec.data_id))
+        else:
+            staged = merge_cube(location, spec, grid, address)
+            patch_cube(location, spec, staged, patch, patch_path)
+            verify_staged_cube(location, staged, spec, grid)
+            publish_cube(location, spec, staged)
+        verify_stored_cube(location, spec.data_id, spec, grid)
+        quicklooks = report_cube(location, spec, address)
+    stac_item = write_stac(location, spec, grid, quicklooks)
+    return BuiltCube(
+        url=location.url(spec.data_id), quicklooks=quicklooks, stac_item=stac_item, reused=reused
+    )

@@ -5,12 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from prefect import flow, get_run_logger
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.runtime import flow_run
 
-from polar_cube.dataset import BuiltDataset, dataset_fingerprint, dataset_path
+from polar_cube.compute import dask_cluster
+from polar_cube.dataset import BuiltDataset, FetchedSource, dataset_fingerprint, dataset_path
 from polar_cube.fetch import default_cache_dir
 from polar_cube.grid import TargetGrid
-from polar_cube.spec import load_spec
+from polar_cube.spec import CubeSpec, load_spec
 from polar_cube.zarr_store import stored_fingerprint
 from tasks.datasets import convert_source, resample_source, write_dataset
 from tasks.download import download_source
@@ -18,12 +20,21 @@ from tasks.download import download_source
 DEFAULT_STORE = Path("data/datasets")
 
 
+def run_label(params: dict) -> str:
+    """`<cube id>-<resolution>m`: what the UI shows for a run of these parameters."""
+    spec_path = params.get("spec_path") or "cube.geojson"
+    try:
+        spec = load_spec(spec_path)
+        cube_id, resolution = spec.data_id.removesuffix(".zarr"), spec.spatial_res[0]
+    except Exception:  # the run itself reports a bad spec; the name must not fail first
+        cube_id, resolution = Path(spec_path).stem, None
+    resolution = params.get("resolution") or resolution
+    return f"{cube_id}-{resolution:g}m" if resolution else cube_id
+
+
 def _run_name() -> str:
-    params = flow_run.parameters
-    resolution = params.get("resolution")
-    only = params.get("only")
-    name = f"datasets-{Path(params.get('spec_path') or 'cube.geojson').stem}"
-    name += f"-{resolution:g}m" if resolution else ""
+    only = flow_run.parameters.get("only")
+    name = f"datasets-{run_label(flow_run.parameters)}"
     return name + (f"-only-{'-'.join(only)}" if only else "")
 
 
@@ -35,6 +46,7 @@ def build_datasets(
     source_mirror: str | None = None,
     cache_dir: str | None = None,
     store_dir: str | None = None,
+    dask_address: str | None = None,
 ) -> list[BuiltDataset]:
     """Download every needed source at once, then build the per-dataset cubes one by one
     (one at a time keeps memory bounded; each write is parallel over chunks)."""
@@ -53,17 +65,29 @@ def build_datasets(
         cache,
     )
     downloads = [download_source.submit(s, cache, source_mirror) for s in sources]
+    progress = create_progress_artifact(
+        progress=0.0,
+        key="polar-cube-datasets-progress",
+        description=f"{spec.data_id}: per-dataset cubes done (%)",
+    )
     built = []
-    for download in downloads:
-        fetched = download.result()
-        target = dataset_path(store, fetched.source.id)
-        names = [v.name for v in spec.variables_of(fetched.source.id)]
-        if stored_fingerprint(target) == dataset_fingerprint(spec, fetched, grid):
-            logger.info("%s is up to date; reusing it", target)
-            built.append(BuiltDataset(fetched.source.id, target, names, reused=True))
-            continue
-        converted = convert_source(spec, fetched)
-        dataset = resample_source(spec, fetched, converted, grid)
-        write_dataset(dataset, target, grid)
-        built.append(BuiltDataset(fetched.source.id, target, names, reused=False))
+    with dask_cluster(dask_address) as address:
+        for download in downloads:
+            built.append(_build_one(spec, download.result(), grid, store, address))
+            update_progress_artifact(progress, progress=100.0 * len(built) / len(downloads))
     return built
+
+
+def _build_one(
+    spec: CubeSpec, fetched: FetchedSource, grid: TargetGrid, store: Path, dask_address: str | None
+) -> BuiltDataset:
+    """Convert, resample and write one source's cube unless an identical one exists."""
+    target = dataset_path(store, fetched.source.id)
+    names = [v.name for v in spec.variables_of(fetched.source.id)]
+    if stored_fingerprint(target) == dataset_fingerprint(spec, fetched, grid):
+        get_run_logger().info("%s is up to date; reusing it", target)
+        return BuiltDataset(fetched.source.id, target, names, reused=True)
+    converted = convert_source(spec, fetched)
+    dataset = resample_source(spec, fetched, converted, grid)
+    write_dataset(dataset, target, grid, dask_address)
+    return BuiltDataset(fetched.source.id, target, names, reused=False)

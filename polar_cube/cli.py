@@ -37,6 +37,18 @@ def _add_build_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--patch", default="patch.yaml", metavar="FILE", help="metadata patch")
     parser.add_argument(
+        "--dask-address",
+        metavar="ADDRESS",
+        help="run the array work on this dask.distributed scheduler (tcp://host:port), "
+        "or on a LocalCluster sized for this machine with 'local'",
+    )
+    parser.add_argument(
+        "--dask",
+        dest="dask_address",
+        choices=["local"],
+        help="'local': run the array work on a LocalCluster sized for this machine",
+    )
+    parser.add_argument(
         "--datasets-only",
         action="store_true",
         help="stop after the per-dataset cubes (no upload, merge or patch)",
@@ -55,6 +67,7 @@ def cmd_build(args: argparse.Namespace) -> int:
                 source_mirror=args.source_mirror,
                 cache_dir=args.cache,
                 store_dir=args.store,
+                dask_address=args.dask_address,
             )
         )
         return 0
@@ -70,6 +83,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         bucket_block=args.bucket_block,
         output_dir=args.output,
         patch_path=args.patch,
+        dask_address=args.dask_address,
     )
     _print_cube(built.url, args.bucket_block)
     return 0

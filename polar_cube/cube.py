@@ -6,6 +6,7 @@ Everything happens under a `StoreLocation` (a local folder or an s3:// prefix):
     <root>/.staging/<data_id>.<hash>     the merged cube while it is built and patched
     <root>/<data_id>                     the published cube
     <root>/<stem>.quicklooks/            one PNG per variable, stats.json, summary.md
+    <root>/<stem>.stac-item.json         a STAC item describing the cube
 """
 
 from __future__ import annotations
@@ -46,6 +47,10 @@ def quicklooks_key(spec: CubeSpec) -> str:
     return f"{spec.data_id.removesuffix('.zarr')}.quicklooks"
 
 
+def stac_key(spec: CubeSpec) -> str:
+    return f"{spec.data_id.removesuffix('.zarr')}.stac-item.json"
+
+
 def zarr_attrs(location: StoreLocation, key: str) -> dict:
     """Global attributes of a complete (consolidated) cube at `key`; {} when there is none."""
     path = location.path(key, ".zmetadata")
@@ -68,9 +73,7 @@ def is_published(location: StoreLocation, spec: CubeSpec, fingerprint: str, patc
     )
 
 
-def stage_merged_cube(
-    location: StoreLocation, spec: CubeSpec, grid: TargetGrid, num_workers: int | None = None
-) -> StagedCube:
+def stage_merged_cube(location: StoreLocation, spec: CubeSpec, grid: TargetGrid) -> StagedCube:
     """Merge the inputs into the staging name (reusing an identical complete one)."""
     inputs = open_inputs(location, spec)
     fingerprint = cube_fingerprint(spec, grid, inputs)
@@ -82,7 +85,7 @@ def stage_merged_cube(
         location.fs.rm(location.path(key), recursive=True)  # an interrupted write
     merged = merge_inputs(inputs, spec, grid)
     del merged.attrs[FINGERPRINT_ATTR]  # zarr writes metadata before chunks: not yet complete
-    write_zarr(merged, location.mapper(key), grid.chunk_size, num_workers)
+    write_zarr(merged, location.mapper(key), grid.chunk_size)
     mark_complete(location, key, fingerprint)
     return StagedCube(key, fingerprint, reused=False)
 

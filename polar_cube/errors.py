@@ -1,6 +1,7 @@
 """The errors that mean "bad input": shown to users as one clear line, not a traceback."""
 
 from polar_cube.archives import ArchiveError
+from polar_cube.cli_ops import OpsError
 from polar_cube.download import DownloadError
 from polar_cube.readers import SourceFormatError
 from polar_cube.s3server import S3ServerError
@@ -14,4 +15,5 @@ USER_ERRORS: tuple[type[Exception], ...] = (
     ArchiveError,
     S3ServerError,
     StorageAccessError,
+    OpsError,
 )

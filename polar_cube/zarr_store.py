@@ -8,7 +8,6 @@ import uuid
 from collections.abc import MutableMapping
 from pathlib import Path
 
-import dask
 import numpy as np
 import xarray as xr
 from numcodecs import Blosc
@@ -83,28 +82,21 @@ def rechunk_for_writing(dataset: xr.Dataset, chunk_size: int) -> xr.Dataset:
     return dataset.chunk(chunks)
 
 
-def write_zarr(
-    dataset: xr.Dataset,
-    store: str | Path | MutableMapping,
-    chunk_size: int,
-    num_workers: int | None = None,
-) -> None:
-    """Write chunk by chunk (dask) as zarr format 2 with consolidated metadata."""
+def write_zarr(dataset: xr.Dataset, store: str | Path | MutableMapping, chunk_size: int) -> None:
+    """Write chunk by chunk as zarr format 2 with consolidated metadata, on the current dask
+    scheduler (see `polar_cube.compute.dask_compute`)."""
     dataset = rechunk_for_writing(dataset, chunk_size)
-    with dask.config.set(scheduler="threads", num_workers=num_workers):
-        dataset.to_zarr(
-            store,
-            mode="w",
-            zarr_format=2,
-            consolidated=True,
-            encoding=encoding_for(dataset, chunk_size),
-            write_empty_chunks=False,
-        )
+    dataset.to_zarr(
+        store,
+        mode="w",
+        zarr_format=2,
+        consolidated=True,
+        encoding=encoding_for(dataset, chunk_size),
+        write_empty_chunks=False,
+    )
 
 
-def write_zarr_atomically(
-    dataset: xr.Dataset, target: Path, chunk_size: int, num_workers: int | None = None
-) -> Path:
+def write_zarr_atomically(dataset: xr.Dataset, target: Path, chunk_size: int) -> Path:
     """Write `dataset` into a hidden temp folder, then swap it in.
 
     Whoever opens `target` sees the old complete cube or the new complete cube, never a
@@ -115,7 +107,7 @@ def write_zarr_atomically(
     remove_stale_temporaries(target)
     temporary = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
-        write_zarr(dataset, temporary, chunk_size, num_workers)
+        write_zarr(dataset, temporary, chunk_size)
         replace_directory(temporary, target)
     finally:
         shutil.rmtree(temporary, ignore_errors=True)

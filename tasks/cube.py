@@ -6,14 +6,20 @@ import time
 from pathlib import Path
 
 from prefect import get_run_logger, task
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.artifacts import (
+    create_link_artifact,
+    create_markdown_artifact,
+    create_table_artifact,
+)
 from prefect.cache_policies import NO_CACHE
 
 from polar_cube import cube as steps
+from polar_cube.compute import dask_compute
 from polar_cube.grid import TargetGrid
 from polar_cube.location import StoreLocation
 from polar_cube.quicklook import write_quicklooks
 from polar_cube.spec import CubeSpec
+from polar_cube.stac import cube_stac_item, write_stac_item
 from polar_cube.upload import UploadResult, upload_cube
 from polar_cube.verify import (
     CubeCheckError,
@@ -42,9 +48,12 @@ def upload_dataset(cube: Path, location: StoreLocation) -> UploadResult:
 
 
 @task(task_run_name="merge-{spec.data_id}", retries=1, cache_policy=NO_CACHE)
-def merge_cube(location: StoreLocation, spec: CubeSpec, grid: TargetGrid) -> steps.StagedCube:
+def merge_cube(
+    location: StoreLocation, spec: CubeSpec, grid: TargetGrid, dask_address: str | None = None
+) -> steps.StagedCube:
     started = time.monotonic()
-    staged = steps.stage_merged_cube(location, spec, grid)
+    with dask_compute(dask_address):
+        staged = steps.stage_merged_cube(location, spec, grid)
     get_run_logger().info(
         "%s %s in %.1f s",
         location.url(staged.key),
@@ -100,10 +109,14 @@ def publish_cube(location: StoreLocation, spec: CubeSpec, staged: steps.StagedCu
 
 
 @task(task_run_name="report-{spec.data_id}", cache_policy=NO_CACHE)
-def report_cube(location: StoreLocation, spec: CubeSpec) -> list[str]:
-    """Coverage/min/max table and summary artifacts, quicklooks and stats next to the cube."""
+def report_cube(
+    location: StoreLocation, spec: CubeSpec, dask_address: str | None = None
+) -> list[str]:
+    """Coverage/min/max table, summary and link artifacts; quicklooks and stats next to the
+    cube."""
     cube = steps.open_cube(location, spec.data_id)
-    stats = variable_stats(cube, spec)
+    with dask_compute(dask_address):
+        stats = variable_stats(cube, spec)
     folder = location.url(steps.quicklooks_key(spec))
     quicklooks = write_quicklooks(cube, spec, folder, location.storage_options)
     summary = stats_markdown(
@@ -119,5 +132,32 @@ def report_cube(location: StoreLocation, spec: CubeSpec) -> list[str]:
         description=f"{spec.data_id}: valid-pixel coverage and value range per variable",
     )
     create_markdown_artifact(key="polar-cube-summary", markdown=summary)
+    create_link_artifact(
+        key="polar-cube-published",
+        link=location.url(spec.data_id),
+        link_text=spec.data_id,
+        description=f"The published cube; quicklooks in {folder}/",
+    )
+    create_link_artifact(
+        key="polar-cube-quicklooks",
+        link=f"{folder}/",
+        link_text=f"{len(quicklooks)} quicklooks",
+        description="One PNG per variable (and time step), with stats.json and summary.md",
+    )
     get_run_logger().info("wrote %d quicklooks to %s", len(quicklooks), folder)
     return quicklooks
+
+
+@task(task_run_name="stac-{spec.data_id}", cache_policy=NO_CACHE)
+def write_stac(
+    location: StoreLocation, spec: CubeSpec, grid: TargetGrid, quicklooks: list[str]
+) -> str:
+    """A validated STAC item for the published cube, next to it."""
+    cube = steps.open_cube(location, spec.data_id)
+    item = cube_stac_item(cube, spec, grid, location.url(spec.data_id), quicklook_urls=quicklooks)
+    url = write_stac_item(item, location.url(steps.stac_key(spec)), location.storage_options)
+    create_link_artifact(
+        key="polar-cube-stac-item", link=url, description="STAC item describing the cube"
+    )
+    get_run_logger().info("wrote the STAC item %s (%d assets)", url, len(item["assets"]))
+    return url

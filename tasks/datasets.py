@@ -10,6 +10,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from polar_cube import dataset as ds
+from polar_cube.compute import dask_compute
 from polar_cube.grid import TargetGrid
 from polar_cube.spec import CubeSpec
 
@@ -44,9 +45,13 @@ def resample_source(
 
 
 @task(task_run_name="write-{target.name}", cache_policy=NO_CACHE, retries=1)
-def write_dataset(dataset: xr.Dataset, target: Path, grid: TargetGrid) -> Path:
+def write_dataset(
+    dataset: xr.Dataset, target: Path, grid: TargetGrid, dask_address: str | None = None
+) -> Path:
+    """The chunked work happens here (on the dask cluster at `dask_address`, if given)."""
     started = time.monotonic()
-    ds.write_dataset(dataset, target, grid)
+    with dask_compute(dask_address):
+        ds.write_dataset(dataset, target, grid)
     size = sum(f.stat().st_size for f in target.rglob("*") if f.is_file())
     get_run_logger().info(
         "wrote %s: %.1f MB in %.1f s", target, size / 1e6, time.monotonic() - started

@@ -95,6 +95,11 @@ def test_whole_cube_is_in_the_bucket_and_opens(built, blocks, repo_spec_path):
     stats = json.loads(fs.cat_file(f"polar-test/cubes/{spec.data_id[:-5]}.quicklooks/stats.json"))
     assert {s["name"] for s in stats} == {v.name for v in spec.variables}
     assert fs.cat_file(built.quicklooks[0].removeprefix("s3://"))[:8] == b"\x89PNG\r\n\x1a\n"
+    from polar_cube.stac import validate_stac_item
+
+    item = json.loads(fs.cat_file(built.stac_item.removeprefix("s3://")))
+    validate_stac_item(item)
+    assert item["assets"]["zarr"]["href"] == built.url
 
 
 def test_artifacts_are_recorded(built):
@@ -107,7 +112,14 @@ def test_artifacts_are_recorded(built):
             return await client.read_latest_artifacts()
 
     keys = {a.key for a in asyncio.run(read(None))}
-    assert {"polar-cube-coverage", "polar-cube-summary"} <= keys
+    assert {
+        "polar-cube-coverage",
+        "polar-cube-summary",
+        "polar-cube-published",
+        "polar-cube-quicklooks",
+        "polar-cube-stac-item",
+        "polar-cube-datasets-progress",
+    } <= keys
 
 
 def test_wrong_credentials_are_refused_clearly(s3_server, built):
@@ -294,3 +306,89 @@ def test_demo_command_publishes_and_its_snippet_opens_the_cube(tmp_path, repo_sp
             timeout=120,
         )
     assert not (state / "server.json").exists()
+
+
+@pytest.fixture(scope="module")
+def dask_cluster_processes(tmp_path_factory):
+    """A dask scheduler and one worker, as separate processes on 127.0.0.1."""
+    from distributed import Client
+
+    from tests.conftest import free_port_block
+
+    bin_dir = os.path.dirname(sys.executable)
+    port = free_port_block(2)
+    address = f"tcp://127.0.0.1:{port}"
+    logs = tmp_path_factory.mktemp("dask")
+    processes = [
+        subprocess.Popen(
+            [
+                f"{bin_dir}/dask",
+                "scheduler",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--no-dashboard",
+            ],
+            stdout=open(logs / "scheduler.log", "w"),
+            stderr=subprocess.STDOUT,
+        )
+    ]
+    try:
+        processes.append(
+            subprocess.Popen(
+                [
+                    f"{bin_dir}/dask",
+                    "worker",
+                    address,
+                    "--nworkers",
+                    "1",
+                    "--nthreads",
+                    "2",
+                    "--memory-limit",
+                    "6GiB",
+                    "--no-dashboard",
+                    "--host",
+                    "127.0.0.1",
+                ],
+                stdout=open(logs / "worker.log", "w"),
+                stderr=subprocess.STDOUT,
+            )
+        )
+        with Client(address, timeout=60) as client:
+            client.wait_for_workers(1, timeout=120)
+        yield address
+    finally:
+        for process in reversed(processes):  # stopped by their own process ids
+            process.terminate()
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(timeout=30)
+
+
+def test_cluster_build_equals_local_build(
+    built, blocks, dask_cluster_processes, repo_spec_path, work, mirror, tmp_path
+):
+    from distributed import Client
+
+    from flows.build_cube import build_cube
+
+    options = build_options(repo_spec_path, work, mirror)
+    options.update(
+        datasets_dir=str(tmp_path / "datasets"),  # rebuilt on the cluster, not reused
+        bucket_block=None,
+        output_dir=str(tmp_path / "cube"),
+        dask_address=dask_cluster_processes,
+    )
+    on_cluster = build_cube(**options)
+    with Client(dask_cluster_processes) as client:
+        prefixes = client.run_on_scheduler(lambda dask_scheduler: set(dask_scheduler.task_prefixes))
+    # the array work ran on the cluster: resampling fused with the zarr writes, statistics
+    assert any("resample" in p and "store" in p for p in prefixes), prefixes
+    assert {"nanmin_skip", "nanmax_skip"} <= prefixes, prefixes
+    local = open_published(built.url, blocks)
+    cluster = xr.open_zarr(on_cluster.url, consolidated=True)
+    for name in load_spec(repo_spec_path).variables:
+        np.testing.assert_array_equal(cluster[name.name].values, local[name.name].values)
