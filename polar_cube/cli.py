@@ -182,6 +182,7 @@ def cmd_spec_check(args: argparse.Namespace) -> int:
 
 
 def make_parser() -> argparse.ArgumentParser:
+    from polar_cube.cli_ops import add_ops_commands
     from polar_cube.cli_s3 import add_blocks_commands, add_s3_commands
 
     parser = argparse.ArgumentParser(
@@ -224,6 +225,7 @@ def make_parser() -> argparse.ArgumentParser:
 
     add_s3_commands(commands)
     add_blocks_commands(commands)
+    add_ops_commands(commands)
 
     spec = commands.add_parser("spec", help="cube spec").add_subparsers(
         dest="spec_command", required=True

@@ -195,15 +195,8 @@ def _copy_local(job: _Job, source: Path) -> tuple[int, str]:
     job.log("copying %s -> %s (%d bytes)", source, job.dest, total)
     hasher = hashlib.sha256()
     progress = _Progress(job, total=total, offset=0)
-    try:
-        with source.open("rb") as src, job.part.open("wb") as out:
-            while chunk := src.read(CHUNK_SIZE):
-                out.write(chunk)
-                hasher.update(chunk)
-                progress.update(len(chunk))
-            _sync(out)
-    finally:
-        progress.close()
+    with source.open("rb") as src:
+        _write_chunks(iter(lambda: src.read(CHUNK_SIZE), b""), job.part, "wb", hasher, progress)
     size = job.part.stat().st_size
     if size != total:
         _discard(job.part)
@@ -317,15 +310,7 @@ def _stream_body(
     # No chunk_size: httpx would buffer up to it and lose that buffer if the connection drops.
     chunks = response.iter_bytes() if encoded else response.iter_raw()
     progress = _Progress(job, total=None if encoded else total, offset=offset)
-    try:
-        with job.part.open("ab" if offset else "wb") as out:
-            for chunk in chunks:
-                out.write(chunk)
-                hasher.update(chunk)
-                progress.update(len(chunk))
-            _sync(out)
-    finally:
-        progress.close()
+    _write_chunks(chunks, job.part, "ab" if offset else "wb", hasher, progress)
     size = job.part.stat().st_size
     if total is not None and not encoded:
         if size < total:
@@ -335,6 +320,19 @@ def _stream_body(
             raise job.fail(f"size mismatch: server announced {total} bytes, got {size}")
     progress.log_end()
     return size, hasher.hexdigest()
+
+
+def _write_chunks(chunks, path: Path, mode: str, hasher, progress: _Progress) -> None:
+    """Append/write `chunks` to `path` as they come, hashing and reporting progress."""
+    try:
+        with path.open(mode) as out:
+            for chunk in chunks:
+                out.write(chunk)
+                hasher.update(chunk)
+                progress.update(len(chunk))
+            _sync(out)
+    finally:
+        progress.close()
 
 
 def _int_or_none(value: str | None) -> int | None:

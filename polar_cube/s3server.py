@@ -8,20 +8,17 @@ runs in its own session, binds 127.0.0.1 only, and is stopped by its own process
 from __future__ import annotations
 
 import json
-import os
 import secrets
 import shutil
-import signal
-import socket
-import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-HOST = "127.0.0.1"
+from polar_cube import processes
+
+HOST = processes.LOCALHOST
 ACTIONS = ["Admin", "Read", "Write", "List", "Tagging"]
 # The other listeners, on port+1, port+2, ... after the S3 port (order matters: it is the offset).
 OTHER_PORTS = (
@@ -33,8 +30,6 @@ OTHER_PORTS = (
     "filer.port",
     "filer.port.grpc",
 )
-_POLL_SECONDS = 0.25
-_children: dict[int, subprocess.Popen] = {}  # servers this process started (to reap them)
 
 
 class S3ServerError(RuntimeError):
@@ -71,7 +66,7 @@ def start_s3_server(
             raise S3ServerError(
                 f"the S3 server of {state_dir} is running with other keys; stop it first"
             )
-        if not _wait_until_ready(info, None, timeout_seconds):
+        if not processes.wait_until(lambda: _answers(info), info.pid, timeout_seconds):
             raise S3ServerError(
                 f"a server (pid {info.pid}) runs for {state_dir} but {info.endpoint_url} "
                 f"does not answer; stop it with `polar-cube s3 stop`"
@@ -93,11 +88,8 @@ def stop_s3_server(state_dir: Path, timeout_seconds: float = 30) -> bool:
     pid = state["pid"]
     running = _is_our_server(pid, state_dir)
     if running:
-        _signal_group(pid, signal.SIGTERM)
-        if not _wait_for_exit(pid, timeout_seconds):
-            _signal_group(pid, signal.SIGKILL)
-            if not _wait_for_exit(pid, 10):
-                raise S3ServerError(f"the S3 server (pid {pid}) did not exit after SIGKILL")
+        if not processes.stop_process_group(pid, timeout_seconds):
+            raise S3ServerError(f"the S3 server (pid {pid}) did not exit after SIGKILL")
         _remove_sockets(state.get("ports") or {})
     (state_dir / "server.json").unlink(missing_ok=True)
     return running
@@ -158,7 +150,7 @@ def _launch(state_dir: Path, port: int, access_key: str, secret_key: str) -> S3S
     """Write the identities file and spawn `weed server` in its own session."""
     ports = server_ports(port)
     for name, number in ports.items():
-        if not _port_is_free(number):
+        if not processes.port_is_free(number, HOST):
             raise S3ServerError(
                 f"port {number} (for {name}) on {HOST} is in use by something else; the "
                 f"server needs ports {port}-{port + len(OTHER_PORTS)}: choose another port"
@@ -174,27 +166,17 @@ def _launch(state_dir: Path, port: int, access_key: str, secret_key: str) -> S3S
             }
         ]
     }
-    _write_private_json(state_dir / "identities.json", identities)
+    processes.write_private_state(state_dir / "identities.json", identities)
     command = [str(weed), "server", *_weed_options(state_dir, ports)]
-    with open(state_dir / "weed.log", "wb") as log:
-        process = subprocess.Popen(
-            command,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            cwd=state_dir,
-            start_new_session=True,
-        )
-    _children[process.pid] = process
-    endpoint_url = f"http://{HOST}:{port}"
+    pid = processes.launch_in_background(command, state_dir / "weed.log")
     state = {
-        "pid": process.pid,
-        "endpoint_url": endpoint_url,
+        "pid": pid,
+        "endpoint_url": f"http://{HOST}:{port}",
         "access_key": access_key,
         "secret_key": secret_key,
         "ports": ports,
     }
-    _write_private_json(state_dir / "server.json", state)
+    processes.write_private_state(state_dir / "server.json", state)
     return _info(state, state_dir)
 
 
@@ -220,31 +202,16 @@ def _weed_options(state_dir: Path, ports: dict[str, int]) -> list[str]:
 
 def _wait_for_launch(info: S3ServerInfo, timeout_seconds: float) -> S3ServerInfo:
     """Wait until the new server answers; on failure kill it and raise with its log's tail."""
-    process = _children.get(info.pid)
-    if _wait_until_ready(info, process, timeout_seconds):
+    if processes.wait_until(lambda: _answers(info), info.pid, timeout_seconds):
         return info
-    exited = process is not None and process.poll() is not None
-    _signal_group(info.pid, signal.SIGKILL)
-    _wait_for_exit(info.pid, 10)
+    exited = not processes.pid_alive(info.pid)
+    processes.kill_process_group(info.pid)
     (info.state_dir / "server.json").unlink(missing_ok=True)
     what = "exited early" if exited else f"did not answer within {timeout_seconds:g} s"
     raise S3ServerError(
         f"the S3 server (weed, {info.endpoint_url}) {what}; last lines of "
-        f"{info.state_dir / 'weed.log'}:\n{_log_tail(info.state_dir / 'weed.log')}"
+        f"{info.state_dir / 'weed.log'}:\n{processes.log_tail(info.state_dir / 'weed.log')}"
     )
-
-
-def _wait_until_ready(
-    info: S3ServerInfo, process: subprocess.Popen | None, timeout_seconds: float
-) -> bool:
-    deadline = time.monotonic() + timeout_seconds
-    while time.monotonic() < deadline:
-        if process is not None and process.poll() is not None:
-            return False
-        if _answers(info):
-            return True
-        time.sleep(_POLL_SECONDS)
-    return False
 
 
 def _answers(info: S3ServerInfo) -> bool:
@@ -295,12 +262,9 @@ def _previous_keys(state_dir: Path) -> tuple[str | None, str | None]:
 
 
 def _read_state(state_dir: Path) -> dict | None:
-    try:
-        state = json.loads((state_dir / "server.json").read_text())
-    except (OSError, ValueError):
-        return None
-    keys = ("pid", "endpoint_url", "access_key", "secret_key")
-    return state if isinstance(state, dict) and all(k in state for k in keys) else None
+    return processes.read_state(
+        state_dir / "server.json", ("endpoint_url", "access_key", "secret_key")
+    )
 
 
 def _info(state: dict, state_dir: Path) -> S3ServerInfo:
@@ -313,82 +277,9 @@ def _info(state: dict, state_dir: Path) -> S3ServerInfo:
     )
 
 
-def _write_private_json(path: Path, content: dict) -> None:
-    """Write JSON readable by the owner only (0600), atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    partial.unlink(missing_ok=True)
-    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump(content, f, indent=2)
-    os.replace(partial, path)
-
-
-def _port_is_free(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind((HOST, port))
-        except OSError:
-            return False
-    return True
-
-
 def _is_our_server(pid: int, state_dir: Path) -> bool:
     """True if `pid` is alive and is the weed serving this state folder (not a reused pid)."""
-    if not _pid_alive(pid):
-        return False
-    try:
-        command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except OSError:
-        return sys.platform != "linux"  # no /proc to check: trust the live pid
-    data_option = f"-dir={state_dir / 'data'}".encode()
-    return bool(command) and command[0].endswith(b"weed") and data_option in command
-
-
-def _pid_alive(pid: int) -> bool:
-    """True if the process runs; our own children are reaped, others' zombies count as gone.
-
-    A zombie leader whose other threads are still exiting (and holding the sockets) runs.
-    """
-    process = _children.get(pid)
-    if process is not None:
-        if process.poll() is None:
-            return True
-        _children.pop(pid, None)
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0]
-        threads = len(os.listdir(f"/proc/{pid}/task"))
-    except (OSError, IndexError):
-        return sys.platform != "linux"  # without /proc trust kill(); on Linux it just ended
-    return state != "Z" or threads > 1
-
-
-def _signal_group(pid: int, signum: int) -> None:
-    """Signal the server's process group (it leads its own session), else just the pid."""
-    try:
-        if os.getpgid(pid) == pid:
-            os.killpg(pid, signum)
-        else:
-            os.kill(pid, signum)
-    except ProcessLookupError:
-        pass
-
-
-def _wait_for_exit(pid: int, timeout_seconds: float) -> bool:
-    deadline = time.monotonic() + timeout_seconds
-    while _pid_alive(pid):
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(0.1)
-    return True
+    return processes.is_our_process(pid, ("weed", f"-dir={state_dir / 'data'}"))
 
 
 def _remove_sockets(ports: dict[str, int]) -> None:
@@ -397,10 +288,3 @@ def _remove_sockets(ports: dict[str, int]) -> None:
         for path in Path("/tmp").glob(f"seaweedfs-*-{int(port)}.sock"):
             if path.is_socket():
                 path.unlink(missing_ok=True)
-
-
-def _log_tail(path: Path, lines: int = 20) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"

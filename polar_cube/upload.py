@@ -9,6 +9,7 @@ from pathlib import Path
 from polar_cube.location import StoreLocation
 
 METADATA_NAMES = (".zarray", ".zattrs", ".zgroup", ".zmetadata")
+FILES_IN_FLIGHT = 8  # s3fs reads each small file whole: bound how many are in memory at once
 INPUTS_PREFIX = "inputs"
 
 
@@ -70,7 +71,11 @@ def upload_cube(cube: Path, location: StoreLocation, name: str | None = None) ->
     metadata = sorted((k for k in local if is_metadata(k)), key=lambda k: k.endswith(".zmetadata"))
     for batch in (chunks, metadata):
         if batch:
-            fs.put([str(cube / k) for k in batch], [f"{base}/{k}" for k in batch])
+            fs.put(
+                [str(cube / k) for k in batch],
+                [f"{base}/{k}" for k in batch],
+                **({} if location.is_local else {"batch_size": FILES_IN_FLIGHT}),
+            )
     stale = sorted(set(remote) - set(local))
     if stale:
         fs.rm([f"{base}/{k}" for k in stale])

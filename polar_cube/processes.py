@@ -1,0 +1,173 @@
+"""Background processes that outlive the command starting them, known by their process ids.
+
+A process is launched in its own session (stdin from /dev/null, output into a log file),
+recorded in a private JSON state file, recognised later by its command line (so a reused pid
+is never mistaken for it) and stopped by signalling its process group.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+LOCALHOST = "127.0.0.1"
+_POLL_SECONDS = 0.25
+_children: dict[int, subprocess.Popen] = {}  # processes this one started (to reap them)
+
+
+def launch_in_background(
+    command: list[str], log_path: Path, *, env: dict | None = None, append: bool = False
+) -> int:
+    """Start `command` in its own session, in the log's folder, output into `log_path`; its pid."""
+    log_path = Path(log_path)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab" if append else "wb") as log:
+        process = subprocess.Popen(
+            command,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=log_path.parent,
+            start_new_session=True,
+        )
+    _children[process.pid] = process
+    return process.pid
+
+
+def pid_alive(pid: int) -> bool:
+    """True if the process runs; our own children are reaped, others' zombies count as gone.
+
+    A zombie leader whose other threads are still exiting (and holding its sockets) runs.
+    """
+    process = _children.get(pid)
+    if process is not None:
+        if process.poll() is None:
+            return True
+        _children.pop(pid, None)
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0]
+        threads = len(os.listdir(f"/proc/{pid}/task"))
+    except (OSError, IndexError):
+        return sys.platform != "linux"  # without /proc trust kill(); on Linux it just ended
+    return state != "Z" or threads > 1
+
+
+def is_our_process(pid: int, markers: Iterable[str]) -> bool:
+    """True if `pid` runs a command with every marker as an argument or an argument's file name.
+
+    This tells the process we started from an unrelated one that reuses its pid.
+    """
+    if not pid_alive(pid):
+        return False
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return sys.platform != "linux"  # no /proc to check: trust the live pid
+    arguments = {part.decode(errors="replace") for part in raw.split(b"\0") if part}
+    names = {Path(argument).name for argument in arguments}
+    return bool(arguments) and all(m in arguments or m in names for m in markers)
+
+
+def wait_until(ready: Callable[[], bool], pid: int, timeout_seconds: float) -> bool:
+    """Poll `ready()` until it is true (True), the process ends or time runs out (False)."""
+    deadline = time.monotonic() + timeout_seconds
+    while pid_alive(pid):
+        try:
+            if ready():
+                return True
+        except Exception:  # not answering yet
+            pass
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(_POLL_SECONDS)
+    return False
+
+
+def wait_for_exit(pid: int, timeout_seconds: float) -> bool:
+    """True once the process has ended, False if it still runs after `timeout_seconds`."""
+    deadline = time.monotonic() + timeout_seconds
+    while pid_alive(pid):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+def stop_process_group(pid: int, timeout_seconds: float = 30) -> bool:
+    """SIGTERM to the process's group, then SIGKILL if it lingers; False if it survives both."""
+    _signal_group(pid, signal.SIGTERM)
+    return wait_for_exit(pid, timeout_seconds) or kill_process_group(pid)
+
+
+def kill_process_group(pid: int, timeout_seconds: float = 10) -> bool:
+    """SIGKILL to the process's group; True once it has ended."""
+    _signal_group(pid, signal.SIGKILL)
+    return wait_for_exit(pid, timeout_seconds)
+
+
+def _signal_group(pid: int, signum: int) -> None:
+    """Signal the process group it leads (its own session), else just the pid."""
+    try:
+        if os.getpgid(pid) == pid:
+            os.killpg(pid, signum)
+        else:
+            os.kill(pid, signum)
+    except ProcessLookupError:
+        pass
+
+
+def port_is_free(port: int, host: str = LOCALHOST) -> bool:
+    """True if nothing listens on `host:port` (a bind succeeds)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def read_state(path: Path, keys: Iterable[str] = ()) -> dict | None:
+    """The JSON object in `path` if it has an integer `pid` and all `keys`, else None."""
+    try:
+        state = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(state, dict) or not isinstance(state.get("pid"), int):
+        return None
+    return state if all(key in state for key in keys) else None
+
+
+def write_private_state(path: Path, content: dict) -> None:
+    """Write JSON readable by the owner only (0600), atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    partial.unlink(missing_ok=True)
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(content, f, indent=2)
+    os.replace(partial, path)
+
+
+def log_tail(path: Path, lines: int = 20) -> str:
+    """The last `lines` lines of a log file, or "(no log)"."""
+    try:
+        return "\n".join(Path(path).read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
