@@ -9,11 +9,10 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.runtime import flow_run
 
 from polar_cube.compute import dask_cluster
-from polar_cube.dataset import BuiltDataset, FetchedSource, dataset_fingerprint, dataset_path
+from polar_cube.dataset import BuiltDataset, FetchedSource, dataset_is_current, dataset_path
 from polar_cube.fetch import default_cache_dir
 from polar_cube.grid import TargetGrid
 from polar_cube.spec import CubeSpec, load_spec
-from polar_cube.zarr_store import stored_fingerprint
 from tasks.datasets import convert_source, resample_source, write_dataset
 from tasks.download import download_source
 
@@ -84,7 +83,7 @@ def _build_one(
     """Convert, resample and write one source's cube unless an identical one exists."""
     target = dataset_path(store, fetched.source.id)
     names = [v.name for v in spec.variables_of(fetched.source.id)]
-    if stored_fingerprint(target) == dataset_fingerprint(spec, fetched, grid):
+    if dataset_is_current(target, spec, fetched, grid):
         get_run_logger().info("%s is up to date; reusing it", target)
         return BuiltDataset(fetched.source.id, target, names, reused=True)
     converted = convert_source(spec, fetched)

@@ -2,7 +2,8 @@
 
 `convert_source` reads each variable's file(s) with the reader for the source format;
 `resample_layers` puts them on the target grid; `describe_dataset` adds CF attributes and
-provenance; `write_dataset` writes the zarr atomically. `build_dataset` chains them.
+provenance; `write_dataset` writes the zarr atomically. The flow `build-datasets` chains
+them as Prefect tasks.
 """
 
 from __future__ import annotations
@@ -187,24 +188,12 @@ def dataset_path(store: Path, source_id: str) -> Path:
     return Path(store) / f"{source_id}.zarr"
 
 
-def build_dataset(
-    spec: CubeSpec, fetched: FetchedSource, grid: TargetGrid, store: Path
-) -> BuiltDataset:
-    """Convert, resample and write one per-dataset cube; reuse it when its inputs match."""
-    target = dataset_path(store, fetched.source.id)
-    names = [v.name for v in spec.variables_of(fetched.source.id)]
-    if stored_fingerprint(target) == dataset_fingerprint(spec, fetched, grid):
-        return BuiltDataset(fetched.source.id, target, names, reused=True)
-    converted = convert_source(spec, fetched)
-    dataset = describe_dataset(resample_layers(converted, grid), spec, fetched, converted, grid)
-    write_dataset(dataset, target, grid)
-    return BuiltDataset(fetched.source.id, target, names, reused=False)
+def dataset_is_current(
+    target: Path, spec: CubeSpec, fetched: FetchedSource, grid: TargetGrid
+) -> bool:
+    """A complete cube at `target` was built from exactly these inputs: reuse it."""
+    return stored_fingerprint(target) == dataset_fingerprint(spec, fetched, grid)
 
 
 def write_dataset(dataset: xr.Dataset, target: Path, grid: TargetGrid) -> Path:
     return write_zarr_atomically(dataset, target, grid.chunk_size)
-
-
-def open_dataset(path: Path) -> xr.Dataset:
-    """Open a per-dataset cube the way users do (lazily, consolidated)."""
-    return xr.open_zarr(path, consolidated=True, decode_coords="all")

@@ -9,12 +9,13 @@ import json
 
 import numpy as np
 import xarray as xr
-from pyproj import CRS, Transformer
+from pyproj import CRS
 
 from polar_cube.dataset import software_version
 from polar_cube.grid import TargetGrid
 from polar_cube.location import StoreLocation
 from polar_cube.spec import CubeSpec
+from polar_cube.stac import outline_lonlat
 from polar_cube.upload import INPUTS_PREFIX
 from polar_cube.zarr_store import FINGERPRINT_ATTR, GRID_MAPPING, add_grid_coords
 
@@ -151,24 +152,6 @@ def _source_checksum(dataset: xr.Dataset) -> str:
 
 
 def _geographic_bounds(grid: TargetGrid) -> tuple[tuple[float, float], tuple[float, float]]:
-    """Lon/lat extent of the grid's outline (sampled densely along its edges)."""
-    xmin, ymin, xmax, ymax = grid.bbox
-    edge = np.linspace(0, 1, 201)
-    xs = np.concatenate(
-        [
-            xmin + (xmax - xmin) * edge,
-            np.full(201, xmax),
-            xmax - (xmax - xmin) * edge,
-            np.full(201, xmin),
-        ]
-    )
-    ys = np.concatenate(
-        [
-            np.full(201, ymin),
-            ymin + (ymax - ymin) * edge,
-            np.full(201, ymax),
-            ymax - (ymax - ymin) * edge,
-        ]
-    )
-    lon, lat = Transformer.from_crs(grid.crs, "EPSG:4326", always_xy=True).transform(xs, ys)
+    """Lon/lat extent of the grid's outline (the same outline the STAC item uses)."""
+    lon, lat = np.array(outline_lonlat(grid)).T
     return (float(lon.min()), float(lon.max())), (float(lat.min()), float(lat.max()))
