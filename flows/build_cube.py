@@ -12,10 +12,10 @@ from prefect.runtime import flow_run
 from flows.build_datasets import build_datasets, run_label
 from polar_cube import cube as steps
 from polar_cube.compute import dask_cluster
-from polar_cube.grid import TargetGrid
 from polar_cube.location import StoreLocation
-from polar_cube.patching import load_patch
-from polar_cube.spec import load_spec
+from polar_cube.preflight import check_build
+from polar_cube.storage import reaching_storage
+from polar_cube.target_lock import TargetLock
 from tasks.cube import (
     merge_cube,
     patch_cube,
@@ -82,13 +82,17 @@ def build_cube(
     machine with `local`; by default on threads in this process.
     """
     logger = get_run_logger()
-    spec = load_spec(spec_path)
-    grid = TargetGrid.from_spec(spec, resolution)
-    patch = load_patch(patch_path)  # a bad patch file fails before hours of work
+    # bad input fails here, before hours of work (the CLI checks the same before starting)
+    checked = check_build(spec_path, resolution=resolution, only=only, patch_path=patch_path)
+    spec, grid, patch = checked.spec, checked.grid, checked.patch
     location = resolve_location(bucket_block, output_dir)
     logger.info("publishing %s to %s", spec.data_id, location.root)
 
-    with dask_cluster(dask_address) as address:
+    with (
+        reaching_storage(location.root, location.storage_options),
+        TargetLock(location),
+        dask_cluster(dask_address) as address,
+    ):
         built = build_datasets(
             spec_path=spec_path,
             only=only,
@@ -113,7 +117,7 @@ def build_cube(
             publish_cube(location, spec, staged)
         verify_stored_cube(location, spec.data_id, spec, grid)
         quicklooks = report_cube(location, spec, address)
-    stac_item = write_stac(location, spec, grid, quicklooks)
+        stac_item = write_stac(location, spec, grid, quicklooks)
     return BuiltCube(
         url=location.url(spec.data_id), quicklooks=quicklooks, stac_item=stac_item, reused=reused
     )

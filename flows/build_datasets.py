@@ -10,9 +10,11 @@ from prefect.runtime import flow_run
 
 from polar_cube.compute import dask_cluster
 from polar_cube.dataset import BuiltDataset, FetchedSource, dataset_is_current, dataset_path
-from polar_cube.fetch import default_cache_dir
+from polar_cube.fetch import default_cache_dir, needed_files
 from polar_cube.grid import TargetGrid
+from polar_cube.location import StoreLocation
 from polar_cube.spec import CubeSpec, load_spec
+from polar_cube.target_lock import TargetLock
 from tasks.datasets import convert_source, resample_source, write_dataset
 from tasks.download import download_source
 
@@ -63,14 +65,17 @@ def build_datasets(
         grid.resolution,
         cache,
     )
-    downloads = [download_source.submit(s, cache, source_mirror) for s in sources]
-    progress = create_progress_artifact(
-        progress=0.0,
-        key="polar-cube-datasets-progress",
-        description=f"{spec.data_id}: per-dataset cubes done (%)",
-    )
-    built = []
-    with dask_cluster(dask_address) as address:
+    with TargetLock(StoreLocation.local(store)), dask_cluster(dask_address) as address:
+        downloads = [
+            download_source.submit(s, cache, source_mirror, needed_files(spec, s.id))
+            for s in sources
+        ]
+        progress = create_progress_artifact(
+            progress=0.0,
+            key="polar-cube-datasets-progress",
+            description=f"{spec.data_id}: per-dataset cubes done (%)",
+        )
+        built = []
         for download in downloads:
             built.append(_build_one(spec, download.result(), grid, store, address))
             update_progress_artifact(progress, progress=100.0 * len(built) / len(downloads))

@@ -34,29 +34,37 @@ class UnsafeArchiveError(ArchiveError):
     """An archive member would land outside the extraction folder (or is a device/fifo)."""
 
 
+def check_archive(
+    archive: Path, compression_format: Literal["tar", "zip"], name: str | None = None
+) -> list[str]:
+    """Check that `archive` lists completely (a tar must end with its end-of-archive block)
+    and that no member is unsafe; return the member names. Messages name `name` (default:
+    the file name)."""
+    with _reader(Path(archive), compression_format, name) as source:
+        return source.validate()
+
+
 def extract_archive(
     archive: Path,
     dest_dir: Path,
     compression_format: Literal["tar", "zip"],
     *,
     archive_sha256: str | None = None,
+    name: str | None = None,
 ) -> Path:
     """Extract `archive` into `dest_dir` after validating every member; return `dest_dir`.
 
     Extraction goes to a hidden sibling folder that is renamed into place once complete, with a
     marker file inside; a folder that has the marker (for an archive of the same size, and the
-    same sha256 when given) is reused.
+    same sha256 when given) is reused. A failure leaves neither folder behind.
     """
     archive, dest_dir = Path(archive), Path(dest_dir)
-    if compression_format not in ("tar", "zip"):
-        raise ValueError(f"{archive.name}: unknown compression format {compression_format!r}")
     size = archive.stat().st_size
     if _is_complete(dest_dir, size, archive_sha256):
         return dest_dir
     if dest_dir.exists():
         shutil.rmtree(dest_dir)  # half-done from an interrupted run
-    reader = _TarReader if compression_format == "tar" else _ZipReader
-    with reader(archive) as source:
+    with _reader(archive, compression_format, name) as source:
         members = source.validate()
         dest_dir.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{dest_dir.name}.tmp-", dir=dest_dir.parent))
@@ -67,6 +75,13 @@ def extract_archive(
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return dest_dir
+
+
+def _reader(archive: Path, compression_format: str, name: str | None) -> _TarReader | _ZipReader:
+    if compression_format not in ("tar", "zip"):
+        raise ValueError(f"{archive.name}: unknown compression format {compression_format!r}")
+    reader = _TarReader if compression_format == "tar" else _ZipReader
+    return reader(archive, name or archive.name)
 
 
 # --- marker and atomic move ---------------------------------------------------------------------
@@ -98,7 +113,7 @@ def _move_into_place(tmp: Path, dest_dir: Path, size: int, sha256: str | None) -
 # --- member validation --------------------------------------------------------------------------
 
 
-def _check_name(archive: Path, name: str) -> None:
+def _check_name(archive: str, name: str) -> None:
     """Reject absolute names, `..` components, backslashes, drive letters and NULs."""
     why = None
     if "\0" in name:
@@ -110,7 +125,7 @@ def _check_name(archive: Path, name: str) -> None:
     elif ".." in name.split("/"):
         why = "path escapes the extraction folder"
     if why:
-        raise UnsafeArchiveError(f"{archive.name}: unsafe member {name!r} ({why})")
+        raise UnsafeArchiveError(f"{archive}: unsafe member {name!r} ({why})")
 
 
 def _normalise(name: str) -> str:
@@ -150,13 +165,25 @@ def _resolve_inside(path: str, links: dict[str, str], depth: int = 0) -> list[st
 class _TarReader:
     """Validates and extracts a (possibly compressed) tar archive."""
 
-    def __init__(self, archive: Path) -> None:
-        self.archive = archive
+    def __init__(self, archive: Path, name: str) -> None:
+        self.archive, self.name = archive, name
         try:
             self.tar = tarfile.open(archive, "r:*")
+        except (*_CORRUPT_ERRORS, OSError) as exc:
+            raise ArchiveError(
+                f"{name}: cannot read as a tar archive (truncated or damaged?): {exc}"
+            ) from exc
+        try:
             self.members = self.tar.getmembers()
         except (*_CORRUPT_ERRORS, OSError) as exc:
-            raise ArchiveError(f"{archive}: not a readable tar archive ({exc})") from exc
+            self.tar.close()
+            raise ArchiveError(f"{name}: cannot list as a tar archive (truncated?): {exc}") from exc
+        # tarfile stops listing silently where the data ends; a complete archive ends with a
+        # zero block, which tarfile has then read whole.
+        if self.tar.fileobj.tell() < self.tar.offset + tarfile.BLOCKSIZE:
+            self.tar.close()
+            after = f"after member {self.members[-1].name!r} " if self.members else ""
+            raise ArchiveError(f"{name} is truncated: it ends {after}without the tar end block")
 
     def __enter__(self) -> _TarReader:
         return self
@@ -171,8 +198,8 @@ class _TarReader:
         return [m.name for m in self.members]
 
     def _check(self, member: tarfile.TarInfo, links: dict[str, str]) -> None:
-        _check_name(self.archive, member.name)
-        where = f"{self.archive.name}: unsafe member {member.name!r}"
+        _check_name(self.name, member.name)
+        where = f"{self.name}: unsafe member {member.name!r}"
         if member.isdev():
             raise UnsafeArchiveError(f"{where} (device or fifo)")
         if member.issym():
@@ -187,24 +214,30 @@ class _TarReader:
             )
 
     def extract_to(self, folder: Path) -> None:
-        try:
-            self.tar.extractall(folder, members=self.members, filter="data")
-        except tarfile.FilterError as exc:
-            raise UnsafeArchiveError(f"{self.archive.name}: unsafe member ({exc})") from exc
-        except _CORRUPT_ERRORS as exc:
-            raise ArchiveError(f"{self.archive}: corrupt tar archive ({exc})") from exc
+        for member in self.members:
+            try:  # one by one to name a bad member; directories keep default attributes
+                self.tar.extract(member, folder, set_attrs=not member.isdir(), filter="data")
+            except tarfile.FilterError as exc:
+                raise UnsafeArchiveError(f"{self.name}: unsafe member ({exc})") from exc
+            except _CORRUPT_ERRORS as exc:
+                raise ArchiveError(
+                    f"{self.name}: cannot extract member {member.name!r} (truncated or "
+                    f"damaged?): {exc}"
+                ) from exc
 
 
 class _ZipReader:
     """Validates and extracts a zip archive."""
 
-    def __init__(self, archive: Path) -> None:
-        self.archive = archive
+    def __init__(self, archive: Path, name: str) -> None:
+        self.archive, self.name = archive, name
         try:
             self.zip = zipfile.ZipFile(archive)
             self.members = self.zip.infolist()
         except (*_CORRUPT_ERRORS, OSError) as exc:
-            raise ArchiveError(f"{archive}: not a readable zip archive ({exc})") from exc
+            raise ArchiveError(
+                f"{name}: cannot read as a zip archive (truncated or damaged?): {exc}"
+            ) from exc
 
     def __enter__(self) -> _ZipReader:
         return self
@@ -214,14 +247,19 @@ class _ZipReader:
 
     def validate(self) -> list[str]:
         for member in self.members:
-            _check_name(self.archive, member.filename)
+            _check_name(self.name, member.filename)
         return [m.filename for m in self.members]
 
     def extract_to(self, folder: Path) -> None:
-        try:
-            for member in self.members:
+        for member in self.members:
+            try:
                 self.zip.extract(member, folder)
-        except (*_CORRUPT_ERRORS, NotImplementedError) as exc:
-            raise ArchiveError(f"{self.archive}: corrupt zip archive ({exc})") from exc
-        except RuntimeError as exc:  # e.g. an encrypted member
-            raise ArchiveError(f"{self.archive}: cannot extract ({exc})") from exc
+            except (*_CORRUPT_ERRORS, NotImplementedError) as exc:
+                raise ArchiveError(
+                    f"{self.name}: cannot extract member {member.filename!r} (truncated or "
+                    f"damaged?): {exc}"
+                ) from exc
+            except RuntimeError as exc:  # e.g. an encrypted member
+                raise ArchiveError(
+                    f"{self.name}: cannot extract member {member.filename!r}: {exc}"
+                ) from exc

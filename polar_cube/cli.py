@@ -56,6 +56,18 @@ def _add_build_options(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
+    from polar_cube.preflight import check_build
+
+    folders = {"--cache": args.cache, "--store": args.store or "data/datasets"}
+    if not args.datasets_only and not args.bucket_block:
+        folders["--output"] = args.output or "data/cube"
+    check_build(
+        args.spec,
+        resolution=args.resolution,
+        only=args.only,
+        patch_path=None if args.datasets_only else args.patch,
+        folders=folders,
+    )
     if args.datasets_only:
         from flows.build_datasets import build_datasets
 
@@ -136,11 +148,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     the whole cube built at a reduced resolution into the bucket."""
     from flows.build_cube import build_cube
     from polar_cube.mirror import serving_mirror
+    from polar_cube.preflight import check_build
     from polar_cube.s3server import start_s3_server
     from polar_cube.standins import make_standins
     from polar_cube.storage import save_blocks
 
     workdir = Path(args.workdir)
+    check_build(args.spec, resolution=args.resolution, folders={"--workdir": workdir})
     sources_dir = workdir / f"sources-{args.scale}"
     print(f"making {args.scale} stand-in sources in {sources_dir} ...", flush=True)
     make_standins(sources_dir, args.scale)
@@ -238,12 +252,17 @@ def make_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
-    from polar_cube.errors import USER_ERRORS
+    from polar_cube.errors import describe_os_error, user_errors
+    from polar_cube.lifecycle import command_lifecycle
 
     try:
-        return args.func(args)
-    except USER_ERRORS as error:
+        with command_lifecycle(args.command):
+            return args.func(args)
+    except user_errors() as error:
         print(f"polar-cube: error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:  # met outside the steps that name their target
+        print(f"polar-cube: error: {describe_os_error(error)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("polar-cube: interrupted", file=sys.stderr)

@@ -1,4 +1,5 @@
-"""`polar-cube server|pool|deploy|worker|run`: the command line of `polar_cube.operate`.
+"""`polar-cube server|pool|deploy|worker|run`: the command line of `polar_cube.operate`;
+`polar-cube doctor`: what stopped or killed commands left behind.
 
 Scheduled cube builds on a Prefect server; nothing secret is ever printed.
 """
@@ -34,6 +35,7 @@ from polar_cube.operate import (
 )
 
 DEFAULT_STATE_DIR = "data/prefect"
+DEFAULT_S3_STATE_DIR = "data/s3"
 
 
 def add_ops_commands(commands: argparse._SubParsersAction) -> None:
@@ -43,6 +45,7 @@ def add_ops_commands(commands: argparse._SubParsersAction) -> None:
     _add_deploy_command(commands)
     _add_worker_commands(commands)
     _add_run_command(commands)
+    _add_doctor_command(commands)
 
 
 def _add_state_dir(parser: argparse.ArgumentParser) -> None:
@@ -128,6 +131,34 @@ def _add_run_command(commands: argparse._SubParsersAction) -> None:
         "--timeout", type=float, default=0, metavar="S", help="with --watch: give up after S s"
     )
     run.set_defaults(func=cmd_run)
+
+
+def _add_doctor_command(commands: argparse._SubParsersAction) -> None:
+    doctor = commands.add_parser(
+        "doctor",
+        help="find and clean up what stopped or killed commands left behind",
+        description=(
+            "Reports, one line each, temporary Prefect servers whose polar-cube process is gone "
+            "(recorded in PREFECT_HOME) and state files of `polar-cube s3|server|worker` whose "
+            "process no longer runs; stops or removes them unless --check is given."
+        ),
+    )
+    doctor.add_argument(
+        "--check", action="store_true", help="only report; exit code 1 if anything was found"
+    )
+    doctor.add_argument(
+        "--s3-state-dir",
+        default=DEFAULT_S3_STATE_DIR,
+        metavar="DIR",
+        help=f"of `polar-cube s3` (default {DEFAULT_S3_STATE_DIR})",
+    )
+    doctor.add_argument(
+        "--state-dir",
+        default=DEFAULT_STATE_DIR,
+        metavar="DIR",
+        help=f"of `polar-cube server|worker` (default {DEFAULT_STATE_DIR})",
+    )
+    doctor.set_defaults(func=cmd_doctor)
 
 
 def _add_params(parser: argparse.ArgumentParser, what: str) -> None:
@@ -230,6 +261,21 @@ def cmd_run(args: argparse.Namespace) -> int:
     state = flow_run.state
     print(f"flow run {flow_run.name!r} finished: {state.name}" + _message(state))
     return 0 if state.is_completed() else 1
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from polar_cube.doctor import find_leftovers
+
+    findings = find_leftovers(Path(args.s3_state_dir), Path(args.state_dir))
+    for finding in findings:
+        if args.check:
+            print(finding.description)
+        else:
+            finding.fix()
+            print(f"{finding.fixed} {finding.description}")
+    if not findings:
+        print("nothing left behind: no orphaned temporary Prefect server, no stale state file")
+    return 1 if args.check and findings else 0
 
 
 def _message(state) -> str:

@@ -108,6 +108,11 @@ def add_blocks_commands(commands: argparse._SubParsersAction) -> None:
         help=f"endpoint and keys of the local server (`polar-cube s3 start`), "
         f"bucket {DEFAULT_BUCKET} unless given",
     )
+    create.add_argument(
+        "--no-check",
+        action="store_true",
+        help="save without first checking that the keys can write to the bucket",
+    )
     create.set_defaults(func=cmd_blocks_create)
 
 
@@ -115,6 +120,8 @@ def cmd_blocks_create(args: argparse.Namespace) -> int:
     from polar_cube.storage import bucket_url, load_bucket, save_blocks
 
     values = block_values(args)
+    if not args.no_check:
+        check_block_values(values, args.folder or "")
     save_blocks(
         bucket_block=args.bucket_block,
         credentials_block=args.credentials_block,
@@ -133,6 +140,25 @@ def cmd_blocks_create(args: argparse.Namespace) -> int:
     url = bucket_url(load_bucket(args.bucket_block))
     print(f"saved S3Bucket block {args.bucket_block!r} -> {url}")
     return 0
+
+
+def check_block_values(values: dict[str, str | None], folder: str) -> None:
+    """Write and delete a probe object with these keys before anything is saved."""
+    from polar_cube.storage import StorageAccessError, check_bucket_access
+
+    client_kwargs = {"endpoint_url": values["endpoint_url"], "region_name": values["region"]}
+    options = {
+        "key": values["access_key"],
+        "secret": values["secret_key"],
+        "client_kwargs": {k: v for k, v in client_kwargs.items() if v},
+    }
+    url = "s3://" + "/".join(p.strip("/") for p in (values["bucket"], folder) if p.strip("/"))
+    try:
+        check_bucket_access(url, options)
+    except StorageAccessError as error:
+        raise StorageAccessError(
+            f"{error}; no block was saved (--no-check saves them unchecked)"
+        ) from None
 
 
 def block_values(args: argparse.Namespace) -> dict[str, str | None]:

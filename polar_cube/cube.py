@@ -20,11 +20,11 @@ import zarr
 
 from polar_cube.grid import TargetGrid
 from polar_cube.location import StoreLocation
-from polar_cube.merge import cube_fingerprint, merge_inputs, open_inputs
+from polar_cube.merge import copy_merged_cube, cube_fingerprint, open_inputs
 from polar_cube.patching import PATCH_ATTR, apply_patch, patch_digest, patch_metadata
 from polar_cube.publish import publish, remove_stale_staging, staging_key
 from polar_cube.spec import CubeSpec
-from polar_cube.zarr_store import FINGERPRINT_ATTR, stored_attrs, write_zarr
+from polar_cube.zarr_store import FINGERPRINT_ATTR, stored_attrs
 
 
 @dataclass(frozen=True)
@@ -74,7 +74,8 @@ def is_published(location: StoreLocation, spec: CubeSpec, fingerprint: str, patc
 
 
 def stage_merged_cube(location: StoreLocation, spec: CubeSpec, grid: TargetGrid) -> StagedCube:
-    """Merge the inputs into the staging name (reusing an identical complete one)."""
+    """Merge the inputs into the staging name (reusing an identical complete one) by copying
+    their stored chunk objects, never decoding them."""
     inputs = open_inputs(location, spec)
     fingerprint = cube_fingerprint(spec, grid, inputs)
     key = staging_key(spec.data_id, fingerprint)
@@ -83,9 +84,7 @@ def stage_merged_cube(location: StoreLocation, spec: CubeSpec, grid: TargetGrid)
         return StagedCube(key, fingerprint, reused=True)
     if location.exists(key):
         location.fs.rm(location.path(key), recursive=True)  # an interrupted write
-    merged = merge_inputs(inputs, spec, grid)
-    del merged.attrs[FINGERPRINT_ATTR]  # zarr writes metadata before chunks: not yet complete
-    write_zarr(merged, location.mapper(key), grid.chunk_size)
+    copy_merged_cube(location, key, inputs, spec, grid)
     mark_complete(location, key, fingerprint)
     return StagedCube(key, fingerprint, reused=False)
 

@@ -68,29 +68,42 @@ def dataset_fingerprint(spec: CubeSpec, fetched: FetchedSource, grid: TargetGrid
 
 
 def convert_source(spec: CubeSpec, fetched: FetchedSource) -> list[ConvertedVariable]:
-    """Open every file the source's variables need, lazily, with the format's reader."""
+    """Open every file the source's variables need, lazily, with the format's reader.
+
+    A reader's SourceFormatError is re-raised naming the source and its URL in front of the
+    file, e.g. `heat_flow (https://…/GHF.nc): /cache/…/GHF.nc is truncated: …`.
+    """
     source = fetched.source
     converted = []
     for variable in spec.variables_of(source.id):
         layers: dict[dt.date | None, Layer] = {}
         for time, relative_path in variable.files_by_time.items():
-            path = fetched.folder / relative_path
-            if not path.is_file():
-                raise SourceFormatError(
-                    f"source {source.id!r}: variable {variable.name!r} needs "
-                    f"{relative_path!r}, which is not in {fetched.folder}"
-                )
-            layers[time] = _read_layer(path, source, variable)
+            layers[time] = _read_layer(fetched, relative_path, variable)
         converted.append(ConvertedVariable(variable, layers))
     return converted
 
 
-def _read_layer(path: Path, source: SourceSpec, variable: VariableSpec) -> Layer:
-    if source.source_format == "polygons":
-        return read_polygons(
-            path, variable.source_variable, variable.classes, variable.background, source.source_crs
+def _read_layer(fetched: FetchedSource, relative_path: str, variable: VariableSpec) -> Layer:
+    source = fetched.source
+    where = f"{source.id} ({fetched.url})"
+    path = fetched.folder / relative_path
+    if not path.is_file():
+        raise SourceFormatError(
+            f"{where}: variable {variable.name!r} needs {relative_path!r}, "
+            f"which is not in {fetched.folder}"
         )
-    return open_source(path, source.source_format, variable.source_variable, source.source_crs)
+    try:
+        if source.source_format == "polygons":
+            return read_polygons(
+                path,
+                variable.source_variable,
+                variable.classes,
+                variable.background,
+                source.source_crs,
+            )
+        return open_source(path, source.source_format, variable.source_variable, source.source_crs)
+    except SourceFormatError as error:
+        raise SourceFormatError(f"{where}: {error}") from None
 
 
 def resample_layers(converted: list[ConvertedVariable], grid: TargetGrid) -> xr.Dataset:

@@ -1,28 +1,44 @@
-"""Robust, resumable, checked file downloads (http, https, file:// and plain paths)."""
+"""Robust, resumable, checked file downloads (http, https, file:// and plain paths).
+
+This is the only retry layer: a failed attempt is resumed with a Range request.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Literal
 from urllib.parse import unquote, urlsplit, urlunsplit
 from urllib.request import url2pathname
 
 import httpx
 from tqdm import tqdm
 
+from polar_cube.errors import TargetError, environment_problem
+
 CHUNK_SIZE = 1024 * 1024
 LOG_EVERY_FRACTION = 0.10
 LOG_EVERY_SECONDS = 5.0
 RETRY_STATUSES = frozenset({429})
+SNIFF_BYTES = 4096
+ATTEMPTS_ENV = "POLAR_CUBE_DOWNLOAD_ATTEMPTS"
+TIMEOUT_ENV = "POLAR_CUBE_DOWNLOAD_TIMEOUT_SECONDS"
+DEFAULT_ATTEMPTS = 3
+DEFAULT_TIMEOUT_SECONDS = 30.0
+CONNECT_TIMEOUT_SECONDS = 10.0
+DEFAULT_BACKOFF_SECONDS = 1.0
+
+Validator = Callable[[Path, str], None]
 
 
 class DownloadError(RuntimeError):
@@ -39,6 +55,60 @@ class DownloadError(RuntimeError):
 
 class _Retryable(Exception):
     """An attempt failed in a way worth retrying (connection, timeout, 5xx, 429)."""
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How hard one download tries: `attempts` requests in all (each resuming the last), each
+    given up after `timeout_seconds` without data (`connect_seconds` to connect), with
+    `backoff_seconds * 2**k` pauses between them."""
+
+    attempts: int
+    timeout_seconds: float
+    backoff_seconds: float
+
+    @property
+    def connect_seconds(self) -> float:
+        return min(self.timeout_seconds, CONNECT_TIMEOUT_SECONDS)
+
+    @property
+    def pauses_seconds(self) -> float:
+        return self.backoff_seconds * (2 ** (self.attempts - 1) - 1)
+
+    def give_up_seconds(self) -> float:
+        """The longest a download can spend failing without ever receiving data: every
+        attempt stalls for the full timeout, plus the pauses."""
+        return self.attempts * self.timeout_seconds + self.pauses_seconds
+
+
+def retry_policy(
+    attempts: int | None = None,
+    timeout_seconds: float | None = None,
+    backoff_seconds: float = DEFAULT_BACKOFF_SECONDS,
+) -> RetryPolicy:
+    """The policy from the arguments, else from POLAR_CUBE_DOWNLOAD_ATTEMPTS and
+    POLAR_CUBE_DOWNLOAD_TIMEOUT_SECONDS (read now, so they also reach Prefect task runs),
+    else the defaults: 3 attempts, 30 s."""
+    if attempts is None:
+        attempts = _from_env(ATTEMPTS_ENV, int, DEFAULT_ATTEMPTS, "a whole number >= 1")
+    if timeout_seconds is None:
+        timeout_seconds = _from_env(TIMEOUT_ENV, float, DEFAULT_TIMEOUT_SECONDS, "a number > 0")
+    if attempts < 1 or not timeout_seconds > 0:
+        raise ValueError(f"bad retry policy: {attempts} attempts, {timeout_seconds} s timeout")
+    return RetryPolicy(attempts, float(timeout_seconds), backoff_seconds)
+
+
+def _from_env(variable: str, kind: type, default: float, what: str):
+    text = os.environ.get(variable, "").strip()
+    if not text:
+        return default
+    try:
+        value = kind(text)
+    except ValueError:
+        value = None
+    if value is None or not value > 0 or not math.isfinite(value):
+        raise DownloadError(f"environment variable {variable}={text!r}: must be {what}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -64,6 +134,9 @@ class _Job:
     expected_size: int | None
     sha256: str | None
     logger: logging.Logger | None
+    validate: Validator | None
+    binary: bool
+    verb: str  # how the message says what the URL gave: "returned" (http) or "holds" (a file)
 
     def fail(self, what: str, *, retryable: bool = False) -> DownloadError:
         return DownloadError(f"{self.where}: {what}", retryable=retryable)
@@ -89,15 +162,33 @@ def download_file(
     expected_size: int | None = None,
     sha256: str | None = None,
     auth: tuple[str, str] | None = None,
-    retries: int = 4,
-    backoff_seconds: float = 1.0,
-    timeout_seconds: float = 60.0,
+    validate: Validator | None = None,
+    binary: bool = True,
+    attempts: int | None = None,
+    backoff_seconds: float = DEFAULT_BACKOFF_SECONDS,
+    timeout_seconds: float | None = None,
     logger: logging.Logger | None = None,
 ) -> DownloadResult:
-    """Download `url` to `dest` (resuming, retrying and checking); reuse a complete cached copy."""
+    """Download `url` to `dest` (resuming, retrying and checking); reuse a complete cached copy.
+
+    A download is complete when it has the expected size and sha256 (when given), is not an
+    HTML page (nor text or empty, when `binary`), and passes `validate(path, name)`, which
+    raises ValueError (e.g. SourceFormatError, ArchiveError) for a file that is not usable.
+    Only then is it moved to `dest` and its record `<dest>.meta.json` written; anything that
+    fails is deleted. A cached `dest` is reused only if its record names this `url` and it
+    still passes these checks; otherwise it is deleted and fetched again.
+
+    Retrying (see `retry_policy`): `attempts` requests in all, each resuming from where the
+    last stopped, pausing 1, 2, 4 ... s (x `backoff_seconds`) between them. A refused
+    connection gives up after the pauses alone (3 s with the defaults), an unreachable host
+    after `attempts` x 10 s connect timeouts plus the pauses (33 s), and a server that stops
+    sending data after `attempts` x `timeout_seconds` plus the pauses (93 s). A 4xx answer or
+    wrong content fails at once.
+    """
     url = str(url)
     dest = Path(dest)
     safe_url = redact_url(url)
+    scheme = urlsplit(url).scheme.lower()
     job = _Job(
         url=safe_url,
         where=f"{label}: {safe_url}" if label else safe_url,
@@ -107,23 +198,106 @@ def download_file(
         expected_size=expected_size,
         sha256=sha256.lower() if sha256 else None,
         logger=logger,
+        validate=validate,
+        binary=binary,
+        verb="returned" if scheme in ("http", "https") else "holds",
     )
+    policy = retry_policy(attempts, timeout_seconds, backoff_seconds)
     cached = _reuse_cached(job)
     if cached is not None:
         return cached
     dest.parent.mkdir(parents=True, exist_ok=True)
-    scheme = urlsplit(url).scheme.lower()
     try:
         if scheme in ("http", "https"):
             auth = auth or _userinfo_auth(url)
-            size, digest = _fetch_http(job, auth, retries, backoff_seconds, timeout_seconds)
+            size, digest = _fetch_http(job, auth, policy)
         elif scheme == "file" or len(scheme) <= 1:  # "" or a Windows drive letter
             size, digest = _copy_local(job, _local_source(url, scheme))
         else:
             raise job.fail(f"unsupported URL scheme {scheme!r}")
     except OSError as exc:
+        _discard(job.part)
+        problem = environment_problem(exc)
+        if problem:  # the cache's disk, not the source, is at fault
+            raise TargetError(
+                f"{job.dest.parent}: cannot write {job.dest.name}: {problem}"
+            ) from None
         raise job.fail(f"I/O error: {exc}") from exc
+    except DownloadError:
+        _discard(job.part)
+        raise
     return _finish(job, size, digest)
+
+
+def discard_download(dest: Path) -> None:
+    """Forget a download: its file, partial file and completion record."""
+    dest = Path(dest)
+    for path in (
+        dest,
+        dest.with_name(dest.name + ".part"),
+        dest.with_name(dest.name + ".meta.json"),
+    ):
+        path.unlink(missing_ok=True)
+
+
+# --- what a body holds -------------------------------------------------------------------------
+
+
+def body_kind(head: bytes) -> Literal["html", "text", "empty"] | None:
+    """What the first bytes of a body are when they are not binary data: an HTML page,
+    other text, or nothing; None for binary data."""
+    if not head:
+        return "empty"
+    start = head.lstrip(b"\xef\xbb\xbf \t\r\n\f\v").lower()
+    if start.startswith((b"<!doctype html", b"<html")):
+        return "html"
+    return "text" if _is_text(head) else None
+
+
+def body_start(head: bytes, length: int = 60) -> str:
+    """The first `length` characters of a text body, for messages."""
+    return head.decode("utf-8", "replace")[:length]
+
+
+def _is_text(head: bytes) -> bool:
+    if b"\0" in head:
+        return False
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError as error:
+        if error.start < len(head) - 3:  # not just a character cut at the end of the sample
+            return False
+        text = head[: error.start].decode("utf-8")
+    return all(c.isprintable() or c in "\t\n\r\f\v" for c in text)
+
+
+def _check_body(job: _Job, path: Path) -> None:
+    """Refuse an HTML page, an empty body and (when binary data is expected) text."""
+    with path.open("rb") as f:
+        head = f.read(SNIFF_BYTES)
+    kind = body_kind(head)
+    if kind == "html":
+        raise _html_page(job)
+    if kind == "empty":
+        raise DownloadError(f"{job.where} {job.verb} an empty body instead of data")
+    if kind == "text" and job.binary:
+        raise DownloadError(f"{job.where} {job.verb} text instead of data: {body_start(head)!r}")
+
+
+def _html_page(job: _Job) -> DownloadError:
+    return DownloadError(
+        f"{job.where} {job.verb} an HTML page (a login or error page?) instead of data"
+    )
+
+
+def _validate(job: _Job, path: Path) -> None:
+    """The caller's `validate`; its ValueError becomes a DownloadError naming the URL."""
+    if job.validate is None:
+        return
+    try:
+        job.validate(path, job.dest.name)
+    except ValueError as exc:
+        raise job.fail(str(exc)) from exc
 
 
 # --- cache -------------------------------------------------------------------------------------
@@ -144,18 +318,33 @@ def _reuse_cached(job: _Job) -> DownloadResult | None:
         return None
     if job.sha256 is not None and job.sha256 != digest:
         return None
+    if meta.get("url") != job.url:
+        job.log("%s: the cached copy came from %s; fetching again", job.where, meta.get("url"))
+        discard_download(job.dest)
+        return None
+    try:
+        _check_body(job, job.dest)
+        _validate(job, job.dest)
+    except DownloadError as exc:
+        job.log("cached copy is not usable (%s); fetching again", exc, level=logging.WARNING)
+        discard_download(job.dest)
+        return None
     job.log("reusing %s (%d bytes, already downloaded from %s)", job.dest, size, job.url)
     return DownloadResult(path=job.dest, url=job.url, size=size, sha256=digest, reused=True)
 
 
 def _finish(job: _Job, size: int, digest: str) -> DownloadResult:
     """Check the complete .part, move it into place and write the completion record."""
-    if job.expected_size is not None and size != job.expected_size:
+    try:
+        _check_body(job, job.part)
+        if job.expected_size is not None and size != job.expected_size:
+            raise job.fail(f"size mismatch: expected {job.expected_size} bytes, got {size}")
+        if job.sha256 is not None and digest != job.sha256:
+            raise job.fail(f"sha256 mismatch: expected {job.sha256}, got {digest}")
+        _validate(job, job.part)
+    except Exception:
         _discard(job.part)
-        raise job.fail(f"size mismatch: expected {job.expected_size} bytes, got {size}")
-    if job.sha256 is not None and digest != job.sha256:
-        _discard(job.part)
-        raise job.fail(f"sha256 mismatch: expected {job.sha256}, got {digest}")
+        raise
     os.replace(job.part, job.dest)
     record = {
         "url": job.url,
@@ -215,33 +404,25 @@ def _userinfo_auth(url: str) -> tuple[str, str] | None:
     return unquote(parts.username), unquote(parts.password or "")
 
 
-def _fetch_http(
-    job: _Job,
-    auth: tuple[str, str] | None,
-    retries: int,
-    backoff_seconds: float,
-    timeout_seconds: float,
-) -> tuple[int, str]:
+def _fetch_http(job: _Job, auth: tuple[str, str] | None, policy: RetryPolicy) -> tuple[int, str]:
     """Fetch into the .part, retrying with exponential backoff; return (size, sha256)."""
     headers = {"Accept-Encoding": "identity"}
-    with httpx.Client(
-        auth=auth, headers=headers, follow_redirects=True, timeout=timeout_seconds
-    ) as client:
-        for attempt in range(retries + 1):
+    timeout = httpx.Timeout(policy.timeout_seconds, connect=policy.connect_seconds)
+    with httpx.Client(auth=auth, headers=headers, follow_redirects=True, timeout=timeout) as client:
+        for attempt in range(policy.attempts):
             try:
-                return _attempt(job, client)
+                return _attempt(job, client, policy)
             except _Retryable as exc:
-                if attempt >= retries:
-                    raise job.fail(
-                        f"gave up after {attempt + 1} attempts: {exc}", retryable=True
-                    ) from None
-                delay = backoff_seconds * 2**attempt
+                if attempt + 1 >= policy.attempts:
+                    tries = f"{attempt + 1} attempt{'s' if attempt else ''}"
+                    raise job.fail(f"gave up after {tries}: {exc}", retryable=True) from None
+                delay = policy.backoff_seconds * 2**attempt
                 job.log("%s: %s; retrying in %.2f s", job.where, exc, delay, level=logging.WARNING)
                 time.sleep(delay)
     raise AssertionError("unreachable")
 
 
-def _attempt(job: _Job, client: httpx.Client) -> tuple[int, str]:
+def _attempt(job: _Job, client: httpx.Client, policy: RetryPolicy) -> tuple[int, str]:
     """One request: resume from the .part when there is one; return (size, sha256)."""
     offset = job.part.stat().st_size if job.part.exists() else 0
     headers = {"Range": f"bytes={offset}-"} if offset else {}
@@ -251,6 +432,12 @@ def _attempt(job: _Job, client: httpx.Client) -> tuple[int, str]:
             return _receive(job, response, offset)
     except httpx.UnsupportedProtocol as exc:
         raise job.fail(f"unsupported URL: {exc}") from None
+    except httpx.ConnectTimeout:
+        raise _Retryable(f"no connection within {policy.connect_seconds:g} s") from None
+    except httpx.ReadTimeout:
+        raise _Retryable(f"the server sent no data for {policy.timeout_seconds:g} s") from None
+    except httpx.ConnectError as exc:
+        raise _Retryable(f"cannot connect: {exc}") from None
     except (httpx.TransportError, httpx.StreamError) as exc:
         raise _Retryable(f"{type(exc).__name__}: {exc}") from exc
 
@@ -265,6 +452,9 @@ def _receive(job: _Job, response: httpx.Response, offset: int) -> tuple[int, str
     if status not in (200, 206):
         _discard(job.part)
         raise job.fail(f"HTTP {status} {response.reason_phrase} (not retried)")
+    if response.headers.get("content-type", "").split(";")[0].strip().lower() == "text/html":
+        _discard(job.part)
+        raise _html_page(job)
     if status == 206 and offset:
         total = _content_range_total(job, response, offset)
     else:

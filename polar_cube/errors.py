@@ -1,19 +1,91 @@
-"""The errors that mean "bad input": shown to users as one clear line, not a traceback."""
+"""The errors that mean "bad input or a broken environment": shown to users as one clear line
+(`polar-cube: error: …`, exit code 2), not a traceback."""
 
-from polar_cube.archives import ArchiveError
-from polar_cube.download import DownloadError
-from polar_cube.operate import OpsError
-from polar_cube.readers import SourceFormatError
-from polar_cube.s3server import S3ServerError
-from polar_cube.spec import SpecError
-from polar_cube.storage import StorageAccessError
+from __future__ import annotations
 
-USER_ERRORS: tuple[type[Exception], ...] = (
-    SpecError,
-    SourceFormatError,
-    DownloadError,
-    ArchiveError,
-    S3ServerError,
-    StorageAccessError,
-    OpsError,
-)
+import errno
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+
+class OptionError(ValueError):
+    """A command-line option is invalid; the message names the option."""
+
+
+class TargetError(RuntimeError):
+    """A target (folder or bucket prefix) cannot be written: full, read-only, not permitted."""
+
+
+# errno -> what the user is told; anything else is not the user's to fix and keeps its traceback
+_ENVIRONMENT_ERRNOS = {
+    errno.ENOSPC: "no space left on device (the disk is full)",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EROFS: "read-only file system",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+    errno.EFBIG: "file too large for this file system",
+}
+
+
+def environment_problem(error: BaseException) -> str | None:
+    """What a full disk, read-only or forbidden target looks like to the user, else None."""
+    if isinstance(error, OSError) and error.errno in _ENVIRONMENT_ERRNOS:
+        return _ENVIRONMENT_ERRNOS[error.errno]
+    return None
+
+
+@contextmanager
+def writing_to(where: str | os.PathLike) -> Iterator[None]:
+    """Turn a full disk, a read-only target or missing permissions met inside into a
+    TargetError naming `where` (libraries often raise them without a file name)."""
+    try:
+        yield
+    except OSError as error:
+        problem = environment_problem(error)
+        if problem is None:
+            raise
+        detail = (
+            f" ({error.filename})" if error.filename and str(error.filename) != str(where) else ""
+        )
+        raise TargetError(f"{where}: cannot write: {problem}{detail}") from None
+
+
+def describe_os_error(error: OSError) -> str:
+    """One line for an OSError that reached the command line."""
+    what = environment_problem(error) or error.strerror or str(error)
+    return f"{error.filename}: {what}" if error.filename else what
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Every error class that is reported as one line (imported here, lazily, to keep this
+    module free of the heavy ones)."""
+    from polar_cube.archives import ArchiveError
+    from polar_cube.download import DownloadError
+    from polar_cube.merge import MergeError
+    from polar_cube.operate import OpsError
+    from polar_cube.patching import PatchError
+    from polar_cube.readers import SourceFormatError
+    from polar_cube.s3server import S3ServerError
+    from polar_cube.spec import SpecError
+    from polar_cube.storage import StorageAccessError
+    from polar_cube.target_lock import TargetBusyError
+    from polar_cube.upload import UploadError
+    from polar_cube.verify import CubeCheckError
+
+    return (
+        SpecError,
+        OptionError,
+        PatchError,
+        SourceFormatError,
+        DownloadError,
+        ArchiveError,
+        S3ServerError,
+        StorageAccessError,
+        OpsError,
+        TargetError,
+        TargetBusyError,
+        MergeError,
+        UploadError,
+        CubeCheckError,
+    )

@@ -8,7 +8,7 @@ from functools import cached_property
 import numpy as np
 from pyproj import CRS
 
-from polar_cube.spec import CubeSpec, SpecError
+from polar_cube.spec import CubeSpec, SpecError, resolution_problem
 
 CHUNK_SIZE = 2048
 
@@ -21,21 +21,18 @@ class TargetGrid:
     chunk_size: int = CHUNK_SIZE
 
     def __post_init__(self) -> None:
-        xmin, ymin, xmax, ymax = self.bbox
-        for axis, extent in (("x", xmax - xmin), ("y", ymax - ymin)):
-            cells = extent / self.resolution
-            if self.resolution <= 0 or abs(cells - round(cells)) > 1e-6 or round(cells) < 1:
-                raise SpecError(
-                    f"resolution {self.resolution:g} m does not divide the bbox {axis} extent "
-                    f"{extent:g} m into whole cells"
-                )
+        problem = resolution_problem(self.resolution, self.bbox)
+        if problem:
+            raise SpecError(f"resolution {self.resolution:g} m: {problem}")
 
     @classmethod
     def from_spec(cls, spec: CubeSpec, resolution: float | None = None) -> TargetGrid:
+        """The spec's grid; `resolution` (metres) overrides the spec's when given (0 is refused,
+        not taken as "unset")."""
         return cls(
             crs=spec.spatial_ref,
             bbox=spec.spatial_bbox,
-            resolution=float(resolution or spec.spatial_res[0]),
+            resolution=float(spec.spatial_res[0] if resolution is None else resolution),
         )
 
     @property

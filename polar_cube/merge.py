@@ -1,11 +1,19 @@
-"""Merge the per-dataset cubes into one cube: same grid or a clear refusal, one CF grid
-mapping, lazy (dask) so it is written chunk by chunk."""
+"""Merge the per-dataset cubes into one cube: same grid and chunk encoding or a clear
+refusal, one CF grid mapping.
+
+The inputs share the grid, chunk shape, dtype, fill value and codec, so the merged cube is
+written by copying their stored chunk objects under the same keys (hard links in a local
+folder, server-side copies on S3): no chunk is ever decoded. `merge_inputs` describes the same
+cube as a lazy dataset (what the copy must equal, value for value).
+"""
 
 from __future__ import annotations
 
 import datetime as dt
 import hashlib
 import json
+import re
+from dataclasses import dataclass
 
 import numpy as np
 import xarray as xr
@@ -14,23 +22,30 @@ from pyproj import CRS
 from polar_cube.dataset import software_version
 from polar_cube.grid import TargetGrid
 from polar_cube.location import StoreLocation
+from polar_cube.publish import copy_objects
 from polar_cube.spec import CubeSpec
 from polar_cube.stac import outline_lonlat
-from polar_cube.upload import INPUTS_PREFIX
-from polar_cube.zarr_store import FINGERPRINT_ATTR, GRID_MAPPING, add_grid_coords
+from polar_cube.upload import INPUTS_PREFIX, remote_files
+from polar_cube.zarr_store import _COMPRESSOR as CUBE_COMPRESSOR
+from polar_cube.zarr_store import FINGERPRINT_ATTR, GRID_MAPPING, add_grid_coords, encoding_for
 
 LEFTOVERS = ("spatial_ref",)
+COPY_BATCH = 256  # chunk objects per copy call
 
 
 class MergeError(ValueError):
     """Inputs that cannot be merged; the message names the input and what differs."""
 
 
+def input_key(source_id: str) -> str:
+    return f"{INPUTS_PREFIX}/{source_id}.zarr"
+
+
 def open_inputs(location: StoreLocation, spec: CubeSpec) -> dict[str, xr.Dataset]:
     """Open `<root>/inputs/<source id>.zarr` for every source of the spec, lazily."""
     inputs = {}
     for source in spec.sources:
-        key = f"{INPUTS_PREFIX}/{source.id}.zarr"
+        key = input_key(source.id)
         if not location.exists(key, ".zmetadata"):
             raise MergeError(
                 f"{location.url(key)}: missing or incomplete; build and upload it first "
@@ -81,7 +96,8 @@ def _input_crs(dataset: xr.Dataset) -> CRS | None:
 
 
 def merge_inputs(inputs: dict[str, xr.Dataset], spec: CubeSpec, grid: TargetGrid) -> xr.Dataset:
-    """One lazy dataset with the spec's variables, a single `crs`, and cube attributes."""
+    """One lazy dataset with the spec's variables, a single `crs`, and cube attributes: the
+    cube `copy_merged_cube` writes, described by decoding (for checks, not for writing)."""
     check_same_grid(inputs, grid)
     parts = []
     for dataset in inputs.values():
@@ -98,6 +114,190 @@ def merge_inputs(inputs: dict[str, xr.Dataset], spec: CubeSpec, grid: TargetGrid
     merged = add_grid_coords(merged, grid)
     merged.attrs = cube_attributes(spec, grid, inputs)
     return merged
+
+
+@dataclass(frozen=True)
+class StoredVariable:
+    """A spec variable as its input stores it, with the metadata the merged cube gives it."""
+
+    input_key: str
+    name: str
+    zarray: dict
+    zattrs: dict
+
+    @property
+    def dims(self) -> list[str]:
+        return self.zattrs["_ARRAY_DIMENSIONS"]
+
+
+def copy_merged_cube(
+    location: StoreLocation,
+    key: str,
+    inputs: dict[str, xr.Dataset],
+    spec: CubeSpec,
+    grid: TargetGrid,
+) -> int:
+    """Write the merged cube at `key` (not there yet) from the inputs' stored chunk objects,
+    copied under the same keys without decoding them; returns how many were copied.
+
+    Order: coordinates and `crs`, every chunk, each variable's metadata, the group's
+    attributes. It is left unconsolidated and without the fingerprint attribute: whoever
+    calls this marks it complete afterwards (`cube.mark_complete`).
+    """
+    check_same_grid(inputs, grid)
+    variables = stored_variables(location, inputs, spec, grid)
+    _write_coordinates(location, key, inputs, variables, grid)
+    copied = _copy_chunks(location, key, variables)
+    for variable in variables:
+        for name, metadata in ((".zarray", variable.zarray), (".zattrs", variable.zattrs)):
+            location.fs.pipe_file(location.path(key, variable.name, name), _json(metadata))
+    attrs = cube_attributes(spec, grid, inputs)
+    del attrs[FINGERPRINT_ATTR]  # the completion marker comes last
+    location.fs.pipe_file(location.path(key, ".zattrs"), _json(attrs))
+    return copied
+
+
+def stored_variables(
+    location: StoreLocation, inputs: dict[str, xr.Dataset], spec: CubeSpec, grid: TargetGrid
+) -> list[StoredVariable]:
+    """Every spec variable as stored in its source's input. MergeError unless each is there,
+    stored with the cube's chunks, dtype, fill value and codec, on the same time axis."""
+    metadata = {key: _consolidated_metadata(location, key) for key in inputs}
+    gdal_crs = {"wkt": grid.pyproj_crs.to_wkt()}
+    variables, missing, problems = [], [], []
+    for variable in spec.variables:
+        key = input_key(variable.source)
+        zarray = metadata.get(key, {}).get(f"{variable.name}/.zarray")
+        if zarray is None:
+            missing.append(f"{variable.name} (in {key})")
+            continue
+        zattrs = dict(metadata[key].get(f"{variable.name}/.zattrs", {}))
+        where = f"{key}: {variable.name}"
+        problems += _encoding_problems(where, zarray, zattrs.get("_ARRAY_DIMENSIONS"), grid)
+        zattrs.update(grid_mapping=GRID_MAPPING, _CRS=gdal_crs)
+        variables.append(StoredVariable(key, variable.name, zarray, zattrs))
+    if missing:
+        raise MergeError(f"inputs lack spec variable(s): {', '.join(missing)}")
+    problems += _time_axis_problems(inputs)
+    if problems:
+        raise MergeError("inputs cannot be merged chunk for chunk:\n  " + "\n  ".join(problems))
+    return variables
+
+
+def _consolidated_metadata(location: StoreLocation, key: str) -> dict:
+    return json.loads(location.fs.cat_file(location.path(key, ".zmetadata")))["metadata"]
+
+
+def _encoding_problems(
+    where: str, zarray: dict, dims: list[str] | None, grid: TargetGrid
+) -> list[str]:
+    """How an input array's stored encoding differs from the cube's (each chunk is copied
+    as it is, so they must be the same)."""
+    if not dims:
+        return [f"{where}: no _ARRAY_DIMENSIONS attribute (not written by xarray)"]
+    expected = {
+        "zarr_format": 2,
+        "chunks": [1 if dim == "time" else grid.chunk_size for dim in dims],
+        "dtype": "<f4",
+        "fill_value": "NaN",
+        "compressor": CUBE_COMPRESSOR.get_config(),
+        "filters": None,
+        "order": "C",
+        "dimension_separator": ".",
+    }
+    problems = []
+    for field, wanted in expected.items():
+        found = zarray.get(field, "." if field == "dimension_separator" else None)
+        if found != wanted:
+            problems.append(
+                f"{where}: {field} {_describe(field, found)}, "
+                f"the cube's is {_describe(field, wanted)}"
+            )
+    return problems
+
+
+def _describe(field: str, value: object) -> str:
+    if value is None:
+        return "none"
+    if isinstance(value, dict):
+        options = ", ".join(f"{k}={v}" for k, v in value.items() if k != "id")
+        return f"{value.get('id')}({options})"
+    if field == "dtype" and isinstance(value, str):
+        try:
+            return f"{value} ({np.dtype(value).name})"
+        except TypeError:
+            return value
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def _time_axis_problems(inputs: dict[str, xr.Dataset]) -> list[str]:
+    axes = {name: ds["time"].values for name, ds in inputs.items() if "time" in ds.coords}
+    if len(axes) < 2:
+        return []
+    (first, reference), *others = axes.items()
+    return [
+        f"{name}: time axis {_describe_times(values)} differs from {first}'s "
+        f"{_describe_times(reference)}"
+        for name, values in others
+        if not np.array_equal(values, reference)
+    ]
+
+
+def _describe_times(values: np.ndarray) -> str:
+    if np.issubdtype(values.dtype, np.datetime64):
+        values = np.datetime_as_string(values, unit="D")
+    shown = [str(v) for v in values]
+    if len(shown) > 4:
+        shown = [*shown[:2], "…", shown[-1]]
+    return f"({len(values)} step{'' if len(values) == 1 else 's'}: {', '.join(shown)})"
+
+
+def _write_coordinates(
+    location: StoreLocation,
+    key: str,
+    inputs: dict[str, xr.Dataset],
+    variables: list[StoredVariable],
+    grid: TargetGrid,
+) -> None:
+    """x and y (the grid's), time (the inputs'), and the `crs` variable, written as zarr."""
+    coords = {}
+    timed = [v.input_key for v in variables if v.dims[0] == "time"]
+    if timed:
+        time = inputs[timed[0]]["time"].variable.copy()  # the same in every input (checked)
+        time.encoding = {}
+        coords["time"] = time
+    dataset = add_grid_coords(xr.Dataset(coords=coords), grid)
+    dataset.to_zarr(
+        location.mapper(key),
+        mode="w",
+        zarr_format=2,
+        consolidated=False,
+        encoding=encoding_for(dataset, grid.chunk_size),
+        write_empty_chunks=False,
+    )
+
+
+def _copy_chunks(location: StoreLocation, key: str, variables: list[StoredVariable]) -> int:
+    """Copy every stored chunk object of `variables` to the same key under `key`."""
+    target = location.path(key)
+    pairs = []
+    for source_key in dict.fromkeys(v.input_key for v in variables):
+        source = location.path(source_key)
+        stored = sorted(remote_files(location, source_key))
+        for variable in variables:
+            if variable.input_key != source_key:
+                continue
+            chunk_key = re.compile(
+                re.escape(variable.name) + r"/\d+" + r"\.\d+" * (len(variable.dims) - 1)
+            )
+            pairs += [(f"{source}/{k}", f"{target}/{k}") for k in stored if chunk_key.fullmatch(k)]
+    for start in range(0, len(pairs), COPY_BATCH):
+        copy_objects(location, pairs[start : start + COPY_BATCH])
+    return len(pairs)
+
+
+def _json(value: object) -> bytes:
+    return json.dumps(value, indent=4, sort_keys=True).encode()
 
 
 def cube_fingerprint(spec: CubeSpec, grid: TargetGrid, inputs: dict[str, xr.Dataset]) -> str:

@@ -246,6 +246,7 @@ def deploy_build(
     """Create or update `build-cube/<name>` from this folder; returns the deployment."""
     from prefect import Flow
     from prefect.client.orchestration import get_client
+    from prefect.client.schemas.objects import ConcurrencyLimitConfig
     from prefect.schedules import Cron
 
     api_url()
@@ -263,6 +264,8 @@ def deploy_build(
         name=name,
         work_pool_name=pool,
         schedule=schedule,
+        # a run that finds another one running is queued (besides the lock in the target)
+        concurrency_limit=ConcurrencyLimitConfig(limit=1, collision_strategy="ENQUEUE"),
         parameters=parameters,
         print_next_steps=False,
         ignore_warnings=True,

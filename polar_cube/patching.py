@@ -7,6 +7,7 @@ import datetime as dt
 import hashlib
 import json
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,10 @@ def load_patch(path: str | Path) -> dict[str, dict[str, Any]]:
     except FileNotFoundError:
         raise PatchError(f"{path}: patch file not found") from None
     except yaml.YAMLError as error:
-        raise PatchError(f"{path}: not valid YAML: {error}") from None
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise PatchError(f"{path}: not valid YAML{where}: {problem}") from None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # xcube only warns about entries it ignores
@@ -44,13 +48,26 @@ def load_patch(path: str | Path) -> dict[str, dict[str, Any]]:
         raise PatchError(f"{path}: {message}") from None
 
 
+def check_patch_targets(
+    patch: dict[str, dict[str, Any]], names: Iterable[str], patch_path: str | Path
+) -> None:
+    """Refuse entries for variables not among `names` (the cube's variables and coordinates)."""
+    names = set(names)
+    unknown = sorted(
+        k.split("/")[0] for k in patch if k != ".zattrs" and k.split("/")[0] not in names
+    )
+    if unknown:
+        raise PatchError(
+            f"{patch_path}: entries for variables the cube does not have: {', '.join(unknown)} "
+            f"(it has: {', '.join(sorted(names))})"
+        )
+
+
 def patch_metadata(
     patch: dict[str, dict[str, Any]], cube: xr.Dataset, patch_path: str | Path
 ) -> dict[str, dict[str, Any]]:
     """The patch plus generated attributes; refuses entries for variables not in the cube."""
-    unknown = [k for k in patch if k != ".zattrs" and k.split("/")[0] not in cube.variables]
-    if unknown:
-        raise PatchError(f"{patch_path}: entries for variables the cube lacks: {unknown}")
+    check_patch_targets(patch, map(str, cube.variables), patch_path)
     now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     generated = {"date_modified": now, "processing_software": software_version()}
     metadata = {key: dict(value) for key, value in patch.items()}

@@ -7,6 +7,7 @@ is never mistaken for it) and stopped by signalling its process group.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -40,6 +41,11 @@ def launch_in_background(
         )
     _children[process.pid] = process
     return process.pid
+
+
+def background_pids() -> set[int]:
+    """The processes this one launched to outlive it (still running)."""
+    return {pid for pid in list(_children) if pid_alive(pid)}
 
 
 def pid_alive(pid: int) -> bool:
@@ -111,6 +117,7 @@ def wait_for_exit(pid: int, timeout_seconds: float) -> bool:
 def stop_process_group(pid: int, timeout_seconds: float = 30) -> bool:
     """SIGTERM to the process's group, then SIGKILL if it lingers; False if it survives both."""
     _signal_group(pid, signal.SIGTERM)
+    _signal_group(pid, signal.SIGCONT)  # a stopped process acts on SIGTERM only once resumed
     return wait_for_exit(pid, timeout_seconds) or kill_process_group(pid)
 
 
@@ -129,6 +136,66 @@ def _signal_group(pid: int, signum: int) -> None:
             os.kill(pid, signum)
     except ProcessLookupError:
         pass
+
+
+def started_at(pid: int) -> float | None:
+    """When the process started (seconds since the epoch), or None if it is gone.
+
+    With the pid it names one process: a later process reusing the pid starts later.
+    """
+    import psutil
+
+    try:
+        return psutil.Process(pid).create_time()
+    except psutil.Error:
+        return None
+
+
+def is_same_process(pid: int, started: float | None) -> bool:
+    """True if `pid` is alive and is the process that started at `started`."""
+    now_started = started_at(pid)
+    if now_started is None or not pid_alive(pid):
+        return False
+    return started is None or abs(now_started - started) < 1.0
+
+
+def stop_children(keep: Iterable[int] = (), grace_seconds: float = 1.0) -> list[int]:
+    """Stop every descendant of this process except `keep` and their descendants; their pids.
+
+    SIGTERM, then SIGKILL to whatever still runs after `grace_seconds`. Up to three rounds,
+    because a supervisor running in this process (a dask nanny) may replace a stopped child.
+    """
+    import psutil
+
+    stopped: list[int] = []
+    for _ in range(3):
+        targets = _descendants_except(set(keep))
+        if not targets:
+            break
+        stopped.extend(process.pid for process in targets)
+        for signum in (signal.SIGTERM, signal.SIGKILL):
+            for process in targets:
+                with contextlib.suppress(psutil.Error):
+                    process.send_signal(signum)
+            _, targets = psutil.wait_procs(targets, timeout=grace_seconds)
+            if not targets:
+                break
+    return stopped
+
+
+def _descendants_except(keep: set[int]) -> list:
+    """This process's descendants (psutil), leaving out `keep` and their descendants."""
+    import psutil
+
+    kept = set(keep)
+    for pid in keep:
+        with contextlib.suppress(psutil.Error):
+            kept.update(child.pid for child in psutil.Process(pid).children(recursive=True))
+    try:
+        descendants = psutil.Process().children(recursive=True)
+    except psutil.Error:
+        return []
+    return [process for process in descendants if process.pid not in kept]
 
 
 def port_is_free(port: int, host: str = LOCALHOST) -> bool:

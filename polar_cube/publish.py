@@ -3,13 +3,18 @@
 The cube is merged, patched and verified under a staging name first. Publishing then:
 - local folder: swaps the staged folder in by renames (old version removed after);
 - object store (no renames): hides the old version by deleting its metadata objects
-  (consolidated metadata first), copies the chunks, removes stale ones, and writes the
-  metadata last, consolidated metadata very last. While that runs the name holds no
-  openable cube; if it is interrupted, rerunning the publish completes it.
+  (consolidated metadata first), copies the chunks server-side, removes stale ones, and
+  writes the metadata last, consolidated metadata very last. While that runs the name holds
+  no openable cube; if it is interrupted, rerunning the publish completes it.
+Chunks are only ever moved or copied as stored objects, never decoded.
 """
 
 from __future__ import annotations
 
+import errno
+import os
+import shutil
+from collections.abc import Sequence
 from pathlib import Path
 
 from polar_cube.location import StoreLocation
@@ -17,6 +22,40 @@ from polar_cube.upload import is_metadata, remote_files
 from polar_cube.zarr_store import replace_directory
 
 STAGING_PREFIX = ".staging"
+COPIES_IN_FLIGHT = 32  # concurrent server-side copies on an object store
+_NO_HARD_LINK = (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.EOPNOTSUPP, errno.ENOTSUP)
+
+
+def copy_objects(location: StoreLocation, pairs: Sequence[tuple[str, str]]) -> None:
+    """Copy stored objects (filesystem paths: source, target) byte for byte, never decoding
+    them: hard links in a local folder (a file copy where linking is impossible, e.g. across
+    devices), server-side copies (CopyObject) on an object store."""
+    if not pairs:
+        return
+    if not location.is_local:
+        sources, targets = (list(paths) for paths in zip(*pairs, strict=True))
+        location.fs.copy(sources, targets, batch_size=COPIES_IN_FLIGHT)
+        return
+    folders: set[str] = set()
+    for source, target in pairs:
+        folder = os.path.dirname(target)
+        if folder not in folders:
+            os.makedirs(folder, exist_ok=True)
+            folders.add(folder)
+        link_or_copy_file(source, target)
+
+
+def link_or_copy_file(source: str, target: str) -> None:
+    """Hard-link `source` as `target`, or copy it where the filesystem cannot link it."""
+    try:
+        os.link(source, target)
+    except FileExistsError:
+        os.unlink(target)
+        link_or_copy_file(source, target)
+    except OSError as error:
+        if error.errno not in _NO_HARD_LINK:
+            raise
+        shutil.copyfile(source, target)
 
 
 def staging_key(final_key: str, fingerprint: str) -> str:
@@ -46,8 +85,7 @@ def publish(location: StoreLocation, staged_key: str, final_key: str) -> str:
     for key in hide:  # one by one: consolidated metadata is gone before anything else
         fs.rm(f"{target}/{key}")
     chunks = sorted(k for k in staged if not is_metadata(k))
-    if chunks:
-        fs.copy([f"{source}/{k}" for k in chunks], [f"{target}/{k}" for k in chunks])
+    copy_objects(location, [(f"{source}/{k}", f"{target}/{k}") for k in chunks])
     stale = sorted(set(old) - set(staged))
     if stale:
         fs.rm([f"{target}/{k}" for k in stale if k not in hide])

@@ -16,6 +16,7 @@ from rasterio.transform import from_origin
 
 from polar_cube.grid import TargetGrid
 from polar_cube.readers import SourceFormatError
+from polar_cube.source_checks import check_polygons
 
 
 @dataclass(frozen=True)
@@ -30,7 +31,9 @@ class PolygonLayer:
 def read_polygons(
     path: Path, attribute: str, classes: dict[str, int], background: float | None, crs: str
 ) -> PolygonLayer:
-    """Read a vector file; map `attribute` values to codes with `classes`."""
+    """Read a vector file (a shapefile must be as long as its headers say); map `attribute`
+    values to codes with `classes`."""
+    check_polygons(path, read_features=False)
     try:
         frame = geopandas.read_file(path)
     except Exception as error:  # pyogrio raises several types for unreadable files

@@ -8,6 +8,12 @@ the source cell containing the point is missing, as GDAL's warper does (so data 
 spreads into no-data areas); nearest takes the cell whose area contains the centre. Target
 cells outside the source's outer cell edges are NaN.
 
+In the grid's own CRS the mapping is separable (one index per column, one per row) and is
+computed that way. Across CRSs only the nodes of a lattice over the chunk are transformed
+exactly and the points between them interpolated, as GDAL's approximate transformer does;
+the lattice is refined until every point lands within `MAX_TRANSFORM_ERROR` target cells of
+its exact position (`lattice_transform`).
+
 Downsampling (a target coarser than the source, e.g. a quick 1 km run from 250 m) samples
 points: GDAL instead widens its kernel there. At the cube's 100 m every source is coarser.
 """
@@ -26,6 +32,11 @@ from polar_cube.readers import SourceFormatError, SourceLayer
 from polar_cube.spec import ResamplingMethod, ValidCondition
 
 _MIN_WEIGHT = 1e-5  # below this the valid neighbours hardly touch the point: no data
+MAX_TRANSFORM_ERROR = 0.01  # target cells: how far an interpolated point may land off its centre
+_LATTICE_STEP = 64  # target cells between the first lattice nodes (a power of two)
+_FINEST_STEP = 4  # lattice cells still too inaccurate at this size are transformed exactly
+_STRIP_ROWS = 128  # target rows computed at once: bounds the float64 temporaries
+_BATCH_POINTS = 1 << 18  # lattice points filled at once
 
 
 def fractional_index(axis: np.ndarray, coords: np.ndarray) -> np.ndarray:
@@ -45,6 +56,130 @@ def fractional_index(axis: np.ndarray, coords: np.ndarray) -> np.ndarray:
     )
     frac[(frac < -0.5) | (frac >= n - 0.5) | ~np.isfinite(coords)] = np.nan
     return (n - 1) - frac if descending else frac
+
+
+def lattice_transform(
+    transformer: Transformer,
+    xs: np.ndarray,
+    ys: np.ndarray,
+    max_error: float = MAX_TRANSFORM_ERROR,
+) -> tuple[np.ndarray, np.ndarray]:
+    """`transformer.transform(*np.meshgrid(xs, ys))` for uniform axes `xs`, `ys`, with every
+    point within `max_error` cells of its exact position, from few exact transforms.
+
+    Only the nodes of a lattice over the points are transformed; the points between them are
+    interpolated bilinearly. The error is measured in target cells: a lattice cell is kept
+    when the interpolated source coordinates of its centre and edge midpoints, mapped back
+    with the exact inverse transform, land within `max_error / 4` cells of those points (for
+    a locally quadratic mapping that is where bilinear interpolation errs most; the margin
+    covers the rest). Other cells are split in four down to `_FINEST_STEP` cells, then
+    transformed exactly, as are cells whose corners straddle a discontinuity of a geographic
+    source (longitudes spanning more than 180°: across the ±180° meridian or round a pole).
+    """
+    xs, ys = np.asarray(xs, dtype=np.float64), np.asarray(ys, dtype=np.float64)
+    if xs.size < 2 and ys.size < 2:
+        return transformer.transform(*np.meshgrid(xs, ys))
+    dx = xs[1] - xs[0] if xs.size > 1 else ys[1] - ys[0]
+    dy = ys[1] - ys[0] if ys.size > 1 else dx
+    step = _LATTICE_STEP
+    height, width = -(-ys.size // step) * step, -(-xs.size // step) * step
+    lattice = _Lattice(transformer, xs[0], ys[0], dx, dy, width)
+    source_x, source_y = np.empty((height, width)), np.empty((height, width))
+    cell_rows, cell_cols = np.divmod(np.arange((height // step) * (width // step)), width // step)
+    check_v, check_u = np.array([0.0, 0.5, 0.5, 0.5, 1.0]), np.array([0.5, 0.0, 0.5, 1.0, 0.5])
+    geographic_source = transformer.target_crs.is_geographic
+    while cell_rows.size:
+        corner_x, corner_y = lattice.corners(cell_rows, cell_cols, step)
+        checked_x, checked_y = lattice.target(
+            (cell_rows[:, np.newaxis] + check_v) * step, (cell_cols[:, np.newaxis] + check_u) * step
+        )
+        back_x, back_y = transformer.transform(
+            _interpolate(corner_x, check_v, check_u),
+            _interpolate(corner_y, check_v, check_u),
+            direction="INVERSE",
+        )
+        error = np.hypot((back_x - checked_x) / dx, (back_y - checked_y) / dy).max(axis=1)
+        straddling = np.zeros(cell_rows.size, dtype=bool)
+        if geographic_source:
+            straddling = np.ptp(corner_x, axis=1) > 180.0
+        good = (error <= max_error / 4) & ~straddling  # NaN (failed transform) is not good
+        # the error shrinks with the square of the step: hopeless cells go exact at once
+        hopeless = ~(error * (_FINEST_STEP / step) ** 2 <= max_error / 4)
+        exact = ~good & (straddling | hopeless)
+        for array, corners in ((source_x, corner_x[good]), (source_y, corner_y[good])):
+            _fill_cells(array, step, cell_rows[good], cell_cols[good], corners)
+        _fill_cells_exactly(lattice, source_x, source_y, step, cell_rows[exact], cell_cols[exact])
+        split = ~good & ~exact
+        cell_rows = (2 * cell_rows[split, np.newaxis] + np.array([0, 0, 1, 1])).ravel()
+        cell_cols = (2 * cell_cols[split, np.newaxis] + np.array([0, 1, 0, 1])).ravel()
+        step //= 2
+    return source_x[: ys.size, : xs.size], source_y[: ys.size, : xs.size]
+
+
+class _Lattice:
+    """Target points by (row, column) index on uniform axes, and exact transforms of them."""
+
+    def __init__(self, transformer: Transformer, x0, y0, dx, dy, width: int) -> None:
+        self.transformer = transformer
+        self.x0, self.y0, self.dx, self.dy = x0, y0, dx, dy
+        self.node_columns = width + 1
+
+    def target(self, rows: np.ndarray, cols: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return self.x0 + cols * self.dx, self.y0 + rows * self.dy
+
+    def transform(self, rows: np.ndarray, cols: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        x, y = self.target(*np.broadcast_arrays(rows, cols))
+        return self.transformer.transform(x, y)
+
+    def corners(self, cell_rows, cell_cols, step: int) -> tuple[np.ndarray, np.ndarray]:
+        """Source coordinates of the corners of `step`-sized lattice cells, (k, 4) in the
+        order (row, col), (row, col + 1), (row + 1, col), (row + 1, col + 1), each shared
+        node transformed once."""
+        rows = (cell_rows[:, np.newaxis] + np.array([0, 0, 1, 1])) * step
+        cols = (cell_cols[:, np.newaxis] + np.array([0, 1, 0, 1])) * step
+        nodes, which = np.unique((rows * self.node_columns + cols).ravel(), return_inverse=True)
+        x, y = self.transform(*np.divmod(nodes, self.node_columns))
+        return x[which].reshape(rows.shape), y[which].reshape(rows.shape)
+
+
+def _interpolate(corners: np.ndarray, v: np.ndarray, u: np.ndarray) -> np.ndarray:
+    """Bilinear between each cell's corners (k, 4, ordered as `_Lattice.corners` gives
+    them) at fractions `v` of a cell along the rows and `u` along the columns."""
+    ndim = np.broadcast(v, u).ndim
+    at_00, at_01, at_10, at_11 = (corners[:, i].reshape((-1,) + (1,) * ndim) for i in range(4))
+    first_col = at_00 + (at_10 - at_00) * v
+    last_col = at_01 + (at_11 - at_01) * v
+    return first_col + (last_col - first_col) * u
+
+
+def _cell_view(array: np.ndarray, step: int) -> np.ndarray:
+    """`array` as (cell row, row in cell, cell column, column in cell), a view."""
+    height, width = array.shape
+    return array.reshape(height // step, step, width // step, step)
+
+
+def _fill_cells(array, step: int, cell_rows, cell_cols, corners: np.ndarray) -> None:
+    """Interpolate every point of the given lattice cells from their corners."""
+    fraction = np.arange(step) / step
+    batch = max(1, _BATCH_POINTS // step**2)
+    for start in range(0, cell_rows.size, batch):
+        part = slice(start, start + batch)
+        _cell_view(array, step)[cell_rows[part], :, cell_cols[part], :] = _interpolate(
+            corners[part], fraction[:, np.newaxis], fraction[np.newaxis, :]
+        )
+
+
+def _fill_cells_exactly(lattice: _Lattice, source_x, source_y, step, cell_rows, cell_cols):
+    """Transform every point of the given lattice cells exactly."""
+    offsets = np.arange(step)
+    batch = max(1, _BATCH_POINTS // step**2)
+    for start in range(0, cell_rows.size, batch):
+        part = slice(start, start + batch)
+        rows = cell_rows[part, np.newaxis, np.newaxis] * step + offsets[:, np.newaxis]
+        cols = cell_cols[part, np.newaxis, np.newaxis] * step + offsets
+        x, y = lattice.transform(rows, cols)
+        _cell_view(source_x, step)[cell_rows[part], :, cell_cols[part], :] = x
+        _cell_view(source_y, step)[cell_rows[part], :, cell_cols[part], :] = y
 
 
 class BlockResampler:
@@ -70,25 +205,50 @@ class BlockResampler:
 
     def __call__(self, block_info: dict | None = None) -> np.ndarray:
         (row0, row1), (col0, col1) = block_info[None]["array-location"]
-        return self.resample_block(slice(row0, row1), slice(col0, col1)).astype(np.float32)
+        return self.resample_block(slice(row0, row1), slice(col0, col1))
 
     def resample_block(self, rows: slice, cols: slice) -> np.ndarray:
+        """The float32 values of target rows `rows` and columns `cols`."""
         xs, ys = self.grid.x[cols], self.grid.y[rows]
         if self.same_crs:  # separable: one index per column and one per row
             fx = fractional_index(self.src_x, xs)[np.newaxis, :]
             fy = fractional_index(self.src_y, ys)[:, np.newaxis]
         else:
             transformer = Transformer.from_crs(self.grid.crs, self.source_crs, always_xy=True)
-            sx, sy = transformer.transform(*np.meshgrid(xs, ys))
-            fx, fy = fractional_index(self.src_x, sx), fractional_index(self.src_y, sy)
-        shape = (ys.size, xs.size)
+            sx, sy = lattice_transform(transformer, xs, ys)
+            fx = fractional_index(self.src_x, sx)
+            del sx  # one chunk-sized coordinate array at a time
+            fy = fractional_index(self.src_y, sy)
+            del sy
+        x_range, y_range = _finite_range(fx), _finite_range(fy)
+        if x_range is None or y_range is None:
+            return np.full((ys.size, xs.size), np.nan, dtype=np.float32)
         if self.method == "nearest":
-            return self._nearest(fx, fy, shape)
-        return self._bilinear(fx, fy, shape)
+            return self._nearest(fx, fy, x_range, y_range)
+        window = self._bilinear_window(x_range, y_range)
+        if self.same_crs:
+            return window.bilinear_separable(fx[0], fy[:, 0])
+        return window.bilinear(fx, fy)
 
     def _read_window(self, j0: int, j1: int, i0: int, i1: int) -> np.ndarray:
-        """Source rows j0..j1 and columns i0..i1 (inclusive), masked by the spec's rules."""
-        window = self.data.isel(y=slice(j0, j1 + 1), x=slice(i0, i1 + 1)).values
+        """Source rows j0..j1 and columns i0..i1 (inclusive), masked by the spec's rules.
+
+        A failing lazy read (a file damaged after it was opened) becomes a SourceFormatError
+        naming the file; dask re-raises it as is to whoever computes the chunk.
+        """
+        failure = None
+        try:
+            window = self.data.isel(y=slice(j0, j1 + 1), x=slice(i0, i1 + 1)).values
+        except (OSError, RuntimeError) as error:  # rasterio's "Read failed", netCDF/HDF5 errors
+            failure = f"{type(error).__name__}: {error}"
+        if failure is not None:
+            # Raised outside the `except`: GDAL's error as its context would not unpickle, and
+            # dask.distributed would then hand the caller a bare Exception instead.
+            source = self.data.encoding.get("source", self.data.name)
+            raise SourceFormatError(
+                f"{source}: cannot read rows {j0}..{j1}, columns {i0}..{i1} "
+                f"(truncated or damaged?): {failure}"
+            )
         window = np.asarray(window, dtype=np.float64)
         if self.valid_if:
             valid = np.ones(window.shape, dtype=bool)
@@ -98,55 +258,128 @@ class BlockResampler:
             window = np.where(valid, window, np.nan)
         return window
 
-    def _nearest(self, fx: np.ndarray, fy: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-        ix, iy = np.floor(fx + 0.5), np.floor(fy + 0.5)
-        inside = np.broadcast_to(np.isfinite(ix) & np.isfinite(iy), shape)
-        out = np.full(shape, np.nan)
-        if not inside.any():
-            return out
-        i0, i1 = int(np.nanmin(ix)), int(np.nanmax(ix))
-        j0, j1 = int(np.nanmin(iy)), int(np.nanmax(iy))
+    def _nearest(self, fx: np.ndarray, fy: np.ndarray, x_range, y_range) -> np.ndarray:
+        i0, i1 = (int(np.floor(bound + 0.5)) for bound in x_range)
+        j0, j1 = (int(np.floor(bound + 0.5)) for bound in y_range)
         window = self._read_window(j0, j1, i0, i1)
-        cols = np.where(np.isfinite(ix), ix - i0, 0).astype(np.intp)
-        rows = np.where(np.isfinite(iy), iy - j0, 0).astype(np.intp)
-        values = window[rows, cols]
-        out[inside] = np.broadcast_to(values, shape)[inside]
+        height, width = window.shape
+        table = np.full((height + 1, width + 1), np.nan, dtype=np.float32)  # last row/col: none
+        table[:height, :width] = window
+        out = np.empty(np.broadcast_shapes(fx.shape, fy.shape), dtype=np.float32)
+        for strip in _strips(out.shape[0]):
+            rows = np.floor(_rows_of(fy, strip) + 0.5)
+            cols = np.floor(_rows_of(fx, strip) + 0.5)
+            out[strip] = table[
+                np.where(np.isfinite(rows), rows - j0, height).astype(np.intp),
+                np.where(np.isfinite(cols), cols - i0, width).astype(np.intp),
+            ]
         return out
 
-    def _bilinear(self, fx: np.ndarray, fy: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-        base_x, base_y = np.floor(fx), np.floor(fy)
-        inside = np.broadcast_to(np.isfinite(base_x) & np.isfinite(base_y), shape)
-        if not inside.any():
-            return np.full(shape, np.nan)
-        nx, ny = self.src_x.size, self.src_y.size
-        i0 = max(int(np.nanmin(base_x)), 0)
-        i1 = min(int(np.nanmax(base_x)) + 1, nx - 1)
-        j0 = max(int(np.nanmin(base_y)), 0)
-        j1 = min(int(np.nanmax(base_y)) + 1, ny - 1)
-        window = self._read_window(j0, j1, i0, i1)
-        containing = window[
-            np.where(np.isfinite(fy), np.floor(fy + 0.5) - j0, 0).astype(np.intp),
-            np.where(np.isfinite(fx), np.floor(fx + 0.5) - i0, 0).astype(np.intp),
-        ]
-        inside = inside & np.isfinite(containing)
-        total = np.zeros(shape)
-        weights = np.zeros(shape)
-        for dy in (0, 1):
-            row = base_y + dy
-            weight_y = 1.0 - np.abs(fy - row)
-            row_ok = (row >= j0) & (row <= j1)
-            rows = np.where(row_ok, row - j0, 0).astype(np.intp)
-            for dx in (0, 1):
-                col = base_x + dx
-                weight_x = 1.0 - np.abs(fx - col)
-                col_ok = (col >= i0) & (col <= i1)
-                cols = np.where(col_ok, col - i0, 0).astype(np.intp)
-                values = window[rows, cols]
-                weight = np.where(row_ok & col_ok & np.isfinite(values), weight_y * weight_x, 0.0)
-                total += weight * np.nan_to_num(values)
-                weights += weight
-        with np.errstate(invalid="ignore", divide="ignore"):
-            return np.where(inside & (weights > _MIN_WEIGHT), total / weights, np.nan)
+    def _bilinear_window(self, x_range, y_range) -> _Window:
+        """The source window bilinear needs for fractional indices within these ranges."""
+        i0 = max(int(np.floor(x_range[0])), 0)
+        i1 = min(int(np.floor(x_range[1])) + 1, self.src_x.size - 1)
+        j0 = max(int(np.floor(y_range[0])), 0)
+        j1 = min(int(np.floor(y_range[1])) + 1, self.src_y.size - 1)
+        return _Window(self._read_window(j0, j1, i0, i1), i0, j0)
+
+
+class _Window:
+    """A source window for bilinear, padded with one cell of no data all round so that
+    neighbours beyond it weigh 0: `values` (NaN as 0) and `valid` (the weight of a cell)."""
+
+    def __init__(self, window: np.ndarray, i0: int, j0: int) -> None:
+        self.i0, self.j0 = i0, j0
+        self.valid = np.zeros((window.shape[0] + 2, window.shape[1] + 2), dtype=bool)
+        self.valid[1:-1, 1:-1] = np.isfinite(window)
+        self.values = np.zeros(self.valid.shape)
+        self.values[1:-1, 1:-1] = window
+        self.values[~self.valid] = 0.0
+
+    def bilinear_separable(self, fx: np.ndarray, fy: np.ndarray) -> np.ndarray:
+        """For one index per column (`fx`) and one per row (`fy`), a strip of target rows at
+        a time: along x on the source rows the strip uses, then along y."""
+        col, col_weights, nearest_col = _neighbours(fx, self.i0)
+        row, row_weights, nearest_row = _neighbours(fy, self.j0)
+        out = np.empty((fy.size, fx.size), dtype=np.float32)
+        for strip in _strips(fy.size):
+            used, at = np.unique(np.concatenate([row[strip], row[strip] + 1]), return_inverse=True)
+            lower, upper = np.split(at, 2)
+            lower_weight = row_weights[0][strip, np.newaxis]
+            upper_weight = row_weights[1][strip, np.newaxis]
+            sums = []  # weighted sums of the values, sums of the weights
+            for padded in (self.values, self.valid):
+                rows = padded[used]
+                along_x = rows[:, col] * col_weights[0]
+                along_x += rows[:, col + 1] * col_weights[1]
+                along_y = along_x[lower]
+                along_y *= lower_weight
+                upper_part = along_x[upper]
+                upper_part *= upper_weight
+                along_y += upper_part
+                sums.append(along_y)
+            containing = self.valid[nearest_row[strip, np.newaxis], nearest_col]
+            out[strip] = _renormalised(*sums, containing)
+        return out
+
+    def bilinear(self, fx: np.ndarray, fy: np.ndarray) -> np.ndarray:
+        """For indices `fx`, `fy` given at every target point, a strip of rows at a time."""
+        width = self.valid.shape[1]
+        values, valid = self.values.ravel(), self.valid.ravel()
+        out = np.empty(fx.shape, dtype=np.float32)
+        for strip in _strips(fx.shape[0]):
+            base_x, base_y = np.floor(fx[strip]), np.floor(fy[strip])
+            upper_x, upper_y = fx[strip] - base_x, fy[strip] - base_y  # weights of the upper
+            first = (base_y - (self.j0 - 1)) * width + (base_x - (self.i0 - 1))
+            first = np.nan_to_num(first, copy=False, nan=0.0).astype(np.intp)
+            total, weights = np.zeros(first.shape), np.zeros(first.shape)
+            weights_x = (1.0 - upper_x, upper_x)
+            for dy, weight_y in enumerate((1.0 - upper_y, upper_y)):
+                for dx, weight_x in enumerate(weights_x):
+                    offset = dy * width + dx
+                    weight = weight_y * weight_x
+                    weights += weight * np.take(valid[offset:], first)
+                    weight *= np.take(values[offset:], first)
+                    total += weight
+            nearest = first + width * (upper_y >= 0.5) + (upper_x >= 0.5)
+            out[strip] = _renormalised(total, weights, np.take(valid, nearest))
+        return out
+
+
+def _neighbours(f: np.ndarray, start: int) -> tuple[np.ndarray, tuple, np.ndarray]:
+    """For 1-D fractional indices `f` into a padded window starting at source index
+    `start`: the index of the lower neighbour, the weights of the lower and upper ones, and
+    the index of the nearest cell (the padding, never valid, where `f` is NaN)."""
+    base = np.floor(f)
+    finite = np.isfinite(f)
+    lower = np.where(finite, base - start + 1, 0).astype(np.intp)
+    nearest = np.where(finite, np.floor(f + 0.5) - start + 1, 0).astype(np.intp)
+    upper_weight = f - base
+    return lower, (1.0 - upper_weight, upper_weight), nearest
+
+
+def _finite_range(f: np.ndarray) -> tuple[float, float] | None:
+    """(min, max) of the finite values of `f`, None if there are none."""
+    low, high = np.fmin.reduce(f, axis=None), np.fmax.reduce(f, axis=None)
+    return None if np.isnan(low) else (float(low), float(high))
+
+
+def _strips(rows: int):
+    """Slices of at most `_STRIP_ROWS` rows covering `rows` rows."""
+    return (slice(start, start + _STRIP_ROWS) for start in range(0, rows, _STRIP_ROWS))
+
+
+def _rows_of(array: np.ndarray, strip: slice) -> np.ndarray:
+    """The `strip` rows of `array`, or `array` itself when it has one row to broadcast."""
+    return array if array.shape[0] == 1 else array[strip]
+
+
+def _renormalised(total: np.ndarray, weights: np.ndarray, containing: np.ndarray) -> np.ndarray:
+    """total / weights where the containing cell is valid and the weights count, else NaN."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        total /= weights
+    total[~(containing & (weights > _MIN_WEIGHT))] = np.nan
+    return total
 
 
 def resample_layer(

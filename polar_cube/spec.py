@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import math
 import operator
 import re
 from collections.abc import Callable
@@ -17,7 +18,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pyproj import CRS
 from pyproj.exceptions import CRSError
 
@@ -196,13 +205,27 @@ class CubeSpec(_Strict):
     def _check_crs(cls, value: str) -> str:
         return SourceSpec._check_crs(value)
 
+    @field_validator("spatial_bbox")
+    @classmethod
+    def _check_bbox(cls, value: tuple[float, float, float, float]) -> tuple:
+        xmin, ymin, xmax, ymax = value
+        if not (xmin < xmax and ymin < ymax):
+            raise ValueError("must be [xmin, ymin, xmax, ymax] with min < max")
+        return value
+
+    @field_validator("spatial_res")
+    @classmethod
+    def _check_res(cls, value: tuple[float, float], info: ValidationInfo) -> tuple:
+        if value[0] != value[1]:
+            raise ValueError("must be two equal numbers (square cells)")
+        bbox = info.data.get("spatial_bbox")
+        problem = resolution_problem(value[0], bbox) if bbox else None
+        if problem:
+            raise ValueError(problem)
+        return value
+
     @model_validator(mode="after")
     def _check_consistency(self) -> CubeSpec:
-        xmin, ymin, xmax, ymax = self.spatial_bbox
-        if not (xmin < xmax and ymin < ymax):
-            raise ValueError("spatial_bbox must be [xmin, ymin, xmax, ymax] with min < max")
-        if self.spatial_res[0] != self.spatial_res[1] or self.spatial_res[0] <= 0:
-            raise ValueError("spatial_res must be two equal positive numbers")
         _unique([s.id for s in self.sources], "sources", "id")
         _unique([v.name for v in self.variables], "variables", "name")
         sources = {s.id: s for s in self.sources}
@@ -234,6 +257,29 @@ class CubeSpec(_Strict):
             )
         needed = {known[n].source for n in variable_names}
         return [s for s in self.sources if s.id in needed]
+
+
+def resolution_problem(resolution: float, bbox: tuple[float, float, float, float]) -> str | None:
+    """Why `resolution` (metres) cannot be the grid's cell size over `bbox`, or None."""
+    if not resolution > 0:
+        return "must be a positive number of metres"
+    xmin, ymin, xmax, ymax = bbox
+    for axis, extent in (("x", xmax - xmin), ("y", ymax - ymin)):
+        cells = extent / resolution
+        if abs(cells - round(cells)) > 1e-6 or round(cells) < 1:
+            return (
+                f"{resolution:g} m does not divide the bbox {axis} extent {extent:.0f} m into "
+                f"whole cells{_fitting_resolutions(bbox)}"
+            )
+    return None
+
+
+def _fitting_resolutions(bbox: tuple[float, float, float, float]) -> str:
+    """A hint: whole-metre resolutions that divide both extents."""
+    width, height = round(bbox[2] - bbox[0]), round(bbox[3] - bbox[1])
+    common = math.gcd(width, height)
+    fitting = [r for r in range(50, common + 1, 50) if common % r == 0][:12]
+    return f" (these fit: {', '.join(map(str, fitting))} m)" if fitting else ""
 
 
 def _unique(values: list[str], what: str, key: str) -> None:
@@ -273,14 +319,15 @@ def load_spec(path: str | Path) -> CubeSpec:
     try:
         return CubeSpec.model_validate(properties)
     except ValidationError as error:
-        raise SpecError(f"{path}: invalid spec\n{_describe(error, properties)}") from None
+        raise SpecError(f"{path}: invalid spec: {_describe(error, properties)}") from None
 
 
 def _describe(error: ValidationError, properties: Any) -> str:
     lines = []
     for problem in error.errors():
-        lines.append(f"  properties.{_field_path(problem['loc'], properties)}: {problem['msg']}")
-    return "\n".join(lines)
+        message = problem["msg"].removeprefix("Value error, ")
+        lines.append(f"properties.{_field_path(problem['loc'], properties)}: {message}")
+    return "; ".join(lines)
 
 
 def _field_path(loc: tuple, properties: Any) -> str:

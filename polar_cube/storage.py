@@ -8,6 +8,8 @@ ever includes a secret.
 from __future__ import annotations
 
 import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -101,6 +103,24 @@ def check_bucket_access(url: str, storage_options: dict, *, write: bool = True) 
         else:
             fs.ls(bucket, refresh=True)
     except Exception as error:
+        raise _access_error(url, bucket, storage_options, error) from None
+
+
+@contextmanager
+def reaching_storage(url: str, storage_options: dict) -> Iterator[None]:
+    """Turn an S3 endpoint that cannot be reached, or keys or a bucket it refuses, met inside
+    into a StorageAccessError naming `url` (local folders pass through untouched)."""
+    try:
+        yield
+    except StorageAccessError:
+        raise  # already says what and where
+    except Exception as error:
+        recognised = (
+            _is_connection_error(error) or _error_code(error) in _ACCESS_DENIED | _NO_BUCKET
+        )
+        if not (url.startswith("s3://") and recognised):
+            raise
+        bucket = url.removeprefix("s3://").split("/", 1)[0]
         raise _access_error(url, bucket, storage_options, error) from None
 
 

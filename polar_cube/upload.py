@@ -3,6 +3,9 @@ when the same cube is already there."""
 
 from __future__ import annotations
 
+import os
+import shutil
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,11 +73,14 @@ def upload_cube(cube: Path, location: StoreLocation, name: str | None = None) ->
     chunks = sorted(k for k in local if not is_metadata(k))
     metadata = sorted((k for k in local if is_metadata(k)), key=lambda k: k.endswith(".zmetadata"))
     for batch in (chunks, metadata):
-        if batch:
+        if batch and location.is_local:
+            for k in batch:
+                replace_file(cube / k, Path(base, k))
+        elif batch:
             fs.put(
                 [str(cube / k) for k in batch],
                 [f"{base}/{k}" for k in batch],
-                **({} if location.is_local else {"batch_size": FILES_IN_FLIGHT}),
+                batch_size=FILES_IN_FLIGHT,
             )
     stale = sorted(set(remote) - set(local))
     if stale:
@@ -84,6 +90,18 @@ def upload_cube(cube: Path, location: StoreLocation, name: str | None = None) ->
         missing = sorted(k for k in local if arrived.get(k) != local[k])
         raise UploadError(f"{url}: {len(missing)} file(s) did not arrive intact: {missing[:5]}")
     return UploadResult(url, len(local), total, skipped=False)
+
+
+def replace_file(source: Path, target: Path) -> None:
+    """Copy `source` to `target` as a new file swapped in by a rename, never by writing into
+    the old one: a merged cube may share the old one's bytes (a hard link)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    temporary = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        shutil.copyfile(source, temporary)
+        os.replace(temporary, target)
+    finally:
+        temporary.unlink(missing_ok=True)
 
 
 def _same_metadata(cube: Path, location: StoreLocation, key: str) -> bool:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from prefect import get_run_logger, task
@@ -15,26 +17,41 @@ from prefect.cache_policies import NO_CACHE
 
 from polar_cube import cube as steps
 from polar_cube.compute import dask_compute
+from polar_cube.errors import writing_to
 from polar_cube.grid import TargetGrid
 from polar_cube.location import StoreLocation
-from polar_cube.quicklook import write_quicklooks
+from polar_cube.report import make_report, saved_report
 from polar_cube.spec import CubeSpec
 from polar_cube.stac import cube_stac_item, write_stac_item
+from polar_cube.storage import reaching_storage
 from polar_cube.upload import UploadResult, upload_cube
 from polar_cube.verify import (
     CubeCheckError,
     check_store_layout,
-    stats_markdown,
     stats_table_rows,
-    variable_stats,
     verify_cube,
 )
+from tasks.retry import retry_if_transient
 
 
-@task(task_run_name="upload-{cube.name}", retries=2, retry_delay_seconds=10, cache_policy=NO_CACHE)
+@contextmanager
+def _writing(location: StoreLocation, url: str) -> Iterator[None]:
+    """A full disk, a read-only folder or an unreachable bucket met inside, named by `url`."""
+    with writing_to(url), reaching_storage(url, location.storage_options):
+        yield
+
+
+@task(
+    task_run_name="upload-{cube.name}",
+    retries=2,
+    retry_delay_seconds=10,
+    retry_condition_fn=retry_if_transient,
+    cache_policy=NO_CACHE,
+)
 def upload_dataset(cube: Path, location: StoreLocation) -> UploadResult:
     started = time.monotonic()
-    result = upload_cube(cube, location)
+    with _writing(location, location.url("inputs", cube.name)):
+        result = upload_cube(cube, location)
     what = "already there, skipped" if result.skipped else "uploaded and checked"
     get_run_logger().info(
         "%s: %d files, %.1f MB %s in %.1f s",
@@ -47,12 +64,17 @@ def upload_dataset(cube: Path, location: StoreLocation) -> UploadResult:
     return result
 
 
-@task(task_run_name="merge-{spec.data_id}", retries=1, cache_policy=NO_CACHE)
+@task(
+    task_run_name="merge-{spec.data_id}",
+    retries=1,
+    retry_condition_fn=retry_if_transient,
+    cache_policy=NO_CACHE,
+)
 def merge_cube(
     location: StoreLocation, spec: CubeSpec, grid: TargetGrid, dask_address: str | None = None
 ) -> steps.StagedCube:
     started = time.monotonic()
-    with dask_compute(dask_address):
+    with _writing(location, location.url(".staging")), dask_compute(dask_address):
         staged = steps.stage_merged_cube(location, spec, grid)
     get_run_logger().info(
         "%s %s in %.1f s",
@@ -63,11 +85,17 @@ def merge_cube(
     return staged
 
 
-@task(task_run_name="patch-{spec.data_id}", retries=1, cache_policy=NO_CACHE)
+@task(
+    task_run_name="patch-{spec.data_id}",
+    retries=1,
+    retry_condition_fn=retry_if_transient,
+    cache_policy=NO_CACHE,
+)
 def patch_cube(
     location: StoreLocation, spec: CubeSpec, staged: steps.StagedCube, patch: dict, patch_path: str
 ) -> bool:
-    applied = steps.patch_staged_cube(location, staged, patch, patch_path)
+    with _writing(location, location.url(staged.key)):
+        applied = steps.patch_staged_cube(location, staged, patch, patch_path)
     get_run_logger().info(
         "%s with %s", "patched" if applied else "already patched", Path(patch_path).name
     )
@@ -99,11 +127,16 @@ def verify_staged_cube(
 
 
 @task(
-    task_run_name="publish-{spec.data_id}", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE
+    task_run_name="publish-{spec.data_id}",
+    retries=2,
+    retry_delay_seconds=5,
+    retry_condition_fn=retry_if_transient,
+    cache_policy=NO_CACHE,
 )
 def publish_cube(location: StoreLocation, spec: CubeSpec, staged: steps.StagedCube) -> str:
     started = time.monotonic()
-    url = steps.publish_staged_cube(location, spec, staged)
+    with _writing(location, location.url(spec.data_id)):
+        url = steps.publish_staged_cube(location, spec, staged)
     get_run_logger().info("published %s in %.1f s", url, time.monotonic() - started)
     return url
 
@@ -113,19 +146,13 @@ def report_cube(
     location: StoreLocation, spec: CubeSpec, dask_address: str | None = None
 ) -> list[str]:
     """Coverage/min/max table, summary and link artifacts; quicklooks and stats next to the
-    cube."""
-    cube = steps.open_cube(location, spec.data_id)
-    with dask_compute(dask_address):
-        stats = variable_stats(cube, spec)
+    cube (reused when they already describe the published cube)."""
     folder = location.url(steps.quicklooks_key(spec))
-    quicklooks = write_quicklooks(cube, spec, folder, location.storage_options)
-    summary = stats_markdown(
-        stats,
-        title=spec.title,
-        cube_url=location.url(spec.data_id),
-        extra_lines=[f"Quicklooks: `{folder}/` ({len(quicklooks)} PNG)"],
-    )
-    steps.save_report(location, spec, stats, summary)
+    report = saved_report(location, spec)
+    if report is None:
+        with _writing(location, folder):
+            report = make_report(location, spec, dask_address)
+    stats, quicklooks, summary = report.stats, report.quicklooks, report.summary
     create_table_artifact(
         key="polar-cube-coverage",
         table=stats_table_rows(stats),
@@ -144,7 +171,9 @@ def report_cube(
         link_text=f"{len(quicklooks)} quicklooks",
         description="One PNG per variable (and time step), with stats.json and summary.md",
     )
-    get_run_logger().info("wrote %d quicklooks to %s", len(quicklooks), folder)
+    get_run_logger().info(
+        "%s %d quicklooks in %s", "kept" if report.reused else "wrote", len(quicklooks), folder
+    )
     return quicklooks
 
 
@@ -155,7 +184,8 @@ def write_stac(
     """A validated STAC item for the published cube, next to it."""
     cube = steps.open_cube(location, spec.data_id)
     item = cube_stac_item(cube, spec, grid, location.url(spec.data_id), quicklook_urls=quicklooks)
-    url = write_stac_item(item, location.url(steps.stac_key(spec)), location.storage_options)
+    with _writing(location, location.url(steps.stac_key(spec))):
+        url = write_stac_item(item, location.url(steps.stac_key(spec)), location.storage_options)
     create_link_artifact(
         key="polar-cube-stac-item", link=url, description="STAC item describing the cube"
     )

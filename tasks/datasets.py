@@ -11,8 +11,10 @@ from prefect.cache_policies import NO_CACHE
 
 from polar_cube import dataset as ds
 from polar_cube.compute import dask_compute
+from polar_cube.errors import writing_to
 from polar_cube.grid import TargetGrid
 from polar_cube.spec import CubeSpec
+from tasks.retry import retry_if_transient
 
 
 @task(task_run_name="convert-{fetched.source.id}", cache_policy=NO_CACHE)
@@ -44,13 +46,18 @@ def resample_source(
     return ds.describe_dataset(dataset, spec, fetched, converted, grid)
 
 
-@task(task_run_name="write-{target.name}", cache_policy=NO_CACHE, retries=1)
+@task(
+    task_run_name="write-{target.name}",
+    cache_policy=NO_CACHE,
+    retries=1,
+    retry_condition_fn=retry_if_transient,
+)
 def write_dataset(
     dataset: xr.Dataset, target: Path, grid: TargetGrid, dask_address: str | None = None
 ) -> Path:
     """The chunked work happens here (on the dask cluster at `dask_address`, if given)."""
     started = time.monotonic()
-    with dask_compute(dask_address):
+    with writing_to(target), dask_compute(dask_address):
         ds.write_dataset(dataset, target, grid)
     size = sum(f.stat().st_size for f in target.rglob("*") if f.is_file())
     get_run_logger().info(

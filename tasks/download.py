@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from prefect import Task, get_run_logger, task
+from prefect import get_run_logger, task
 from prefect.blocks.system import Secret
 from prefect.cache_policies import NO_CACHE
-from prefect.client.schemas.objects import State, TaskRun
 
 from polar_cube.dataset import FetchedSource
 from polar_cube.fetch import fetch_source
@@ -20,22 +19,18 @@ def load_credentials(block_name: str) -> tuple[str, str]:
     return user, password
 
 
-def _worth_retrying(task: Task, task_run: TaskRun, state: State) -> bool:
-    """Retry transient failures only: not a 4xx, a bad checksum or an unsafe archive."""
-    try:
-        state.result()
-    except Exception as error:  # the task's own exception, re-raised by Prefect
-        return bool(getattr(error, "retryable", False))
-    return False
-
-
-@task(
-    task_run_name="download-{source.id}",
-    retries=2,
-    retry_delay_seconds=[10, 60],
-    retry_condition_fn=_worth_retrying,
-    cache_policy=NO_CACHE,
-)
-def download_source(source: SourceSpec, cache_dir: Path, mirror: str | None) -> FetchedSource:
+# No Prefect retries: `download_file` is the one retry layer (it resumes with Range requests),
+# bounded by POLAR_CUBE_DOWNLOAD_ATTEMPTS and POLAR_CUBE_DOWNLOAD_TIMEOUT_SECONDS.
+@task(task_run_name="download-{source.id}", cache_policy=NO_CACHE)
+def download_source(
+    source: SourceSpec,
+    cache_dir: Path,
+    mirror: str | None,
+    files: list[str] | None = None,
+) -> FetchedSource:
+    """Fetch `source` into the cache; `files` are the archive members the spec reads
+    (`polar_cube.fetch.needed_files`), checked by the source format."""
     auth = load_credentials(source.credentials_block) if source.credentials_block else None
-    return fetch_source(source, cache_dir, mirror=mirror, auth=auth, logger=get_run_logger())
+    return fetch_source(
+        source, cache_dir, mirror=mirror, auth=auth, files=files, logger=get_run_logger()
+    )

@@ -4,6 +4,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 
 def run_cli(*args, cwd=None):
     return subprocess.run(
@@ -33,18 +35,27 @@ def test_bad_spec_is_one_clear_line_not_a_traceback(tmp_path, repo_spec_path):
     assert "variables[0:curie_depth_200km].resampling" in result.stderr
 
 
-def test_resolution_that_does_not_fit_the_grid(repo_spec_path, tmp_path):
+@pytest.mark.parametrize(
+    ("resolution", "problem"),
+    [
+        ("2000", "--resolution 2000: 2000 m does not divide the bbox x extent 1953000 m"),
+        ("0", "--resolution 0: must be a positive number of metres"),
+        ("-250", "--resolution -250: must be a positive number of metres"),
+    ],
+)
+def test_resolution_that_does_not_fit_the_grid(repo_spec_path, tmp_path, resolution, problem):
     result = run_cli(
         "build",
         "--spec",
         str(repo_spec_path),
-        "--resolution",
-        "2000",
+        f"--resolution={resolution}",
         "--store",
         str(tmp_path / "out"),
     )
     assert result.returncode == 2
-    assert "resolution 2000 m does not divide" in result.stderr
+    (line,) = result.stderr.splitlines()
+    assert line.startswith(f"polar-cube: error: {problem}")
+    assert f"properties.spatial_bbox of {repo_spec_path}" in line
     assert not (tmp_path / "out").exists()
 
 

@@ -26,13 +26,13 @@ DEPLOYMENT = "build-cube/monthly"
 OPS = """
 import argparse, sys
 from polar_cube.cli_ops import add_ops_commands
-from polar_cube.errors import USER_ERRORS
+from polar_cube.errors import user_errors
 parser = argparse.ArgumentParser(prog="polar-cube")
 add_ops_commands(parser.add_subparsers(dest="command", required=True))
 args = parser.parse_args()
 try:
     sys.exit(args.func(args))
-except USER_ERRORS as error:
+except user_errors() as error:
     print(f"polar-cube: error: {error}", file=sys.stderr)
     sys.exit(2)
 """
@@ -189,6 +189,8 @@ def test_the_deployment_is_monthly_paused_and_runs_in_the_repo(finished_run, cli
     deployed_output = finished_run[2]
     assert f"prefect deployment schedule resume {DEPLOYMENT} {schedule.id}" in deployed_output
     assert deployment.parameters["resolution"] == 3000
+    assert deployment.concurrency_limit == 1  # one build at a time; others queue
+    assert deployment.concurrency_options.collision_strategy == "ENQUEUE"
     flow_run = client.read_flow_run(finished_run[0])
     assert flow_run.deployment_id == deployment.id and flow_run.state.is_completed()
 

@@ -1,15 +1,25 @@
 """Each reader on generated files: orientation, registration, clear errors."""
 
+import contextlib
+import os
 import shutil
 import subprocess
+import zipfile
 
+import dask
 import netCDF4
 import numpy as np
 import pytest
 import rasterio
+from distributed import Client, LocalCluster
 from rasterio.transform import from_origin
 
+from polar_cube.dataset import FetchedSource, convert_source
+from polar_cube.grid import TargetGrid
+from polar_cube.rasterize import read_polygons
 from polar_cube.readers import SourceFormatError, open_source
+from polar_cube.resample import resample_layer
+from polar_cube.spec import load_spec
 from polar_cube.standins import write_gmt_grid
 
 
@@ -154,3 +164,92 @@ def test_latlon_netcdf_keeps_its_non_uniform_axis(tmp_path):
 def test_missing_file_is_named(tmp_path):
     with pytest.raises(SourceFormatError, match="nope.tif: source file not found"):
         open_source(tmp_path / "nope.tif", "geotiff", None, "EPSG:3031")
+
+
+# --- incomplete files ---------------------------------------------------------------------------
+
+
+def _cut(source, folder, fraction=0.5):
+    path = folder / source.name
+    shutil.copyfile(source, path)
+    os.truncate(path, int(path.stat().st_size * fraction))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("name", "fmt", "variable", "crs"),
+    [
+        ("200km_GHF_windowCenters.nc", "gmt_netcdf", "z", "EPSG:3031"),
+        ("SMOS_IceThickness_2015_300.nc", "latlon_netcdf", "mrg", "EPSG:4326"),
+        ("ASE_MagneticCompilation_Dziadeketal_250m.tif", "geotiff", None, "EPSG:3031"),
+    ],
+)
+def test_truncated_file_is_refused_by_its_reader(
+    small_standins, tmp_path, name, fmt, variable, crs
+):
+    """No reader turns missing bytes into numbers (libnetcdf reads a cut classic file as 0s)."""
+    path = _cut(small_standins / name, tmp_path)
+    with pytest.raises(SourceFormatError, match=rf"^{path} is truncated: its header declares"):
+        open_source(path, fmt, variable, crs)
+
+
+def test_truncated_shapefile_is_refused_by_read_polygons(small_standins, tmp_path):
+    with zipfile.ZipFile(small_standins / "WAIS_Max_Extent.zip") as archive:
+        archive.extractall(tmp_path)
+    shp = tmp_path / "WAIS_Max_Extent" / "WAIS_Jan_2017_Polygons.shp"
+    os.truncate(shp, shp.stat().st_size // 2)
+    with pytest.raises(SourceFormatError, match=rf"^{shp} is truncated: its header declares"):
+        read_polygons(shp, "Feature_Cl", {"Lake": 1, "Channel": 2}, 0, "EPSG:3031")
+
+
+def test_convert_source_names_the_source_url_and_file(small_standins, tmp_path, repo_spec_path):
+    spec = load_spec(repo_spec_path)
+    source = spec.source("geothermal_heat_flow_200km")
+    path = _cut(small_standins / "200km_GHF_windowCenters.nc", tmp_path)
+    fetched = FetchedSource(source=source, folder=tmp_path, url=source.download_url, sha256="0")
+    with pytest.raises(SourceFormatError) as info:
+        convert_source(spec, fetched)
+    assert str(info.value).startswith(
+        f"geothermal_heat_flow_200km ({source.download_url}): {path} is truncated: "
+    )
+
+
+@pytest.mark.parametrize("scheduler", ["threads", "distributed"])
+def test_failing_lazy_read_reaches_the_caller_as_source_format_error(tmp_path, scheduler):
+    """A GeoTIFF cut after it was opened: the window read fails inside a dask task. The
+    threaded scheduler re-raises the task's own exception; dask.distributed pickles it, and
+    falls back to a bare Exception when that fails (e.g. with GDAL's error as its context)."""
+    path = tmp_path / "late.tif"
+    values = np.ones((400, 400), np.float32)
+    with rasterio.open(
+        path,
+        "w",
+        driver="GTiff",
+        width=400,
+        height=400,
+        count=1,
+        dtype="float32",
+        crs="EPSG:3031",
+        transform=from_origin(0, 40_000, 100, 100),
+        tiled=True,
+        blockxsize=128,
+        blockysize=128,
+    ) as dst:
+        dst.write(values, 1)
+    layer = open_source(path, "geotiff", None, "EPSG:3031")
+    os.truncate(path, path.stat().st_size // 3)
+    grid = TargetGrid("EPSG:3031", (0, 0, 40_000, 40_000), 500, chunk_size=40)
+    resampled = resample_layer(layer, grid, "linear")
+    with contextlib.ExitStack() as stack:
+        if scheduler == "distributed":
+            cluster = stack.enter_context(
+                LocalCluster(n_workers=1, processes=False, dashboard_address=None)
+            )
+            client = stack.enter_context(Client(cluster, set_as_default=False))
+            stack.enter_context(dask.config.set(scheduler=client))
+        else:
+            stack.enter_context(dask.config.set(scheduler=scheduler))
+        with pytest.raises(SourceFormatError) as info:
+            resampled.compute()
+    assert str(info.value).startswith(f"{path}: cannot read rows ")
+    assert "(truncated or damaged?)" in str(info.value)

@@ -322,3 +322,96 @@ def test_cli_blocks_create_names_what_is_missing(tmp_path, capsys, monkeypatch):
     args = make_parser().parse_args(["blocks", "create", "--from-s3-server", str(tmp_path)])
     with pytest.raises(StorageAccessError, match="no S3 server running for"):
         args.func(args)
+
+
+def test_merge_and_publish_copy_chunk_objects_server_side(
+    options, small_standins, repo_spec_path, tmp_path_factory, monkeypatch
+):
+    """On S3 the merge and the publish copy each chunk object with CopyObject, never decoding
+    it: the published chunks are the inputs' bytes, and the cube equals the decoding merge."""
+    import dataclasses
+
+    from polar_cube import cube as steps
+    from polar_cube.grid import TargetGrid
+    from polar_cube.location import StoreLocation
+    from polar_cube.merge import merge_inputs, open_inputs
+    from polar_cube.spec import load_spec
+    from polar_cube.upload import upload_cube
+    from tests.test_merge import (
+        CHUNK_SIZE,
+        build_inputs,
+        chunk_objects,
+        input_chunks,
+        refuse_chunk_codec,
+    )
+
+    spec = load_spec(repo_spec_path)
+    grid = dataclasses.replace(TargetGrid.from_spec(spec, 3000.0), chunk_size=CHUNK_SIZE)
+    datasets = build_inputs(small_standins, spec, grid, tmp_path_factory.mktemp("s3-merge"))
+    location = StoreLocation(f"s3://{BUCKET}/merge", options)
+    for cube in sorted(datasets.glob("*.zarr")):
+        upload_cube(cube, location)
+
+    server_side_copies = []
+    copy_basic = s3fs.S3FileSystem._copy_basic
+
+    async def counting_copy_basic(self, path1, path2, **kwargs):
+        server_side_copies.append(path2)
+        return await copy_basic(self, path1, path2, **kwargs)
+
+    monkeypatch.setattr(s3fs.S3FileSystem, "_copy_basic", counting_copy_basic)
+    refuse_chunk_codec(monkeypatch)
+
+    staged = steps.stage_merged_cube(location, spec, grid)
+    expected = {v.name: input_chunks(location, spec, v) for v in spec.variables}
+    for name, chunks in expected.items():
+        assert chunks and chunk_objects(location, staged.key, name) == chunks, name
+    steps.publish_staged_cube(location, spec, staged)
+    for name, chunks in expected.items():
+        assert chunk_objects(location, spec.data_id, name) == chunks, name
+    for key in (staged.key, spec.data_id):
+        copied_here = [
+            location.path(key, name, chunk) for name in expected for chunk in expected[name]
+        ]
+        assert set(copied_here) <= set(server_side_copies), key
+
+    monkeypatch.undo()
+    published = steps.open_cube(location, spec.data_id).load()
+    xr.testing.assert_equal(published, merge_inputs(open_inputs(location, spec), spec, grid))
+
+
+def test_cli_blocks_create_checks_the_keys_before_saving(server, capsys, monkeypatch):
+    from polar_cube.cli import main
+
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")  # from the environment, not argv
+    names = ["--bucket-block", "unchecked-bucket", "--credentials-block", "unchecked-keys"]
+    argv = ["blocks", "create", "--endpoint-url", server.endpoint_url, "--bucket", BUCKET]
+    argv += ["--access-key", server.access_key, *names]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"polar-cube: error: s3://{BUCKET}: access denied")
+    assert "no block was saved (--no-check saves them unchecked)" in err
+    assert "not-the-secret" not in err
+    with pytest.raises(StorageAccessError, match="no S3Bucket block named 'unchecked-bucket'"):
+        load_bucket("unchecked-bucket")
+    assert main([*argv, "--no-check"]) == 0  # saved as given, on request
+    assert load_bucket("unchecked-bucket").bucket_name == BUCKET
+
+
+def test_the_lock_works_in_a_bucket(server, options):
+    from polar_cube.location import StoreLocation
+    from polar_cube.target_lock import TargetBusyError, TargetLock
+
+    location = StoreLocation(f"s3://{BUCKET}/locked-target", options)
+    with TargetLock(location, settle_seconds=0.2) as holder:
+        with pytest.raises(TargetBusyError, match=f"pid {holder.entry.pid} on "):
+            TargetLock(location, settle_seconds=0.2).acquire()
+    with TargetLock(location, settle_seconds=0.2):
+        pass
+    fs = location.fs
+    fs.invalidate_cache()
+    assert [
+        p for p in fs.ls(location.path(".polar-cube-lock"), detail=False) if p.endswith(".json")
+    ] == []

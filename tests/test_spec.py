@@ -92,8 +92,32 @@ def test_not_json_and_not_found(tmp_path):
 def test_resolution_must_divide_the_bbox(repo_spec_path):
     spec = load_spec(repo_spec_path)
     assert TargetGrid.from_spec(spec, 1000).shape == (2121, 1953)
-    with pytest.raises(SpecError, match="resolution 2000 m does not divide"):
+    with pytest.raises(SpecError, match="resolution 2000 m: 2000 m does not divide"):
         TargetGrid.from_spec(spec, 2000)
+    for zero_or_less in (0, -100):
+        with pytest.raises(SpecError, match="must be a positive number of metres"):
+            TargetGrid.from_spec(spec, zero_or_less)
+
+
+@pytest.mark.parametrize(
+    ("spatial_res", "problem"),
+    [
+        ([2000, 2000], "2000 m does not divide the bbox x extent 1953000 m into whole cells"),
+        ([0, 0], "must be a positive number of metres"),
+        ([-100, -100], "must be a positive number of metres"),
+        ([100, 200], "must be two equal numbers"),
+    ],
+)
+def test_spec_resolution_errors_name_the_file_and_field(
+    tmp_path, spec_document, spatial_res, problem
+):
+    spec_document["properties"]["spatial_res"] = spatial_res
+    path = write(tmp_path, spec_document)
+    with pytest.raises(SpecError) as caught:
+        load_spec(path)
+    assert str(caught.value).startswith(f"{path}: invalid spec: properties.spatial_res: ")
+    assert problem in str(caught.value)
+    assert "\n" not in str(caught.value)
 
 
 def test_select_sources_for_variables(repo_spec_path):

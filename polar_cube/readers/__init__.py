@@ -23,7 +23,7 @@ class SourceLayer:
 
     `data` has dims (y, x) with 1-D monotonic coordinates (cell centres, ascending or
     descending, not necessarily uniform) and may be lazily indexed: the resampler reads
-    only the window each target chunk needs.
+    only the window each target chunk needs. `data.encoding["source"]` is the file's path.
     """
 
     data: xr.DataArray

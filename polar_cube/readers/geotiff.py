@@ -9,11 +9,14 @@ import rioxarray
 from pyproj import CRS
 
 from polar_cube.readers import SourceFormatError, SourceLayer
+from polar_cube.source_checks import check_geotiff
 
 
 def read_geotiff(path: Path, variable: str | None, crs: str) -> SourceLayer:
-    """Band 1 (or band `variable`, a 1-based number) with nodata as NaN."""
+    """Band 1 (or band `variable`, a 1-based number) with nodata as NaN; refuses a file
+    whose strips/tiles do not all lie inside it."""
     band = int(variable) if variable else 1
+    check_geotiff(path)
     try:
         data = rioxarray.open_rasterio(path, masked=True, cache=False)
     except rasterio.errors.RasterioIOError as error:

@@ -9,6 +9,7 @@ import numpy as np
 import xarray as xr
 
 from polar_cube.readers import SourceFormatError, SourceLayer
+from polar_cube.source_checks import NETCDF_LOCK, check_netcdf
 
 _REQUIRED = ("x_range", "y_range", "spacing", "dimension", "z")
 
@@ -17,9 +18,16 @@ def read_gmt_netcdf(path: Path, variable: str | None, crs: str) -> SourceLayer:
     """Read a GMT classic grid. Rows are flipped so y ascends; node coordinates honour
     `node_offset` (0: gridline, ranges are the outer nodes; 1: pixel, ranges are cell edges).
 
-    The grids are small (window-centre results), so `z` is read whole.
+    The grids are small (window-centre results), so `z` is read whole, after checking that
+    the file holds all the data its header declares.
     """
     name = variable or "z"
+    check_netcdf(path)
+    with NETCDF_LOCK:
+        return _read_locked(path, name, crs)
+
+
+def _read_locked(path: Path, name: str, crs: str) -> SourceLayer:
     try:
         dataset = netCDF4.Dataset(path)
     except OSError as error:
@@ -44,6 +52,7 @@ def read_gmt_netcdf(path: Path, variable: str | None, crs: str) -> SourceLayer:
     registration = "gridline" if node_offset == 0 else "pixel"
     data = xr.DataArray(values, dims=("y", "x"), coords={"y": y, "x": x}, name=name)
     data.attrs["units"] = units
+    data.encoding["source"] = str(path)
     return SourceLayer(
         data=data,
         crs=crs,

@@ -8,13 +8,16 @@ import numpy as np
 import xarray as xr
 
 from polar_cube.readers import SourceFormatError, SourceLayer
+from polar_cube.source_checks import check_netcdf
 
 _LAT_NAMES = ("lat", "latitude")
 _LON_NAMES = ("lon", "longitude")
 
 
 def read_latlon_netcdf(path: Path, variable: str | None, crs: str) -> SourceLayer:
-    """`variable` on its real lat/lon axes, renamed to (y, x); read lazily."""
+    """`variable` on its real lat/lon axes, renamed to (y, x); read lazily, after checking
+    that the file is complete."""
+    check_netcdf(path)
     try:
         dataset = xr.open_dataset(path, mask_and_scale=True, cache=False)
     except (OSError, ValueError) as error:

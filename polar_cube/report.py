@@ -1,0 +1,87 @@
+"""The report on a published cube: statistics per variable and time step, quicklooks and a
+markdown summary, saved next to the cube in `<stem>.quicklooks/`.
+
+A report records which cube it describes (its inputs fingerprint and patch digest), so a
+rerun that changed nothing reuses it instead of reading the whole cube again.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+
+from polar_cube import cube as steps
+from polar_cube.compute import dask_compute
+from polar_cube.location import StoreLocation
+from polar_cube.patching import PATCH_ATTR
+from polar_cube.quicklook import write_quicklooks
+from polar_cube.spec import CubeSpec
+from polar_cube.verify import VariableStats, stats_markdown, variable_stats
+from polar_cube.zarr_store import FINGERPRINT_ATTR
+
+RECORD = "report.json"
+
+
+@dataclass(frozen=True)
+class CubeReport:
+    stats: list[VariableStats]
+    quicklooks: list[str]  # URLs of the PNGs
+    summary: str  # markdown
+    folder: str  # URL of the folder holding them
+    reused: bool = False
+
+
+def published_identity(location: StoreLocation, spec: CubeSpec) -> dict:
+    """What tells one published cube from another: its inputs fingerprint and patch."""
+    attrs = steps.zarr_attrs(location, spec.data_id)
+    return {"fingerprint": attrs.get(FINGERPRINT_ATTR), "patch": attrs.get(PATCH_ATTR)}
+
+
+def saved_report(location: StoreLocation, spec: CubeSpec) -> CubeReport | None:
+    """The saved report, if it describes the cube published now."""
+    folder = steps.quicklooks_key(spec)
+    path = location.path(folder, RECORD)
+    if not location.fs.exists(path):
+        return None
+    try:
+        record = json.loads(location.fs.cat_file(path))
+        stats = [VariableStats(**item) for item in record["stats"]]
+        identity, quicklooks, summary = record["cube"], record["quicklooks"], record["summary"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    current = published_identity(location, spec)
+    if identity != current or current["fingerprint"] is None:
+        return None
+    if not all(
+        location.fs.exists(location.path(folder, url.rsplit("/", 1)[-1])) for url in quicklooks
+    ):
+        return None
+    return CubeReport(stats, quicklooks, summary, location.url(folder), reused=True)
+
+
+def make_report(
+    location: StoreLocation, spec: CubeSpec, dask_address: str | None = None
+) -> CubeReport:
+    """Read the published cube once for statistics and quicklooks; save them with the
+    record of which cube they describe (written last)."""
+    cube = steps.open_cube(location, spec.data_id)
+    with dask_compute(dask_address):
+        stats = variable_stats(cube, spec)
+    folder_key = steps.quicklooks_key(spec)
+    folder = location.url(folder_key)
+    quicklooks = write_quicklooks(cube, spec, folder, location.storage_options)
+    summary = stats_markdown(
+        stats,
+        title=spec.title,
+        cube_url=location.url(spec.data_id),
+        extra_lines=[f"Quicklooks: `{folder}/` ({len(quicklooks)} PNG)"],
+    )
+    steps.save_report(location, spec, stats, summary)
+    record = {
+        "cube": published_identity(location, spec),
+        "stats": [asdict(s) for s in stats],
+        "quicklooks": quicklooks,
+        "summary": summary,
+    }
+    location.fs.pipe_file(location.path(folder_key, RECORD), json.dumps(record).encode())
+    return CubeReport(stats, quicklooks, summary, folder)

@@ -1,0 +1,504 @@
+"""Fault injection, end to end through the real command line: every way a build can meet bad
+input or a broken environment ends with exit code 2 and one `polar-cube: error: …` line naming
+the culprit, publishes nothing, caches nothing bad, and once the fault is fixed the same
+command builds a cube equal to a clean build.
+
+Real parts throughout: the small stand-in sources served over HTTP (a copy the tests break and
+repair), a Prefect server of the module's own, tmpfs mounts for a full and a read-only disk,
+and a SeaweedFS S3 server that is killed mid-upload and restarted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from http.server import ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+import pytest
+import xarray as xr
+
+from polar_cube.mirror import MirrorServer, _MirrorHandler
+from polar_cube.spec import load_spec
+from tests.conftest import REPO, free_port_block
+
+pytestmark = pytest.mark.slow
+SPEC = REPO / "cube.geojson"
+PATCH = REPO / "patch.yaml"
+RESOLUTION = "3000"
+LOCK_FOLDER = ".polar-cube-lock"
+
+
+# --- servers ---------------------------------------------------------------------------------
+
+
+class _StallingHandler(_MirrorHandler):
+    """Serves like the mirror, but for the names in `server.stalled` it sends the headers and
+    half the body, then goes silent (a server that hangs mid-transfer)."""
+
+    def _send_file(self, path: Path, start: int, length: int) -> None:
+        if path.name not in self.server.stalled:
+            return super()._send_file(path, start, length)
+        with path.open("rb") as f:
+            f.seek(start)
+            self.wfile.write(f.read(length // 2))
+        self.wfile.flush()
+        self.server.released.wait(60)
+        self.close_connection = True
+
+
+class FaultyMirror(MirrorServer):
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root).resolve()
+        self.verbose = False
+        self.stalled: set[str] = set()
+        self.released = threading.Event()
+        ThreadingHTTPServer.__init__(self, ("127.0.0.1", 0), _StallingHandler)
+
+
+@pytest.fixture(scope="module")
+def sources(small_standins, tmp_path_factory) -> Path:
+    """A copy of the small stand-ins that the tests break and repair."""
+    folder = tmp_path_factory.mktemp("faulty-sources")
+    for path in small_standins.iterdir():
+        shutil.copy2(path, folder / path.name)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def mirror(sources):
+    server = FaultyMirror(sources)
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    yield server
+    server.released.set()
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture(scope="module")
+def api(tmp_path_factory):
+    """A Prefect server for the builds of this module (one start instead of one per run)."""
+    from polar_cube.operate import stop_server
+
+    root = tmp_path_factory.mktemp("faults-prefect")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API_")}
+    env |= {"PREFECT_HOME": str(root / "home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    port = free_port_block(1)
+    command = [sys.executable, "-m", "polar_cube.cli", "server", "start"]
+    command += ["--state-dir", str(root / "state"), "--port", str(port)]
+    try:
+        started = subprocess.run(
+            command, env=env, cwd=REPO, capture_output=True, text=True, timeout=400
+        )
+        assert started.returncode == 0, started.stdout + started.stderr
+        yield env | {"PREFECT_API_URL": f"http://127.0.0.1:{port}/api"}
+    finally:
+        stop_server(root / "state")
+
+
+# --- running builds ---------------------------------------------------------------------------
+
+
+def polar_cube(*args: str, env: dict, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "polar_cube.cli", *args],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def build_args(work: Path, mirror_url: str, *extra: str) -> list[str]:
+    return [
+        "build",
+        "--spec",
+        str(SPEC),
+        "--patch",
+        str(PATCH),
+        "--resolution",
+        RESOLUTION,
+        "--source-mirror",
+        mirror_url,
+        "--cache",
+        str(work / "cache"),
+        "--store",
+        str(work / "datasets"),
+        *extra,
+    ]
+
+
+def the_error_line(result: subprocess.CompletedProcess) -> str:
+    """Exit code 2 and exactly one error line; no traceback after it (Prefect's own log of the
+    failed task, before it, may show one)."""
+    assert result.returncode == 2, result.stderr[-4000:]
+    lines = result.stderr.splitlines()
+    errors = [i for i, line in enumerate(lines) if line.startswith("polar-cube: error:")]
+    assert len(errors) == 1, result.stderr[-4000:]
+    assert not any(line.startswith("Traceback") for line in lines[errors[0] :])
+    return lines[errors[0]]
+
+
+def tree(folder: Path) -> dict[str, tuple[int, int]]:
+    """Every file below `folder` with its size and mtime (the lock folder aside)."""
+    if not folder.exists():
+        return {}
+    return {
+        str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns)
+        for p in folder.rglob("*")
+        if p.is_file() and LOCK_FOLDER not in p.parts
+    }
+
+
+def assert_same_cube(path: Path | str, reference: dict[str, np.ndarray], options=None) -> None:
+    cube = xr.open_zarr(str(path), consolidated=True, storage_options=options)
+    assert sorted(reference) == sorted(map(str, cube.data_vars))
+    for name, values in reference.items():
+        np.testing.assert_array_equal(cube[name].values, values, err_msg=name)
+
+
+def cube_values(path: Path | str, options=None) -> dict[str, np.ndarray]:
+    cube = xr.open_zarr(str(path), consolidated=True, storage_options=options)
+    return {str(name): cube[name].values for name in cube.data_vars}
+
+
+@pytest.fixture(scope="module")
+def data_id() -> str:
+    return load_spec(SPEC).data_id
+
+
+@pytest.fixture(scope="module")
+def clean(tmp_path_factory, mirror, api, data_id):
+    """A clean build: the reference every repaired build must equal. Its folders are shared by
+    the download cases, which then each start from an empty cache entry for their source."""
+    work = tmp_path_factory.mktemp("faults-clean")
+    result = polar_cube(*build_args(work, mirror.base_url, "--output", str(work / "out")), env=api)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return work, cube_values(work / "out" / data_id)
+
+
+# --- faults found before anything starts -------------------------------------------------------
+
+
+def _spec_with(tmp_path: Path, change) -> Path:
+    document = json.loads(SPEC.read_text())
+    change(document["properties"])
+    path = tmp_path / "cube.geojson"
+    path.write_text(json.dumps(document))
+    return path
+
+
+def _bad_json(tmp_path: Path) -> Path:
+    path = tmp_path / "cube.geojson"
+    path.write_text(SPEC.read_text()[:-40])
+    return path
+
+
+def _patch_file(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "patch.yaml"
+    path.write_text(text)
+    return path
+
+
+PREFLIGHT_CASES = {
+    "spec is not JSON": (
+        lambda t: ["--spec", str(_bad_json(t))],
+        "cube.geojson: not valid JSON: ",
+    ),
+    "spec field of the wrong type": (
+        lambda t: ["--spec", str(_spec_with(t, lambda p: p["variables"][2].update(units=7)))],
+        "cube.geojson: invalid spec: properties.variables[2:geothermal_heat_flow_200km].units",
+    ),
+    "spec resolution that does not divide the bbox": (
+        lambda t: ["--spec", str(_spec_with(t, lambda p: p.update(spatial_res=[2000, 2000])))],
+        "cube.geojson: invalid spec: properties.spatial_res: 2000 m does not divide",
+    ),
+    "--resolution 0": (
+        lambda t: ["--resolution", "0"],
+        "--resolution 0: must be a positive number of metres",
+    ),
+    "--resolution negative": (
+        lambda t: ["--resolution=-500"],
+        "--resolution -500: must be a positive number of metres",
+    ),
+    "--resolution not dividing": (
+        lambda t: ["--resolution", "2000"],
+        "--resolution 2000: 2000 m does not divide the bbox x extent 1953000 m",
+    ),
+    "patch is not YAML": (
+        lambda t: ["--patch", str(_patch_file(t, "metadata: [\n  .zattrs: {"))],
+        "patch.yaml: not valid YAML at line",
+    ),
+    "patch for an unknown variable": (
+        lambda t: [
+            "--patch",
+            str(
+                _patch_file(
+                    t,
+                    "zarr_consolidated_format: 1\nmetadata:\n  ice_thicknes/.zattrs: {units: m}\n",
+                )
+            ),
+        ],
+        "patch.yaml: entries for variables the cube does not have: ice_thicknes",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", PREFLIGHT_CASES)
+def test_bad_input_is_refused_before_anything_starts(case, tmp_path, mirror):
+    make_args, expected = PREFLIGHT_CASES[case]
+    home = tmp_path / "prefect-home"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API_")}
+    env["PREFECT_HOME"] = str(home)
+    args = build_args(tmp_path, mirror.base_url, "--output", str(tmp_path / "out"))
+    result = polar_cube(*args, *make_args(tmp_path), env=env, timeout=120)
+    line = the_error_line(result)
+    assert expected in line, line
+    assert "Traceback" not in result.stderr
+    # no Prefect server was started (it would have made its database), nothing was written:
+    # the same command with the input fixed is a clean build
+    assert not list(home.rglob("*.db"))
+    for folder in ("cache", "datasets", "out"):
+        assert not (tmp_path / folder).exists(), folder
+
+
+def test_a_read_only_target_is_refused_before_anything_starts(tmp_path, mirror, readonly_mount):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API_")}
+    env["PREFECT_HOME"] = str(tmp_path / "prefect-home")
+    args = build_args(tmp_path, mirror.base_url, "--output", str(readonly_mount / "out"))
+    line = the_error_line(polar_cube(*args, env=env, timeout=120))
+    assert line == (
+        f"polar-cube: error: --output {readonly_mount / 'out'}: cannot write into "
+        f"{readonly_mount}: read-only file system"
+    )
+    assert not list((tmp_path / "prefect-home").rglob("*.db"))
+    assert not (tmp_path / "cache").exists()
+
+
+# --- bad sources -------------------------------------------------------------------------------
+
+
+def _truncate(path: Path) -> None:
+    os.truncate(path, path.stat().st_size // 2)
+
+
+def _html(path: Path) -> None:
+    path.write_text(
+        "<!DOCTYPE html>\n<html><head><title>Sign in</title></head>"
+        "<body><form action='/login'>Please sign in to download this file.</form></body></html>"
+    )
+
+
+def _remove(path: Path) -> None:
+    path.unlink()
+
+
+SOURCE_CASES = {
+    # case: (source id, how the served file is broken, what the message says)
+    "truncated GMT netCDF": ("geothermal_heat_flow_200km", _truncate, "truncated"),
+    "truncated netCDF-4": ("ice_thickness_cryosmos", _truncate, "truncated"),
+    "truncated GeoTIFF": ("magnetic_anomaly", _truncate, "truncated"),
+    "truncated tar": ("subglacial_lakes_thwaites", _truncate, "truncated"),
+    "truncated zip": ("supraglacial_lakes_wais", _truncate, "truncated"),
+    "HTML page with status 200": (
+        "curie_depth_200km",
+        _html,
+        "returned an HTML page (a login or error page?) instead of data",
+    ),
+    "404": ("curie_depth_300km", _remove, "HTTP 404 Not Found"),
+    "server stalls mid-body": ("geothermal_heat_flow_300km", None, "gave up after 2 attempts"),
+}
+
+
+@pytest.mark.parametrize("case", SOURCE_CASES)
+def test_a_bad_source_is_refused_never_cached_and_a_rerun_after_the_fix_equals_a_clean_build(
+    case, clean, sources, mirror, api, data_id
+):
+    work, reference = clean
+    source_id, breaks, expected = SOURCE_CASES[case]
+    spec = load_spec(SPEC)
+    file_name = spec.source(source_id).file_name
+    url = f"{mirror.base_url}/{file_name}"
+    shutil.rmtree(work / "cache" / source_id, ignore_errors=True)  # as if never downloaded
+    kept = tree(work / "out"), tree(work / "datasets")
+    served = sources / file_name
+    original = served.read_bytes()
+    env = api | {"POLAR_CUBE_DOWNLOAD_ATTEMPTS": "2", "POLAR_CUBE_DOWNLOAD_TIMEOUT_SECONDS": "3"}
+    args = build_args(work, mirror.base_url, "--output", str(work / "out"))
+    try:
+        if breaks is None:
+            mirror.stalled.add(file_name)
+        else:
+            breaks(served)
+        line = the_error_line(polar_cube(*args, env=env))
+    finally:
+        mirror.stalled.discard(file_name)
+        served.write_bytes(original)
+    assert source_id in line and url in line and expected in line, line
+    cached = [p for p in (work / "cache" / source_id).rglob("*") if p.is_file()]
+    assert cached == [], cached  # nothing bad cached (not even a .part)
+    assert (tree(work / "out"), tree(work / "datasets")) == kept  # nothing built or published
+
+    repaired = polar_cube(*args, env=api)
+    assert repaired.returncode == 0, repaired.stderr[-4000:]
+    assert_same_cube(work / "out" / data_id, reference)
+
+
+def test_a_refused_connection_gives_up_in_bounded_time_naming_the_url(clean, mirror, api, data_id):
+    work, reference = clean
+    dead = f"http://127.0.0.1:{free_port_block(1)}"
+    kept = tree(work / "out")
+    started = time.monotonic()
+    result = polar_cube(*build_args(work, dead, "--output", str(work / "out")), env=api)
+    took = time.monotonic() - started
+    line = the_error_line(result)
+    assert dead in line and "gave up after" in line, line
+    assert took < 90  # the downloads' own bound is 30 s; Prefect and Python start on top
+    assert tree(work / "out") == kept
+    assert not [p for p in (work / "cache").rglob("*.part")]
+
+    args = build_args(work, mirror.base_url, "--output", str(work / "out"))
+    repaired = polar_cube(*args, env=api)  # the mirror named right
+    assert repaired.returncode == 0, repaired.stderr[-4000:]
+    assert_same_cube(work / "out" / data_id, reference)
+
+
+# --- a broken environment -------------------------------------------------------------------------
+
+
+def _mount_tmpfs(folder: Path, *options: str) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", ",".join(options), "tmpfs", str(folder)],
+        capture_output=True,
+        text=True,
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+
+
+@pytest.fixture()
+def readonly_mount(tmp_path):
+    folder = tmp_path / "readonly"
+    _mount_tmpfs(folder, "ro", "size=1m")
+    yield folder
+    subprocess.run(["umount", str(folder)], check=True)
+
+
+@pytest.fixture()
+def small_disk(tmp_path):
+    folder = tmp_path / "small-disk"
+    _mount_tmpfs(folder, "size=2m")
+    yield folder
+    subprocess.run(["umount", "-l", str(folder)], check=True)
+
+
+def test_a_full_disk_names_the_target_and_a_rerun_with_space_completes(
+    clean, small_disk, mirror, api, data_id
+):
+    work, reference = clean
+    args = build_args(work, mirror.base_url, "--output", str(small_disk / "out"))
+    line = the_error_line(polar_cube(*args, env=api))
+    assert f"{small_disk / 'out'}" in line and "no space left on device" in line, line
+    assert not (small_disk / "out" / data_id).exists()  # nothing published
+    subprocess.run(["mount", "-o", "remount,size=256m", str(small_disk)], check=True)
+    repaired = polar_cube(*args, env=api)
+    assert repaired.returncode == 0, repaired.stderr[-4000:]
+    assert_same_cube(small_disk / "out" / data_id, reference)
+
+
+def test_two_builds_into_one_target_one_refuses_naming_the_holder(
+    clean, tmp_path, mirror, api, data_id
+):
+    work, reference = clean
+    target = tmp_path / "shared-target"
+    commands = []
+    for name in ("first", "second"):  # own caches and stores: only the target is shared
+        args = build_args(tmp_path / name, mirror.base_url, "--output", str(target))
+        commands.append([sys.executable, "-m", "polar_cube.cli", *args])
+    runs = [
+        subprocess.Popen(c, env=api, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        for c in commands
+    ]
+    outcomes = [(run.pid, run.wait(timeout=600), run.stderr.read().decode()) for run in runs]
+    codes = sorted(code for _, code, _ in outcomes)
+    assert codes == [0, 2], [o[2][-2000:] for o in outcomes]
+    (winner,) = [pid for pid, code, _ in outcomes if code == 0]
+    (refused,) = [err for _, code, err in outcomes if code == 2]
+    line = the_error_line(subprocess.CompletedProcess([], 2, "", refused))
+    assert f"{target} is being built by pid {winner} on " in line, line
+    assert f"{target / LOCK_FOLDER}" in line
+    assert_same_cube(target / data_id, reference)
+    assert not list((target / LOCK_FOLDER).glob("*.json"))  # released at the end
+
+    again = polar_cube(*commands[1][3:], env=api)  # the refused build, run again
+    assert again.returncode == 0, again.stderr[-4000:]
+    assert_same_cube(target / data_id, reference)
+
+
+def test_an_s3_server_killed_mid_upload_then_restarted(clean, tmp_path, mirror, api, data_id):
+    from polar_cube.s3server import running_s3_server, start_s3_server
+
+    work, reference = clean
+    state = tmp_path / "seaweedfs"
+    port = free_port_block()
+    with running_s3_server(state, port=port, bucket="faults") as server:
+        blocks = polar_cube(
+            "blocks",
+            "create",
+            "--from-s3-server",
+            str(state),
+            "--bucket",
+            "faults",
+            "--bucket-block",
+            "faults-bucket",
+            "--credentials-block",
+            "faults-credentials",
+            env=api,
+        )
+        assert blocks.returncode == 0, blocks.stderr[-3000:]
+        args = build_args(work, mirror.base_url, "--bucket-block", "faults-bucket")
+        build = subprocess.Popen(
+            [sys.executable, "-m", "polar_cube.cli", *args],
+            env=api,
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        stderr = []
+        for line in build.stderr:  # kill the S3 server as the uploads run
+            stderr.append(line)
+            if "Task run 'upload-" in line:
+                os.killpg(server.pid, signal.SIGKILL)
+                break
+        stderr.append(build.stderr.read())
+        build.wait(timeout=600)
+        result = subprocess.CompletedProcess(args, build.returncode, "", "".join(stderr))
+        line = the_error_line(result)
+        assert "s3://faults/" in line and server.endpoint_url in line, result.stderr[-6000:]
+        assert "cannot reach S3 endpoint" in line, line
+
+        restarted = start_s3_server(state, port=port, bucket="faults")
+        assert restarted.endpoint_url == server.endpoint_url
+        options = {
+            "key": restarted.access_key,
+            "secret": restarted.secret_key,
+            "client_kwargs": {"endpoint_url": restarted.endpoint_url},
+        }
+        import fsspec
+
+        fs = fsspec.filesystem("s3", **options)
+        assert not fs.exists(f"faults/{data_id}/.zmetadata")  # nothing was published
+        repaired = polar_cube(*args, env=api)
+        assert repaired.returncode == 0, repaired.stderr[-4000:]
+        assert_same_cube(f"s3://faults/{data_id}", reference, options)
