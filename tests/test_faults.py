@@ -271,17 +271,23 @@ def test_bad_input_is_refused_before_anything_starts(case, tmp_path, mirror):
         assert not (tmp_path / folder).exists(), folder
 
 
-def test_a_read_only_target_is_refused_before_anything_starts(tmp_path, mirror, readonly_mount):
+def test_a_read_only_target_is_refused_before_anything_starts(
+    tmp_path, mirror, readonly_mount, clean, api, data_id
+):
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API_")}
     env["PREFECT_HOME"] = str(tmp_path / "prefect-home")
-    args = build_args(tmp_path, mirror.base_url, "--output", str(readonly_mount / "out"))
+    work, reference = clean
+    args = build_args(work, mirror.base_url, "--output", str(readonly_mount / "out"))
     line = the_error_line(polar_cube(*args, env=env, timeout=120))
     assert line == (
         f"polar-cube: error: --output {readonly_mount / 'out'}: cannot write into "
         f"{readonly_mount}: read-only file system"
     )
     assert not list((tmp_path / "prefect-home").rglob("*.db"))
-    assert not (tmp_path / "cache").exists()
+    subprocess.run(["mount", "-o", "remount,rw", str(readonly_mount)], check=True)
+    repaired = polar_cube(*args, env=api)
+    assert repaired.returncode == 0, repaired.stderr[-4000:]
+    assert_same_cube(readonly_mount / "out" / data_id, reference)
 
 
 # --- bad sources -------------------------------------------------------------------------------
@@ -389,9 +395,9 @@ def _mount_tmpfs(folder: Path, *options: str) -> None:
 @pytest.fixture()
 def readonly_mount(tmp_path):
     folder = tmp_path / "readonly"
-    _mount_tmpfs(folder, "ro", "size=1m")
+    _mount_tmpfs(folder, "ro", "size=256m")
     yield folder
-    subprocess.run(["umount", str(folder)], check=True)
+    subprocess.run(["umount", "-l", str(folder)], check=True)
 
 
 @pytest.fixture()
