@@ -209,6 +209,17 @@ def port_is_free(port: int, host: str = LOCALHOST) -> bool:
     return True
 
 
+def free_port_block(size: int = 1, host: str = LOCALHOST) -> int:
+    """A port P such that P .. P+size-1 are all free on `host` (SeaweedFS needs a block)."""
+    for _ in range(200):
+        with socket.socket() as probe:
+            probe.bind((host, 0))
+            base = probe.getsockname()[1]
+        if base + size <= 65536 and all(port_is_free(p, host) for p in range(base, base + size)):
+            return base
+    raise OSError(f"no block of {size} free ports on {host}")
+
+
 def read_state(path: Path, keys: Iterable[str] = ()) -> dict | None:
     """The JSON object in `path` if it has an integer `pid` and all `keys`, else None."""
     try:

@@ -43,25 +43,9 @@ def _stop_ephemeral_prefect_server():
 
 def free_port_block(size: int = 12) -> int:
     """A port P such that P .. P+size-1 are all free on 127.0.0.1 (for SeaweedFS)."""
-    import random
-    import socket
+    from polar_cube.processes import free_port_block as free_ports
 
-    rng = random.Random()
-    for _ in range(200):
-        base = rng.randrange(20000, 40000)
-        try:
-            sockets = []
-            for port in range(base, base + size):
-                s = socket.socket()
-                sockets.append(s)
-                s.bind(("127.0.0.1", port))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in sockets:
-                s.close()
-    raise RuntimeError("no free block of ports")
+    return free_ports(size)
 
 
 @pytest.fixture(scope="session")
