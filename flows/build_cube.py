@@ -75,11 +75,13 @@ def build_cube(
     patch_path: str = "patch.yaml",
     dask_address: str | None = None,
 ) -> BuiltCube:
-    """Build every per-dataset cube, upload them, merge, patch, verify, publish, report.
+    """Build every per-dataset cube (with its statistics and overview levels), upload them,
+    merge, patch, verify, publish (the cube and `<stem>.levels/`), report.
 
-    `dask_address`: the chunked array work (resample, merge, statistics) runs on this
-    dask.distributed scheduler (`tcp://host:port`), or on a LocalCluster sized for this
-    machine with `local`; by default on threads in this process.
+    `dask_address`: the chunked array work (resampling, writing the per-dataset cubes with
+    their statistics and levels) runs on this dask.distributed scheduler (`tcp://host:port`),
+    or on a LocalCluster sized for this machine with `local`; by default on threads in this
+    process.
     """
     logger = get_run_logger()
     # bad input fails here, before hours of work (the CLI checks the same before starting)
@@ -116,7 +118,7 @@ def build_cube(
             verify_staged_cube(location, staged, spec, grid)
             publish_cube(location, spec, staged)
         verify_stored_cube(location, spec.data_id, spec, grid)
-        quicklooks = report_cube(location, spec, address)
+        quicklooks = report_cube(location, spec)
         stac_item = write_stac(location, spec, grid, quicklooks)
     return BuiltCube(
         url=location.url(spec.data_id), quicklooks=quicklooks, stac_item=stac_item, reused=reused

@@ -3,8 +3,11 @@
 Everything happens under a `StoreLocation` (a local folder or an s3:// prefix):
 
     <root>/inputs/<source id>.zarr       per-dataset cubes (uploaded)
+    <root>/inputs/<source id>.levels/    their overview levels (xcube's multi-level layout)
     <root>/.staging/<data_id>.<hash>     the merged cube while it is built and patched
+    <root>/.staging/<stem>.levels.<hash> its merged overview levels
     <root>/<data_id>                     the published cube
+    <root>/<stem>.levels/                its overview levels; `0.link` points at the cube
     <root>/<stem>.quicklooks/            one PNG per variable, stats.json, summary.md
     <root>/<stem>.stac-item.json         a STAC item describing the cube
 """
@@ -19,11 +22,19 @@ import xarray as xr
 import zarr
 
 from polar_cube.grid import TargetGrid
+from polar_cube.levels import FINGERPRINT_KEY, ZLEVELS, level_name, levels_name
 from polar_cube.location import StoreLocation
-from polar_cube.merge import copy_merged_cube, cube_fingerprint, open_inputs
+from polar_cube.merge import (
+    copy_merged_cube,
+    copy_merged_levels,
+    cube_fingerprint,
+    open_inputs,
+    read_levels_record,
+)
 from polar_cube.patching import PATCH_ATTR, apply_patch, patch_digest, patch_metadata
-from polar_cube.publish import publish, remove_stale_staging, staging_key
+from polar_cube.publish import publish, remove_stale_staging, staging_key, withdraw
 from polar_cube.spec import CubeSpec
+from polar_cube.verify import CubeCheckError
 from polar_cube.zarr_store import FINGERPRINT_ATTR, stored_attrs
 
 
@@ -31,7 +42,8 @@ from polar_cube.zarr_store import FINGERPRINT_ATTR, stored_attrs
 class StagedCube:
     key: str
     fingerprint: str
-    reused: bool  # an identical staged cube from an interrupted run was found
+    reused: bool  # an identical staged cube (and levels) from an interrupted run was found
+    levels_key: str  # its overview levels, staged next to it
 
 
 @dataclass(frozen=True)
@@ -45,6 +57,11 @@ class PublishedCube:
 
 def quicklooks_key(spec: CubeSpec) -> str:
     return f"{spec.data_id.removesuffix('.zarr')}.quicklooks"
+
+
+def levels_key(spec: CubeSpec) -> str:
+    """The published overview levels: `<stem>.levels` next to the cube."""
+    return levels_name(spec.data_id)
 
 
 def stac_key(spec: CubeSpec) -> str:
@@ -61,32 +78,59 @@ def open_cube(location: StoreLocation, key: str) -> xr.Dataset:
     return xr.open_zarr(location.mapper(key), consolidated=True, chunks={})
 
 
+def open_overviews(location: StoreLocation, key: str) -> list[xr.Dataset]:
+    """Levels 1… of the complete overview levels at `key`, finest first, opened lazily ([]
+    when the grid fits one tile and there is only level 0). CubeCheckError if incomplete."""
+    record = read_levels_record(location, key)
+    if not record:
+        raise CubeCheckError(f"{location.url(key)}: no complete overview levels ({ZLEVELS})")
+    return [
+        xr.open_zarr(location.mapper(key, level_name(level)), consolidated=True, chunks={})
+        for level in range(1, int(record.get("num_levels", 1)))
+    ]
+
+
 def current_fingerprint(location: StoreLocation, spec: CubeSpec, grid: TargetGrid) -> str:
     return cube_fingerprint(spec, grid, open_inputs(location, spec))
 
 
+def levels_fingerprint(location: StoreLocation, key: str) -> str | None:
+    """The inputs fingerprint of complete overview levels at `key` (None if incomplete)."""
+    return read_levels_record(location, key).get(FINGERPRINT_KEY)
+
+
 def is_published(location: StoreLocation, spec: CubeSpec, fingerprint: str, patch: dict) -> bool:
-    """The published cube was built from these inputs and carries this patch."""
+    """The published cube and its levels were built from these inputs, the cube carries
+    this patch."""
     attrs = zarr_attrs(location, spec.data_id)
-    return attrs.get(FINGERPRINT_ATTR) == fingerprint and attrs.get(PATCH_ATTR) == patch_digest(
-        patch
+    return (
+        attrs.get(FINGERPRINT_ATTR) == fingerprint
+        and attrs.get(PATCH_ATTR) == patch_digest(patch)
+        and levels_fingerprint(location, levels_key(spec)) == fingerprint
     )
 
 
 def stage_merged_cube(location: StoreLocation, spec: CubeSpec, grid: TargetGrid) -> StagedCube:
-    """Merge the inputs into the staging name (reusing an identical complete one) by copying
-    their stored chunk objects, never decoding them."""
+    """Merge the inputs and their overview levels into staging names (reusing identical
+    complete ones) by copying their stored chunk objects, never decoding them."""
     inputs = open_inputs(location, spec)
     fingerprint = cube_fingerprint(spec, grid, inputs)
     key = staging_key(spec.data_id, fingerprint)
+    staged_levels = staging_key(levels_key(spec), fingerprint)
     remove_stale_staging(location, spec.data_id, keep=key)
-    if zarr_attrs(location, key).get(FINGERPRINT_ATTR) == fingerprint:
-        return StagedCube(key, fingerprint, reused=True)
-    if location.exists(key):
-        location.fs.rm(location.path(key), recursive=True)  # an interrupted write
-    copy_merged_cube(location, key, inputs, spec, grid)
-    mark_complete(location, key, fingerprint)
-    return StagedCube(key, fingerprint, reused=False)
+    remove_stale_staging(location, levels_key(spec), keep=staged_levels)
+    cube_reused = zarr_attrs(location, key).get(FINGERPRINT_ATTR) == fingerprint
+    if not cube_reused:
+        if location.exists(key):
+            location.fs.rm(location.path(key), recursive=True)  # an interrupted write
+        copy_merged_cube(location, key, inputs, spec, grid)
+        mark_complete(location, key, fingerprint)
+    levels_reused = levels_fingerprint(location, staged_levels) == fingerprint
+    if not levels_reused:
+        if location.exists(staged_levels):
+            location.fs.rm(location.path(staged_levels), recursive=True)
+        copy_merged_levels(location, staged_levels, inputs, spec, grid, fingerprint)
+    return StagedCube(key, fingerprint, cube_reused and levels_reused, staged_levels)
 
 
 def mark_complete(location: StoreLocation, key: str, fingerprint: str) -> None:
@@ -108,13 +152,19 @@ def patch_staged_cube(
 
 
 def discard_staged_cube(location: StoreLocation, staged: StagedCube) -> None:
-    """Remove a staged cube that failed its checks, so a rerun rebuilds it."""
-    if location.exists(staged.key):
-        location.fs.rm(location.path(staged.key), recursive=True)
+    """Remove a staged cube (and its levels) that failed its checks, so a rerun rebuilds it."""
+    for key in (staged.key, staged.levels_key):
+        if location.exists(key):
+            location.fs.rm(location.path(key), recursive=True)
 
 
 def publish_staged_cube(location: StoreLocation, spec: CubeSpec, staged: StagedCube) -> str:
-    return publish(location, staged.key, spec.data_id)
+    """Publish the cube, then its levels. The old levels are withdrawn first, so they never
+    pair with the new cube; until the new ones are complete the levels are not openable."""
+    withdraw(location, levels_key(spec))
+    url = publish(location, staged.key, spec.data_id)
+    publish(location, staged.levels_key, levels_key(spec))
+    return url
 
 
 def save_report(location: StoreLocation, spec: CubeSpec, stats: list, summary: str) -> None:

@@ -2,8 +2,8 @@
 
 `convert_source` reads each variable's file(s) with the reader for the source format;
 `resample_layers` puts them on the target grid; `describe_dataset` adds CF attributes and
-provenance; `write_dataset` writes the zarr atomically. The flow `build-datasets` chains
-them as Prefect tasks.
+provenance; `write_dataset` writes the zarr, its statistics and its overview levels
+atomically. The flow `build-datasets` chains them as Prefect tasks.
 """
 
 from __future__ import annotations
@@ -26,11 +26,16 @@ from polar_cube.spec import CubeSpec, SourceSpec, VariableSpec
 from polar_cube.zarr_store import (
     FINGERPRINT_ATTR,
     add_grid_coords,
+    levels_path,
     stored_fingerprint,
+    stored_levels_fingerprint,
     write_zarr_atomically,
 )
 
 Layer = SourceLayer | PolygonLayer
+# What a per-dataset cube holds besides its values; a cube written without them (by an
+# earlier version) has another fingerprint, so it is rebuilt rather than reused.
+OUTPUT_LAYOUT = "zarr2-consolidated; polar_cube_stats 1; levels 1 (2x2 mean/mode, 512 tile)"
 
 
 @dataclass(frozen=True)
@@ -63,6 +68,7 @@ def dataset_fingerprint(spec: CubeSpec, fetched: FetchedSource, grid: TargetGrid
         "source_sha256": fetched.sha256,
         "grid": [grid.crs, list(grid.bbox), grid.resolution, grid.chunk_size],
         "software": software_version(),
+        "layout": OUTPUT_LAYOUT,
     }
     return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()
 
@@ -204,9 +210,15 @@ def dataset_path(store: Path, source_id: str) -> Path:
 def dataset_is_current(
     target: Path, spec: CubeSpec, fetched: FetchedSource, grid: TargetGrid
 ) -> bool:
-    """A complete cube at `target` was built from exactly these inputs: reuse it."""
-    return stored_fingerprint(target) == dataset_fingerprint(spec, fetched, grid)
+    """A complete cube at `target`, and its levels, were built from exactly these inputs:
+    reuse them."""
+    fingerprint = dataset_fingerprint(spec, fetched, grid)
+    return (
+        stored_fingerprint(target) == fingerprint
+        and stored_levels_fingerprint(levels_path(target)) == fingerprint
+    )
 
 
 def write_dataset(dataset: xr.Dataset, target: Path, grid: TargetGrid) -> Path:
+    """The writing pass: the cube at `target`, its statistics, and its `.levels` sibling."""
     return write_zarr_atomically(dataset, target, grid.chunk_size)

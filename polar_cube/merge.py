@@ -3,8 +3,10 @@ refusal, one CF grid mapping.
 
 The inputs share the grid, chunk shape, dtype, fill value and codec, so the merged cube is
 written by copying their stored chunk objects under the same keys (hard links in a local
-folder, server-side copies on S3): no chunk is ever decoded. `merge_inputs` describes the same
-cube as a lazy dataset (what the copy must equal, value for value).
+folder, server-side copies on S3): no chunk is ever decoded. Their overview levels
+(`inputs/<source id>.levels/<k>.zarr`) are merged the same way, level by level.
+`merge_inputs` describes the merged cube as a lazy dataset (what the copy must equal, value
+for value).
 """
 
 from __future__ import annotations
@@ -17,10 +19,27 @@ from dataclasses import dataclass
 
 import numpy as np
 import xarray as xr
+import zarr
 from pyproj import CRS
 
 from polar_cube.dataset import software_version
 from polar_cube.grid import TargetGrid
+from polar_cube.levels import (
+    FINGERPRINT_KEY,
+    LINK,
+    ZLEVELS,
+    agg_method,
+    encode_record,
+    level_chunk_size,
+    level_coords,
+    level_count,
+    level_name,
+    level_shape,
+    levels_name,
+    levels_record,
+    link_text,
+    read_record,
+)
 from polar_cube.location import StoreLocation
 from polar_cube.publish import copy_objects
 from polar_cube.spec import CubeSpec
@@ -41,8 +60,20 @@ def input_key(source_id: str) -> str:
     return f"{INPUTS_PREFIX}/{source_id}.zarr"
 
 
+def input_levels_key(source_id: str) -> str:
+    return f"{INPUTS_PREFIX}/{levels_name(f'{source_id}.zarr')}"
+
+
+def source_zarr_key(source_id: str, level: int = 0) -> str:
+    """The input cube (level 0) or its overview level `level`."""
+    if level == 0:
+        return input_key(source_id)
+    return f"{input_levels_key(source_id)}/{level_name(level)}"
+
+
 def open_inputs(location: StoreLocation, spec: CubeSpec) -> dict[str, xr.Dataset]:
-    """Open `<root>/inputs/<source id>.zarr` for every source of the spec, lazily."""
+    """Open `<root>/inputs/<source id>.zarr` for every source of the spec, lazily, after
+    checking that its complete overview levels from the same build are next to it."""
     inputs = {}
     for source in spec.sources:
         key = input_key(source.id)
@@ -52,7 +83,24 @@ def open_inputs(location: StoreLocation, spec: CubeSpec) -> dict[str, xr.Dataset
                 "(`polar-cube build` without --only)"
             )
         inputs[key] = xr.open_zarr(location.mapper(key), consolidated=True, chunks={})
+        fingerprint = inputs[key].attrs.get(FINGERPRINT_ATTR)
+        levels_key = input_levels_key(source.id)
+        if (
+            fingerprint is None
+            or read_levels_record(location, levels_key).get(FINGERPRINT_KEY) != fingerprint
+        ):
+            raise MergeError(
+                f"{location.url(levels_key)}: overview levels missing, incomplete or not "
+                f"from the build of {location.url(key)}; build and upload it again "
+                "(`polar-cube build` without --only)"
+            )
     return inputs
+
+
+def read_levels_record(location: StoreLocation, levels_key: str) -> dict:
+    """The `.zlevels` record of the levels folder at `levels_key` ({} if there is none)."""
+    path = location.path(levels_key, ZLEVELS)
+    return read_record(location.fs.cat_file(path) if location.fs.exists(path) else None)
 
 
 def check_same_grid(inputs: dict[str, xr.Dataset], grid: TargetGrid) -> None:
@@ -145,35 +193,85 @@ def copy_merged_cube(
     calls this marks it complete afterwards (`cube.mark_complete`).
     """
     check_same_grid(inputs, grid)
-    variables = stored_variables(location, inputs, spec, grid)
-    _write_coordinates(location, key, inputs, variables, grid)
-    copied = _copy_chunks(location, key, variables)
-    for variable in variables:
-        for name, metadata in ((".zarray", variable.zarray), (".zattrs", variable.zattrs)):
-            location.fs.pipe_file(location.path(key, variable.name, name), _json(metadata))
+    copied = _copy_zarr(location, key, inputs, spec, grid, level=0)
     attrs = cube_attributes(spec, grid, inputs)
     del attrs[FINGERPRINT_ATTR]  # the completion marker comes last
     location.fs.pipe_file(location.path(key, ".zattrs"), _json(attrs))
     return copied
 
 
+def copy_merged_levels(
+    location: StoreLocation,
+    key: str,
+    inputs: dict[str, xr.Dataset],
+    spec: CubeSpec,
+    grid: TargetGrid,
+    fingerprint: str,
+) -> int:
+    """Write the merged overview levels at `key` (not there yet) from the inputs' levels, by
+    copying their chunk objects like `copy_merged_cube`; returns how many were copied.
+
+    Each level is written and consolidated in turn, then `0.link` (to the published cube),
+    and last `.zlevels` with `fingerprint`: it marks the levels complete.
+    """
+    check_same_grid(inputs, grid)
+    count, copied, methods = level_count(grid.shape), 0, {}
+    for level in range(1, count):
+        target = f"{key}/{level_name(level)}"
+        copied += _copy_zarr(location, target, inputs, spec, grid, level)
+        location.fs.pipe_file(
+            location.path(target, ".zattrs"), _json(cube_attributes(spec, grid, inputs))
+        )
+        zarr.consolidate_metadata(location.mapper(target), zarr_format=2)
+    for variable in spec.variables:
+        methods[variable.name] = agg_method(variable.attrs)
+    location.fs.pipe_file(location.path(key, LINK), link_text(spec.data_id).encode())
+    record = levels_record(count, methods, fingerprint)
+    location.fs.pipe_file(location.path(key, ZLEVELS), encode_record(record))
+    return copied
+
+
+def _copy_zarr(
+    location: StoreLocation,
+    key: str,
+    inputs: dict[str, xr.Dataset],
+    spec: CubeSpec,
+    grid: TargetGrid,
+    level: int,
+) -> int:
+    """Coordinates and `crs`, every chunk, each variable's metadata of the merged `level`."""
+    variables = stored_variables(location, inputs, spec, grid, level)
+    _write_coordinates(location, key, inputs, variables, grid, level)
+    copied = _copy_chunks(location, key, variables)
+    for variable in variables:
+        for name, metadata in ((".zarray", variable.zarray), (".zattrs", variable.zattrs)):
+            location.fs.pipe_file(location.path(key, variable.name, name), _json(metadata))
+    return copied
+
+
 def stored_variables(
-    location: StoreLocation, inputs: dict[str, xr.Dataset], spec: CubeSpec, grid: TargetGrid
+    location: StoreLocation,
+    inputs: dict[str, xr.Dataset],
+    spec: CubeSpec,
+    grid: TargetGrid,
+    level: int = 0,
 ) -> list[StoredVariable]:
-    """Every spec variable as stored in its source's input. MergeError unless each is there,
-    stored with the cube's chunks, dtype, fill value and codec, on the same time axis."""
-    metadata = {key: _consolidated_metadata(location, key) for key in inputs}
+    """Every spec variable as stored in its source's input (or its overview `level`).
+    MergeError unless each is there, stored with the cube's chunks, dtype, fill value and
+    codec (and, for a level, its shape), on the same time axis."""
+    keys = {source_zarr_key(v.source, level) for v in spec.variables}
+    metadata = {key: _consolidated_metadata(location, key) for key in sorted(keys)}
     gdal_crs = {"wkt": grid.pyproj_crs.to_wkt()}
     variables, missing, problems = [], [], []
     for variable in spec.variables:
-        key = input_key(variable.source)
-        zarray = metadata.get(key, {}).get(f"{variable.name}/.zarray")
+        key = source_zarr_key(variable.source, level)
+        zarray = metadata[key].get(f"{variable.name}/.zarray")
         if zarray is None:
             missing.append(f"{variable.name} (in {key})")
             continue
         zattrs = dict(metadata[key].get(f"{variable.name}/.zattrs", {}))
         where = f"{key}: {variable.name}"
-        problems += _encoding_problems(where, zarray, zattrs.get("_ARRAY_DIMENSIONS"), grid)
+        problems += _encoding_problems(where, zarray, zattrs.get("_ARRAY_DIMENSIONS"), grid, level)
         zattrs.update(grid_mapping=GRID_MAPPING, _CRS=gdal_crs)
         variables.append(StoredVariable(key, variable.name, zarray, zattrs))
     if missing:
@@ -185,19 +283,24 @@ def stored_variables(
 
 
 def _consolidated_metadata(location: StoreLocation, key: str) -> dict:
-    return json.loads(location.fs.cat_file(location.path(key, ".zmetadata")))["metadata"]
+    """The consolidated metadata of the zarr at `key` ({} if it has none)."""
+    path = location.path(key, ".zmetadata")
+    if not location.fs.exists(path):
+        return {}
+    return json.loads(location.fs.cat_file(path))["metadata"]
 
 
 def _encoding_problems(
-    where: str, zarray: dict, dims: list[str] | None, grid: TargetGrid
+    where: str, zarray: dict, dims: list[str] | None, grid: TargetGrid, level: int = 0
 ) -> list[str]:
     """How an input array's stored encoding differs from the cube's (each chunk is copied
-    as it is, so they must be the same)."""
+    as it is, so they must be the same); for an overview level also its y, x shape."""
     if not dims:
         return [f"{where}: no _ARRAY_DIMENSIONS attribute (not written by xarray)"]
+    chunk = grid.chunk_size if level == 0 else level_chunk_size(grid.chunk_size)
     expected = {
         "zarr_format": 2,
-        "chunks": [1 if dim == "time" else grid.chunk_size for dim in dims],
+        "chunks": [1 if dim == "time" else chunk for dim in dims],
         "dtype": "<f4",
         "fill_value": "NaN",
         "compressor": CUBE_COMPRESSOR.get_config(),
@@ -206,6 +309,10 @@ def _encoding_problems(
         "dimension_separator": ".",
     }
     problems = []
+    if level:
+        found, wanted = zarray.get("shape", [])[-2:], list(level_shape(grid.shape, level))
+        if found != wanted:
+            problems.append(f"{where}: y, x shape {found}, level {level} of the grid is {wanted}")
     for field, wanted in expected.items():
         found = zarray.get(field, "." if field == "dimension_separator" else None)
         if found != wanted:
@@ -258,15 +365,21 @@ def _write_coordinates(
     inputs: dict[str, xr.Dataset],
     variables: list[StoredVariable],
     grid: TargetGrid,
+    level: int = 0,
 ) -> None:
-    """x and y (the grid's), time (the inputs'), and the `crs` variable, written as zarr."""
+    """x and y (the grid's, at `level`), time (the inputs'), and the `crs` variable, written
+    as zarr."""
     coords = {}
-    timed = [v.input_key for v in variables if v.dims[0] == "time"]
+    timed = [v.name for v in variables if v.dims[0] == "time"]
     if timed:
-        time = inputs[timed[0]]["time"].variable.copy()  # the same in every input (checked)
+        with_time = next(ds for ds in inputs.values() if "time" in ds.coords)
+        time = with_time["time"].variable.copy()  # the same in every input (checked)
         time.encoding = {}
         coords["time"] = time
     dataset = add_grid_coords(xr.Dataset(coords=coords), grid)
+    if level:
+        on_level = level_coords(dataset["x"], dataset["y"], dataset[GRID_MAPPING], level)
+        dataset = on_level.assign_coords({name: dataset[name] for name in coords})
     dataset.to_zarr(
         location.mapper(key),
         mode="w",

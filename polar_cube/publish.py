@@ -6,7 +6,8 @@ The cube is merged, patched and verified under a staging name first. Publishing 
   (consolidated metadata first), copies the chunks server-side, removes stale ones, and
   writes the metadata last, consolidated metadata very last. While that runs the name holds
   no openable cube; if it is interrupted, rerunning the publish completes it.
-Chunks are only ever moved or copied as stored objects, never decoded.
+Chunks are only ever moved or copied as stored objects, never decoded. The overview levels
+(`<stem>.levels`) are published the same way, with `.zlevels` as their last object.
 """
 
 from __future__ import annotations
@@ -14,11 +15,13 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
+from polar_cube.levels import ZLEVELS
 from polar_cube.location import StoreLocation
-from polar_cube.upload import is_metadata, remote_files
+from polar_cube.upload import is_metadata, metadata_order, remote_files
 from polar_cube.zarr_store import replace_directory
 
 STAGING_PREFIX = ".staging"
@@ -63,36 +66,49 @@ def staging_key(final_key: str, fingerprint: str) -> str:
     return f"{STAGING_PREFIX}/{final_key}.{fingerprint[:16]}"
 
 
-def _metadata_order(key: str) -> tuple[int, str]:
-    """Array metadata first, then the group's, consolidated metadata last."""
-    name = key.rsplit("/", 1)[-1]
-    depth = 0 if "/" in key else 1
-    return (2 if name == ".zmetadata" else depth, key)
-
-
 def publish(location: StoreLocation, staged_key: str, final_key: str) -> str:
-    """Move the staged cube to `final_key`; returns the published URL."""
+    """Move the staged cube (or levels folder) to `final_key`; returns the published URL."""
     if location.is_local:
         replace_directory(Path(location.path(staged_key)), Path(location.path(final_key)))
         return location.url(final_key)
     fs = location.fs
     source, target = location.path(staged_key), location.path(final_key)
     staged = remote_files(location, staged_key)
-    if ".zmetadata" not in staged:
-        raise FileNotFoundError(f"{location.url(staged_key)}: no complete staged cube")
+    if not any(k in staged for k in (".zmetadata", ZLEVELS)):
+        raise FileNotFoundError(f"{location.url(staged_key)}: no complete staged cube or levels")
     old = remote_files(location, final_key)
-    hide = sorted((k for k in old if is_metadata(k)), key=lambda k: k != ".zmetadata")
-    for key in hide:  # one by one: consolidated metadata is gone before anything else
-        fs.rm(f"{target}/{key}")
+    hidden = _hide(location, final_key, old)
     chunks = sorted(k for k in staged if not is_metadata(k))
     copy_objects(location, [(f"{source}/{k}", f"{target}/{k}") for k in chunks])
-    stale = sorted(set(old) - set(staged))
+    stale = sorted(set(old) - set(staged) - set(hidden))
     if stale:
-        fs.rm([f"{target}/{k}" for k in stale if k not in hide])
-    for key in sorted((k for k in staged if is_metadata(k)), key=_metadata_order):
+        fs.rm([f"{target}/{k}" for k in stale])
+    for key in sorted((k for k in staged if is_metadata(k)), key=metadata_order):
         fs.copy(f"{source}/{key}", f"{target}/{key}")
     fs.rm(source, recursive=True)
     return location.url(final_key)
+
+
+def withdraw(location: StoreLocation, key: str) -> None:
+    """Make what is published at `key` unopenable ahead of replacing it: a local folder is
+    removed (renamed away first), an object store's metadata deleted, marker first."""
+    if location.is_local:
+        folder = Path(location.path(key))
+        if folder.exists():
+            hidden = folder.with_name(f".{folder.name}.old-{uuid.uuid4().hex[:8]}")
+            folder.rename(hidden)
+            shutil.rmtree(hidden, ignore_errors=True)
+        return
+    _hide(location, key, remote_files(location, key))
+
+
+def _hide(location: StoreLocation, key: str, stored: dict[str, int]) -> list[str]:
+    """Delete the metadata objects among `stored` one by one, in reverse write order
+    (consolidated metadata and `.zlevels` before anything else); returns their keys."""
+    hide = sorted((k for k in stored if is_metadata(k)), key=metadata_order, reverse=True)
+    for name in hide:
+        location.fs.rm(location.path(key, name))
+    return hide
 
 
 def remove_stale_staging(location: StoreLocation, final_key: str, keep: str) -> None:

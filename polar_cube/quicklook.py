@@ -1,9 +1,11 @@
-"""Quicklook PNGs of a cube: one map per variable (per time step for time-stepped ones)."""
+"""Quicklook PNGs of a cube: one map per variable (per time step for time-stepped ones),
+drawn from its overview levels (`polar_cube.levels`) when it has them."""
 
 from __future__ import annotations
 
 import io
 import math
+from collections.abc import Sequence
 
 import fsspec
 import numpy as np
@@ -29,38 +31,47 @@ def thinned(data: xr.DataArray, max_pixels: int = 1200) -> xr.DataArray:
     return data.isel(y=slice(None, None, step), x=slice(None, None, step))
 
 
-def display_layer(
-    data: xr.DataArray, max_pixels: int = 1200, zoom_to_data: bool = True
-) -> xr.DataArray:
-    """The loaded, thinned, north-up (y, x) layer to draw.
+Layers = xr.DataArray | Sequence[xr.DataArray]
 
-    With `zoom_to_data`, a layer whose valid cells cover a small part of the grid (a lake
-    mask) is read again, thinned less, over just that part (plus a margin).
+
+def display_layer(data: Layers, max_pixels: int = 1200, zoom_to_data: bool = True) -> xr.DataArray:
+    """The loaded, north-up (y, x) layer to draw.
+
+    `data` is a layer, or the same layer at several resolutions, finest first (overview
+    levels): the finest of at most `max_pixels` per side is read (else the coarsest,
+    thinned). With `zoom_to_data`, a layer whose valid cells cover a small part of the grid
+    (a lake mask) is read again over just that part (plus a margin), from the finest
+    resolution that fits `max_pixels` there.
     """
-    full = _two_dimensional(data)
-    layer = _north_up(thinned(full, max_pixels).load())
-    window = _data_window(layer, full) if zoom_to_data else None
+    resolutions = [_two_dimensional(d) for d in _as_list(data)]
+    layer = _north_up(thinned(_fitting(resolutions, max_pixels), max_pixels).load())
+    window = _data_window(layer) if zoom_to_data else None
     if window is None:
         return layer
-    return _north_up(thinned(full.isel(y=window[0], x=window[1]), max_pixels).load())
+    parts = [
+        d.isel(y=_inside(d["y"], window[0]), x=_inside(d["x"], window[1])) for d in resolutions
+    ]
+    return _north_up(thinned(_fitting(parts, max_pixels), max_pixels).load())
 
 
 def quicklook_png(
-    data: xr.DataArray,
+    data: Layers,
     *,
     title: str,
     units: str,
     max_pixels: int = 1200,
     zoom_to_data: bool = True,
 ) -> bytes:
-    """A north-up map of a (y, x) layer in polar-stereographic km, as PNG bytes."""
+    """A north-up map of a (y, x) layer (or its overview levels, finest first) in
+    polar-stereographic km, as PNG bytes."""
+    attrs = _as_list(data)[0].attrs
     layer = display_layer(data, max_pixels, zoom_to_data)
     values = np.asarray(layer.values, dtype="float64")
     x_km, y_km = layer["x"].values / 1000, layer["y"].values / 1000
     figure = Figure(figsize=_figure_size(values.shape), dpi=100, layout="constrained")
     axes = figure.add_subplot()
     axes.set_facecolor(NAN_COLOUR)
-    cmap, norm, ticks, tick_labels = colour_scale(values, data.attrs)
+    cmap, norm, ticks, tick_labels = colour_scale(values, attrs)
     image = axes.imshow(
         values,
         origin="lower",
@@ -74,7 +85,7 @@ def quicklook_png(
     axes.set_ylabel("y [km] (EPSG:3031)")
     axes.set_title(title)
     colorbar = figure.colorbar(image, ax=axes, shrink=0.85, extend=_extend(values, norm, ticks))
-    colorbar.set_label(_colorbar_label(data, units, categorical=ticks is not None))
+    colorbar.set_label(_colorbar_label(attrs, layer.name, units, categorical=ticks is not None))
     if ticks is not None:
         colorbar.set_ticks(ticks, labels=tick_labels)
     buffer = io.BytesIO()
@@ -88,8 +99,13 @@ def write_quicklooks(
     folder_url: str,
     storage_options: dict | None = None,
     max_pixels: int = 1200,
+    overviews: Sequence[xr.Dataset] = (),
 ) -> list[str]:
-    """Write `<variable>.png`, or `<variable>_<YYYY-MM-DD>.png` per time step; return URLs."""
+    """Write `<variable>.png`, or `<variable>_<YYYY-MM-DD>.png` per time step; return URLs.
+
+    With `overviews` (the cube's levels 1…, finest first) the maps are drawn from them and
+    the cube's data is not read; titles and units still come from the cube's attributes.
+    """
     folder_url = folder_url.rstrip("/")
     written = []
     for variable in spec.variables:
@@ -98,22 +114,24 @@ def write_quicklooks(
         data = cube[variable.name]
         units = str(data.attrs.get("units", variable.units))
         long_name = str(data.attrs.get("long_name", variable.long_name))
-        for suffix, title, layer in _layers(data, long_name):
-            png = quicklook_png(layer, title=title, units=units, max_pixels=max_pixels)
+        resolutions = [level[variable.name] for level in overviews] or [data]
+        for suffix, title, layers in _layers(data, resolutions, long_name):
+            png = quicklook_png(layers, title=title, units=units, max_pixels=max_pixels)
             url = f"{folder_url}/{variable.name}{suffix}.png"
             _write_bytes(url, png, storage_options or {})
             written.append(url)
     return written
 
 
-def _layers(data: xr.DataArray, long_name: str):
-    """(file-name suffix, title, 2-D layer) for a static layer or each time step."""
+def _layers(data: xr.DataArray, resolutions: list[xr.DataArray], long_name: str):
+    """(file-name suffix, title, the 2-D layer at each resolution) for a static layer or each
+    time step."""
     if "time" not in data.dims:
-        yield "", long_name, data
+        yield "", long_name, resolutions
         return
     for index in range(data.sizes["time"]):
         day = pd.Timestamp(data["time"].values[index]).strftime("%Y-%m-%d")
-        yield f"_{day}", f"{long_name}, {day}", data.isel(time=index)
+        yield f"_{day}", f"{long_name}, {day}", [r.isel(time=index) for r in resolutions]
 
 
 def _write_bytes(url: str, payload: bytes, storage_options: dict) -> None:
@@ -130,8 +148,21 @@ def _two_dimensional(data: xr.DataArray) -> xr.DataArray:
     return data.squeeze(extra, drop=True).transpose("y", "x")
 
 
-def _data_window(layer: xr.DataArray, full: xr.DataArray) -> tuple[slice, slice] | None:
-    """Index slices of `full` around the valid cells of thinned `layer`, if they are few."""
+def _as_list(data: Layers) -> list[xr.DataArray]:
+    return [data] if isinstance(data, xr.DataArray) else list(data)
+
+
+def _fitting(resolutions: list[xr.DataArray], max_pixels: int) -> xr.DataArray:
+    """The finest of `resolutions` (finest first) at most `max_pixels` per side, else the
+    coarsest."""
+    for data in resolutions:
+        if max(data.sizes["y"], data.sizes["x"]) <= max_pixels:
+            return data
+    return resolutions[-1]
+
+
+def _data_window(layer: xr.DataArray) -> tuple[tuple[float, float], tuple[float, float]] | None:
+    """(y, x) coordinate ranges around the valid cells of `layer`, if they are few."""
     valid = np.isfinite(layer.values)
     if not valid.any():
         return None
@@ -144,11 +175,17 @@ def _data_window(layer: xr.DataArray, full: xr.DataArray) -> tuple[slice, slice]
         step = abs(centres[1] - centres[0]) if centres.size > 1 else 0.0
         low, high = centres[kept[0]], centres[kept[-1]]
         margin = step + 0.1 * (high - low)
-        inside = np.flatnonzero(
-            (full[axis].values >= low - margin) & (full[axis].values <= high + margin)
-        )
-        window.append(slice(int(inside[0]), int(inside[-1]) + 1))
+        window.append((low - margin, high + margin))
     return window[0], window[1]
+
+
+def _inside(axis: xr.DataArray, bounds: tuple[float, float]) -> slice:
+    """Index slice of the cells of `axis` within `bounds` (at least one cell)."""
+    inside = np.flatnonzero((axis.values >= bounds[0]) & (axis.values <= bounds[1]))
+    if not inside.size:
+        nearest = int(np.argmin(np.abs(axis.values - (bounds[0] + bounds[1]) / 2)))
+        return slice(nearest, nearest + 1)
+    return slice(int(inside[0]), int(inside[-1]) + 1)
 
 
 def _north_up(layer: xr.DataArray) -> xr.DataArray:
@@ -235,8 +272,8 @@ def _extend(values: np.ndarray, norm: Normalize, ticks) -> str:
     )
 
 
-def _colorbar_label(data: xr.DataArray, units: str, categorical: bool) -> str:
-    name = str(data.attrs.get("long_name") or data.name or "")
+def _colorbar_label(attrs: dict, name: object, units: str, categorical: bool) -> str:
+    name = str(attrs.get("long_name") or name or "")
     if categorical or units in ("", "1"):
         return name
     return f"{name} [{units}]"

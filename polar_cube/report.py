@@ -1,8 +1,11 @@
 """The report on a published cube: statistics per variable and time step, quicklooks and a
 markdown summary, saved next to the cube in `<stem>.quicklooks/`.
 
-A report records which cube it describes (its inputs fingerprint and patch digest), so a
-rerun that changed nothing reuses it instead of reading the whole cube again.
+It never reads the cube's full-resolution data: the statistics are the ones the writing pass
+stored in each variable's metadata (carried through upload, merge and publish), and the
+quicklooks are drawn from the published overview levels (`<stem>.levels/`). A report records
+which cube it describes (its inputs fingerprint and patch digest), so a rerun that changed
+nothing reuses it.
 """
 
 from __future__ import annotations
@@ -11,12 +14,11 @@ import json
 from dataclasses import asdict, dataclass
 
 from polar_cube import cube as steps
-from polar_cube.compute import dask_compute
 from polar_cube.location import StoreLocation
 from polar_cube.patching import PATCH_ATTR
 from polar_cube.quicklook import write_quicklooks
 from polar_cube.spec import CubeSpec
-from polar_cube.verify import VariableStats, stats_markdown, variable_stats
+from polar_cube.verify import VariableStats, stats_markdown, stored_stats
 from polar_cube.zarr_store import FINGERPRINT_ATTR
 
 RECORD = "report.json"
@@ -59,17 +61,15 @@ def saved_report(location: StoreLocation, spec: CubeSpec) -> CubeReport | None:
     return CubeReport(stats, quicklooks, summary, location.url(folder), reused=True)
 
 
-def make_report(
-    location: StoreLocation, spec: CubeSpec, dask_address: str | None = None
-) -> CubeReport:
-    """Read the published cube once for statistics and quicklooks; save them with the
-    record of which cube they describe (written last)."""
-    cube = steps.open_cube(location, spec.data_id)
-    with dask_compute(dask_address):
-        stats = variable_stats(cube, spec)
+def make_report(location: StoreLocation, spec: CubeSpec) -> CubeReport:
+    """Statistics from the published cube's metadata, quicklooks from its overview levels;
+    save them with the record of which cube they describe (written last)."""
+    cube = steps.open_cube(location, spec.data_id)  # lazily: metadata and coordinates
+    stats = stored_stats(cube, spec, location.url(spec.data_id))
+    overviews = steps.open_overviews(location, steps.levels_key(spec))
     folder_key = steps.quicklooks_key(spec)
     folder = location.url(folder_key)
-    quicklooks = write_quicklooks(cube, spec, folder, location.storage_options)
+    quicklooks = write_quicklooks(cube, spec, folder, location.storage_options, overviews=overviews)
     summary = stats_markdown(
         stats,
         title=spec.title,

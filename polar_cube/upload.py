@@ -1,17 +1,20 @@
-"""Upload per-dataset cubes to the store's input prefix: metadata last, verified, skipped
-when the same cube is already there."""
+"""Upload per-dataset cubes and their overview levels to the store's input prefix: metadata
+last, verified, skipped when the same cube is already there."""
 
 from __future__ import annotations
 
 import os
 import shutil
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from polar_cube.levels import ZLEVELS, levels_name
 from polar_cube.location import StoreLocation
+from polar_cube.zarr_store import levels_path
 
-METADATA_NAMES = (".zarray", ".zattrs", ".zgroup", ".zmetadata")
+METADATA_NAMES = (".zarray", ".zattrs", ".zgroup", ".zmetadata", ZLEVELS)
 FILES_IN_FLIGHT = 8  # s3fs reads each small file whole: bound how many are in memory at once
 INPUTS_PREFIX = "inputs"
 
@@ -46,39 +49,85 @@ def remote_files(location: StoreLocation, *parts: str) -> dict[str, int]:
 
 
 def is_metadata(key: str) -> bool:
-    return key.rsplit("/", 1)[-1] in METADATA_NAMES
+    """Zarr metadata, a levels record, or a level link (`0.link`): everything but chunks."""
+    name = key.rsplit("/", 1)[-1]
+    return name in METADATA_NAMES or name.endswith(".link")
+
+
+def metadata_order(key: str) -> tuple[int, int, str]:
+    """Write order of metadata: arrays' before their group's (deepest first), then
+    consolidated metadata, the levels record `.zlevels` very last; deleting goes in reverse."""
+    name = key.rsplit("/", 1)[-1]
+    rank = {".zmetadata": 1, ZLEVELS: 2}.get(name, 0)
+    return rank, -key.count("/"), key
+
+
+def write_batches(keys: Iterable[str]) -> list[list[str]]:
+    """`keys` in the batches to write one after the other: chunks, array and group metadata,
+    consolidated metadata, `.zlevels` (each batch may be written concurrently)."""
+    batches: dict[int, list[str]] = {}
+    for key in keys:
+        rank = metadata_order(key)[0] + 1 if is_metadata(key) else 0
+        batches.setdefault(rank, []).append(key)
+    return [sorted(batches[rank], key=metadata_order) for rank in sorted(batches)]
 
 
 def upload_cube(cube: Path, location: StoreLocation, name: str | None = None) -> UploadResult:
-    """Copy a local zarr to `<root>/inputs/<name>`.
+    """Copy a local zarr to `<root>/inputs/<name>`, and its `<stem>.levels` sibling (if any)
+    to `<root>/inputs/<stem>.levels`, the levels first.
 
     Skipped when the remote has the same files with the same sizes and the same
-    consolidated metadata (which holds the inputs fingerprint). Otherwise the remote's
-    consolidated metadata goes first (so a half-updated copy cannot be opened), then the
+    consolidated metadata (which holds the inputs fingerprint and the statistics); the levels
+    are uploaded whenever the cube is. Otherwise the remote's consolidated metadata (the
+    levels' `.zlevels`) goes first (so a half-updated copy cannot be opened), then the
     chunks, then the metadata; stale objects are removed and the result is checked.
     """
     name = name or cube.name
     key = f"{INPUTS_PREFIX}/{name}"
-    url = location.url(key)
-    local = local_files(cube)
-    if ".zmetadata" not in local:
+    if not (cube / ".zmetadata").is_file():
         raise UploadError(f"{cube}: not a complete cube (no consolidated metadata)")
+    same_cube = _is_there(cube, location, key, ".zmetadata")
+    levels = levels_path(cube)
+    uploaded = []
+    if levels.is_dir():
+        if not (levels / ZLEVELS).is_file():
+            raise UploadError(f"{levels}: not complete overview levels (no {ZLEVELS})")
+        levels_key = f"{INPUTS_PREFIX}/{levels_name(name)}"
+        if not (same_cube and _is_there(levels, location, levels_key, ZLEVELS)):
+            uploaded.append(_upload_tree(levels, location, levels_key, ZLEVELS))
+    if not same_cube:
+        uploaded.append(_upload_tree(cube, location, key, ".zmetadata"))
+    files = {**local_files(cube), **{f"levels/{k}": v for k, v in _level_files(levels).items()}}
+    return UploadResult(location.url(key), len(files), sum(files.values()), skipped=not uploaded)
+
+
+def _level_files(levels: Path) -> dict[str, int]:
+    return local_files(levels) if levels.is_dir() else {}
+
+
+def _is_there(folder: Path, location: StoreLocation, key: str, marker: str) -> bool:
+    """The remote copy has the same files, sizes and `marker` (metadata) bytes."""
+    if remote_files(location, key) != local_files(folder):
+        return False
+    return location.fs.cat_file(location.path(key, marker)) == (folder / marker).read_bytes()
+
+
+def _upload_tree(folder: Path, location: StoreLocation, key: str, marker: str) -> UploadResult:
+    """Hide the remote copy (its `marker` first), send chunks, then metadata, drop stale
+    objects, and check what arrived."""
+    url = location.url(key)
+    local = local_files(folder)
     remote = remote_files(location, key)
-    total = sum(local.values())
-    if remote == local and _same_metadata(cube, location, key):
-        return UploadResult(url, len(local), total, skipped=True)
     fs, base = location.fs, location.path(key).rstrip("/")
-    if ".zmetadata" in remote:
-        fs.rm(f"{base}/.zmetadata")
-    chunks = sorted(k for k in local if not is_metadata(k))
-    metadata = sorted((k for k in local if is_metadata(k)), key=lambda k: k.endswith(".zmetadata"))
-    for batch in (chunks, metadata):
-        if batch and location.is_local:
+    if marker in remote:
+        fs.rm(f"{base}/{marker}")
+    for batch in write_batches(local):
+        if location.is_local:
             for k in batch:
-                replace_file(cube / k, Path(base, k))
-        elif batch:
+                replace_file(folder / k, Path(base, k))
+        else:
             fs.put(
-                [str(cube / k) for k in batch],
+                [str(folder / k) for k in batch],
                 [f"{base}/{k}" for k in batch],
                 batch_size=FILES_IN_FLIGHT,
             )
@@ -89,7 +138,7 @@ def upload_cube(cube: Path, location: StoreLocation, name: str | None = None) ->
     if arrived != local:
         missing = sorted(k for k in local if arrived.get(k) != local[k])
         raise UploadError(f"{url}: {len(missing)} file(s) did not arrive intact: {missing[:5]}")
-    return UploadResult(url, len(local), total, skipped=False)
+    return UploadResult(url, len(local), sum(local.values()), skipped=False)
 
 
 def replace_file(source: Path, target: Path) -> None:
@@ -102,8 +151,3 @@ def replace_file(source: Path, target: Path) -> None:
         os.replace(temporary, target)
     finally:
         temporary.unlink(missing_ok=True)
-
-
-def _same_metadata(cube: Path, location: StoreLocation, key: str) -> bool:
-    remote = location.fs.cat_file(location.path(key, ".zmetadata"))
-    return remote == (cube / ".zmetadata").read_bytes()

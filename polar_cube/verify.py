@@ -1,4 +1,5 @@
-"""Check a published cube against the spec, and summarise what is in it."""
+"""Check a published cube (and its overview levels) against the spec, and summarise what is
+in it."""
 
 from __future__ import annotations
 
@@ -15,7 +16,19 @@ from pyproj import CRS
 from pyproj.exceptions import CRSError
 
 from polar_cube.grid import TargetGrid
+from polar_cube.levels import (
+    FINGERPRINT_KEY,
+    LINK,
+    ZLEVELS,
+    level_chunk_size,
+    level_count,
+    level_name,
+    level_shape,
+    link_text,
+    read_record,
+)
 from polar_cube.spec import CubeSpec, VariableSpec
+from polar_cube.stats import STATS_ATTR, time_labels
 from polar_cube.zarr_store import GRID_MAPPING
 
 LEFTOVER_CRS_NAME = "spatial_ref"  # what rioxarray adds; the cube uses `crs` only
@@ -86,6 +99,67 @@ def check_store_layout(mapper: MutableMapping, where: str) -> None:
         raise CubeCheckError(_message(where, problems))
 
 
+def levels_problems(
+    mapper: MutableMapping, spec: CubeSpec, grid: TargetGrid, *, fingerprint: str, cube_name: str
+) -> list[str]:
+    """Every way the overview levels in `mapper` differ from what the cube `cube_name` with
+    inputs `fingerprint` on `grid` needs, one line each (metadata only, no chunk is read)."""
+    record = read_record(_read_bytes(mapper, ZLEVELS))
+    if not record:
+        return [f"{ZLEVELS}: missing, the overview levels are not complete"]
+    problems = []
+    if record.get(FINGERPRINT_KEY) != fingerprint:
+        found = str(record.get(FINGERPRINT_KEY))[:16]
+        problems.append(
+            f"{ZLEVELS}: made from inputs {found}…, the cube from {str(fingerprint)[:16]}…"
+        )
+    count = level_count(grid.shape)
+    if record.get("num_levels") != count:
+        problems.append(f"{ZLEVELS}: num_levels is {record.get('num_levels')!r}, expected {count}")
+    link = _read_bytes(mapper, LINK)
+    if link is None or link.decode(errors="replace").strip() != link_text(cube_name):
+        found = "missing" if link is None else repr(link.decode(errors="replace"))
+        problems.append(f"{LINK}: {found}, expected {link_text(cube_name)!r}")
+    chunk = [level_chunk_size(grid.chunk_size)] * 2
+    for level in range(1, count):
+        name = level_name(level)
+        consolidated = _read_json(mapper, f"{name}/.zmetadata")
+        if not consolidated:
+            problems.append(f"{name}: missing or without consolidated metadata")
+            continue
+        metadata = consolidated.get("metadata", {})
+        shape = list(level_shape(grid.shape, level))
+        for variable in spec.variables:
+            zarray = metadata.get(f"{variable.name}/.zarray")
+            if zarray is None:
+                problems.append(f"{name}: {variable.name} missing")
+                continue
+            if zarray.get("shape", [])[-2:] != shape:
+                problems.append(
+                    f"{name}: {variable.name} y, x shape {zarray.get('shape')}, expected {shape}"
+                )
+            if zarray.get("chunks", [])[-2:] != chunk:
+                problems.append(
+                    f"{name}: {variable.name} chunks {zarray.get('chunks')}, expected {chunk}"
+                )
+    return problems
+
+
+def verify_levels(
+    mapper: MutableMapping,
+    spec: CubeSpec,
+    grid: TargetGrid,
+    where: str,
+    *,
+    fingerprint: str,
+    cube_name: str,
+) -> None:
+    """Raise CubeCheckError listing every problem of the levels at `where`, if there is any."""
+    problems = levels_problems(mapper, spec, grid, fingerprint=fingerprint, cube_name=cube_name)
+    if problems:
+        raise CubeCheckError(_message(where, problems))
+
+
 def _message(where: str, problems: list[str]) -> str:
     return "\n".join(f"{where}: {problem}" for problem in problems)
 
@@ -151,6 +225,10 @@ def _check_variable(data: xr.DataArray, variable: VariableSpec, grid: TargetGrid
     grid_mapping = data.attrs.get("grid_mapping", data.encoding.get("grid_mapping"))
     if grid_mapping != GRID_MAPPING:
         problems.append(f"{name}: grid_mapping is {grid_mapping!r}, expected {GRID_MAPPING!r}")
+    if STATS_ATTR not in data.attrs:
+        problems.append(f"{name}: no {STATS_ATTR} attribute (statistics of the writing pass)")
+    elif _stats_records(data) is None:
+        problems.append(f"{name}: {STATS_ATTR} does not hold one record per time step")
     return problems + _check_chunks(data, variable.name, grid)
 
 
@@ -198,10 +276,16 @@ def _expected_dates(variable: VariableSpec, spec: CubeSpec) -> list[str]:
     return [d.isoformat() for d in spec.time_range or ()]
 
 
-def _read_json(mapper: MutableMapping, key: str) -> dict | None:
+def _read_bytes(mapper: MutableMapping, key: str) -> bytes | None:
     try:
-        raw = mapper[key]
+        return mapper[key]
     except (KeyError, FileNotFoundError):
+        return None
+
+
+def _read_json(mapper: MutableMapping, key: str) -> dict | None:
+    raw = _read_bytes(mapper, key)
+    if raw is None:
         return None
     try:
         document = json.loads(raw)
@@ -234,7 +318,8 @@ class VariableStats:
 
 
 def variable_stats(cube: xr.Dataset, spec: CubeSpec) -> list[VariableStats]:
-    """Valid fraction, min, max, mean per spec variable in the cube, per time step if any.
+    """Valid fraction, min, max, mean per spec variable in the cube, per time step if any,
+    computed from the data (the pipeline stores them while writing: `stored_stats`).
 
     Reduced chunk by chunk with dask (one pass per variable), never loading a whole layer.
     """
@@ -243,6 +328,50 @@ def variable_stats(cube: xr.Dataset, spec: CubeSpec) -> list[VariableStats]:
         if variable.name in cube.data_vars:
             stats += _stats_of(cube[variable.name], variable)
     return stats
+
+
+def stored_stats(cube: xr.Dataset, spec: CubeSpec, where: str) -> list[VariableStats]:
+    """The statistics the writing pass stored with each spec variable in the cube (its
+    `polar_cube_stats` attribute): no chunk is read. CubeCheckError naming the variable if
+    one lacks them."""
+    stats: list[VariableStats] = []
+    for variable in spec.variables:
+        if variable.name not in cube.data_vars:
+            continue
+        data = cube[variable.name]
+        records = _stats_records(data)
+        if records is None:
+            raise CubeCheckError(
+                f"{where}: {variable.name}: no valid {STATS_ATTR} attribute (statistics of "
+                "the writing pass); rebuild its per-dataset cube"
+            )
+        units = str(data.attrs.get("units", variable.units))
+        stats += [_from_record(variable.name, units, record) for record in records]
+    return stats
+
+
+def _stats_records(data: xr.DataArray) -> list[dict] | None:
+    """The variable's stored statistics records, one per time step; None if malformed."""
+    records = data.attrs.get(STATS_ATTR)
+    fields = {"time", "cells", "valid_cells", "minimum", "maximum", "sum"}
+    if not isinstance(records, list) or len(records) != len(time_labels(data)):
+        return None
+    if not all(isinstance(r, dict) and fields <= r.keys() and r["cells"] for r in records):
+        return None
+    return records
+
+
+def _from_record(name: str, units: str, record: dict) -> VariableStats:
+    valid = record["valid_cells"]
+    return VariableStats(
+        name=name,
+        units=units,
+        time=record["time"],
+        valid_fraction=valid / record["cells"],
+        minimum=record["minimum"],
+        maximum=record["maximum"],
+        mean=record["sum"] / valid if valid else None,
+    )
 
 
 def _stats_of(data: xr.DataArray, variable: VariableSpec) -> list[VariableStats]:
@@ -254,7 +383,7 @@ def _stats_of(data: xr.DataArray, variable: VariableSpec) -> list[VariableStats]
         data.astype("float64").mean(spatial, skipna=True),
     )
     valid, low, high, mean = (np.atleast_1d(r.values) for r in dask.compute(*reductions))
-    times = _time_labels(data)
+    times = time_labels(data)
     units = str(data.attrs.get("units", variable.units))
     return [
         VariableStats(
@@ -268,12 +397,6 @@ def _stats_of(data: xr.DataArray, variable: VariableSpec) -> list[VariableStats]
         )
         for i, time in enumerate(times)
     ]
-
-
-def _time_labels(data: xr.DataArray) -> list[str | None]:
-    if "time" not in data.dims:
-        return [None]
-    return [pd.Timestamp(t).strftime("%Y-%m-%d") for t in data["time"].values]
 
 
 def _finite_or_none(value: float) -> float | None:

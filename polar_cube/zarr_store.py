@@ -1,18 +1,45 @@
-"""Writing cubes as zarr (format 2, consolidated): CF grid mapping, chunked, atomic."""
+"""Writing cubes as zarr (format 2, consolidated): CF grid mapping, chunked, atomic.
+
+The writing pass computes each block of a cube once and, from that block, writes the cube's
+chunk, collects its statistics (`polar_cube.stats`) and starts its overview levels
+(`polar_cube.levels`): one dask computation for the cube, its `.levels` sibling and the
+`polar_cube_stats` attribute of every variable.
+"""
 
 from __future__ import annotations
 
+import functools
 import json
+import math
 import shutil
 import uuid
-from collections.abc import MutableMapping
 from pathlib import Path
 
+import dask
+import dask.array as da
 import numpy as np
 import xarray as xr
+import zarr
 from numcodecs import Blosc
 
 from polar_cube.grid import TargetGrid
+from polar_cube.levels import (
+    FINGERPRINT_KEY,
+    LINK,
+    ZLEVELS,
+    agg_method,
+    encode_record,
+    halve,
+    level_chunk_size,
+    level_coords,
+    level_count,
+    level_name,
+    levels_name,
+    levels_record,
+    link_text,
+    read_record,
+)
+from polar_cube.stats import BLOCK_FIELDS, STATS_ATTR, block_stats, combine_block_stats, time_labels
 
 GRID_MAPPING = "crs"
 FINGERPRINT_ATTR = "polar_cube_inputs_sha256"
@@ -82,35 +109,185 @@ def rechunk_for_writing(dataset: xr.Dataset, chunk_size: int) -> xr.Dataset:
     return dataset.chunk(chunks)
 
 
-def write_zarr(dataset: xr.Dataset, store: str | Path | MutableMapping, chunk_size: int) -> None:
-    """Write chunk by chunk as zarr format 2 with consolidated metadata, on the current dask
-    scheduler (see `polar_cube.compute.dask_compute`)."""
+def levels_path(cube: Path) -> Path:
+    """The `<stem>.levels` folder next to the cube `<stem>.zarr`."""
+    cube = Path(cube)
+    return cube.with_name(levels_name(cube.name))
+
+
+def write_zarr(
+    dataset: xr.Dataset, cube: Path, levels: Path, chunk_size: int, cube_name: str | None = None
+) -> None:
+    """The writing pass, on the current dask scheduler (see `polar_cube.compute.dask_compute`):
+    the cube at `cube` (zarr 2, consolidated, float32, NaN fill, empty chunks not stored) with
+    each variable's statistics, and its overview levels at `levels`, whose `0.link` names
+    `cube_name` (default: the cube folder's name). Both are local folders (dask workers write
+    into them by path)."""
+    cube, levels = Path(cube), Path(levels)
     dataset = rechunk_for_writing(dataset, chunk_size)
+    layers = {
+        name: dataset[name].data.astype("float32")
+        for name, variable in dataset.data_vars.items()
+        if name != GRID_MAPPING and variable.dims[-2:] == ("y", "x")
+    }
+    others = sorted(set(map(str, dataset.data_vars)) - set(layers) - {GRID_MAPPING})
+    if others:  # only (…, y, x) layers are written block by block
+        raise ValueError(f"{cube}: {', '.join(others)}: not a (y, x) or (time, y, x) layer")
+    write_id = uuid.uuid4().hex
+    _create_arrays(dataset, cube, encoding_for(dataset, chunk_size))
+    stats = {
+        name: _store_blocks(data, cube / name, write_id, True) for name, data in layers.items()
+    }
+    level_writes, record = _plan_levels(dataset, layers, levels, chunk_size, write_id)
+    block_rows, _ = dask.compute(stats, level_writes)
+    _record_stats(cube, dataset, block_rows)
+    levels.mkdir(parents=True, exist_ok=True)
+    (levels / LINK).write_text(link_text(cube_name or cube.name))
+    (levels / ZLEVELS).write_bytes(encode_record(record))  # last: the levels are complete
+
+
+def _create_arrays(dataset: xr.Dataset, store: Path, encoding: dict) -> None:
+    """Metadata, coordinates and the grid mapping; the data arrays are filled block by block."""
     dataset.to_zarr(
         store,
         mode="w",
         zarr_format=2,
         consolidated=True,
-        encoding=encoding_for(dataset, chunk_size),
+        compute=False,
+        encoding=encoding,
         write_empty_chunks=False,
     )
 
 
+def _store_blocks(data: da.Array, path: Path, write_id: str, with_stats: bool) -> da.Array:
+    """One task per block that writes it into the zarr array at `path` and returns its
+    statistics (shape: the block grid + the fields) or a 0 per block."""
+    block_grid = tuple((1,) * len(chunks) for chunks in data.chunks)
+    if with_stats:
+        return da.map_blocks(
+            _write_block,
+            data,
+            path=str(path),
+            write_id=write_id,
+            with_stats=True,
+            chunks=(*block_grid, (BLOCK_FIELDS,)),
+            new_axis=data.ndim,
+            dtype="float64",
+            token="write-block-and-stats",
+        )
+    return da.map_blocks(
+        _write_block,
+        data,
+        path=str(path),
+        write_id=write_id,
+        with_stats=False,
+        chunks=block_grid,
+        dtype="int8",
+        token="write-level-block",
+    )
+
+
+def _write_block(
+    block: np.ndarray, path: str, write_id: str, with_stats: bool, block_info=None
+) -> np.ndarray:
+    region = tuple(slice(start, stop) for start, stop in block_info[0]["array-location"])
+    _open_array(path, write_id)[region] = block
+    if with_stats:
+        return block_stats(block)
+    return np.zeros((1,) * block.ndim, dtype="int8")
+
+
+@functools.lru_cache(maxsize=256)
+def _open_array(path: str, write_id: str) -> zarr.Array:
+    """The zarr array at `path`, opened once per process and write (`write_id`)."""
+    return zarr.open_array(path, mode="r+", zarr_format=2, config={"write_empty_chunks": False})
+
+
+def _plan_levels(
+    dataset: xr.Dataset,
+    layers: dict[str, da.Array],
+    levels: Path,
+    chunk_size: int,
+    write_id: str,
+) -> tuple[list[da.Array], dict]:
+    """Create levels 1… at `levels` and return the tasks that fill them, each level halved
+    from the blocks of the one above (level 1 from the cube's blocks), and the `.zlevels`
+    record."""
+    methods = {name: agg_method(dataset[name].attrs) for name in layers}
+    count = level_count((dataset.sizes["y"], dataset.sizes["x"]))
+    tile = level_chunk_size(chunk_size)
+    writes, current = [], dict(layers)
+    for level in range(1, count):
+        current = {name: _halved(data, methods[name], tile) for name, data in current.items()}
+        level_dataset = _level_dataset(dataset, current, level)
+        path = levels / level_name(level)
+        _create_arrays(level_dataset, path, encoding_for(level_dataset, tile))
+        writes += [
+            _store_blocks(data, path / name, write_id, False) for name, data in current.items()
+        ]
+    fingerprint = dataset.attrs.get(FINGERPRINT_ATTR)
+    return writes, levels_record(count, methods, fingerprint)
+
+
+def _halved(data: da.Array, method: str, tile: int) -> da.Array:
+    """The next level of `data` (y, x last), block by block, chunked `tile` × `tile`."""
+    y_axis, x_axis = data.ndim - 2, data.ndim - 1
+    if any(size % 2 for axis in (y_axis, x_axis) for size in data.chunks[axis][:-1]):
+        data = data.rechunk({y_axis: tile, x_axis: tile})  # windows must not straddle blocks
+    chunks = (
+        *data.chunks[:-2],
+        tuple(math.ceil(size / 2) for size in data.chunks[y_axis]),
+        tuple(math.ceil(size / 2) for size in data.chunks[x_axis]),
+    )
+    halved = data.map_blocks(halve, method=method, chunks=chunks, dtype="float32", token="halve")
+    return halved.rechunk({y_axis: tile, x_axis: tile})
+
+
+def _level_dataset(dataset: xr.Dataset, arrays: dict[str, da.Array], level: int) -> xr.Dataset:
+    """Level `level` of `dataset` (variables without their statistics)."""
+    crs = dataset[GRID_MAPPING] if GRID_MAPPING in dataset.variables else None
+    level_dataset = level_coords(dataset["x"], dataset["y"], crs, level)
+    if "time" in dataset.coords:
+        level_dataset = level_dataset.assign_coords(time=dataset["time"])
+    for name, data in arrays.items():
+        attrs = {k: v for k, v in dataset[name].attrs.items() if k != STATS_ATTR}
+        level_dataset[name] = xr.Variable(dataset[name].dims, data, attrs)
+    level_dataset.attrs = dict(dataset.attrs)
+    return level_dataset
+
+
+def _record_stats(cube: Path, dataset: xr.Dataset, block_rows: dict[str, np.ndarray]) -> None:
+    """Each variable's statistics as its `polar_cube_stats` attribute; then consolidate."""
+    group = zarr.open_group(str(cube), mode="r+", zarr_format=2)
+    for name, rows in block_rows.items():
+        cells = dataset.sizes["y"] * dataset.sizes["x"]
+        records = combine_block_stats(rows, time_labels(dataset[name]), cells)
+        group[name].attrs.update({STATS_ATTR: records})
+    zarr.consolidate_metadata(str(cube), zarr_format=2)
+
+
 def write_zarr_atomically(dataset: xr.Dataset, target: Path, chunk_size: int) -> Path:
-    """Write `dataset` into a hidden temp folder, then swap it in.
+    """Write `dataset` and its levels into hidden temporary folders, then swap them in.
 
     Whoever opens `target` sees the old complete cube or the new complete cube, never a
-    partial one; a crash leaves only a `.tmp-*` folder, removed by the next write.
+    partial one; a crash leaves only `.tmp-*` folders, removed by the next write. The levels
+    are swapped in first: a cube carrying the new fingerprint always has its levels.
     """
     target = Path(target)
+    levels = levels_path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(target)
-    temporary = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
+    remove_stale_temporaries(levels)
+    tag = uuid.uuid4().hex[:8]
+    temporary = target.with_name(f".{target.name}.tmp-{tag}")
+    temporary_levels = levels.with_name(f".{levels.name}.tmp-{tag}")
     try:
-        write_zarr(dataset, temporary, chunk_size)
+        write_zarr(dataset, temporary, temporary_levels, chunk_size, cube_name=target.name)
+        replace_directory(temporary_levels, levels)
         replace_directory(temporary, target)
     finally:
         shutil.rmtree(temporary, ignore_errors=True)
+        shutil.rmtree(temporary_levels, ignore_errors=True)
     return target
 
 
@@ -137,6 +314,12 @@ def remove_stale_temporaries(target: Path) -> None:
 def stored_fingerprint(target: Path) -> str | None:
     """The inputs fingerprint a complete cube at `target` was built from, if any."""
     return stored_attrs(Path(target) / ".zmetadata").get(FINGERPRINT_ATTR)
+
+
+def stored_levels_fingerprint(levels: Path) -> str | None:
+    """The inputs fingerprint of complete levels at `levels` (their `.zlevels`), if any."""
+    path = Path(levels) / ZLEVELS
+    return read_record(path.read_bytes() if path.is_file() else None).get(FINGERPRINT_KEY)
 
 
 def stored_attrs(zmetadata: Path | bytes | None) -> dict:

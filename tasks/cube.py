@@ -19,6 +19,7 @@ from polar_cube import cube as steps
 from polar_cube.compute import dask_compute
 from polar_cube.errors import writing_to
 from polar_cube.grid import TargetGrid
+from polar_cube.levels import levels_name
 from polar_cube.location import StoreLocation
 from polar_cube.report import make_report, saved_report
 from polar_cube.spec import CubeSpec
@@ -30,7 +31,9 @@ from polar_cube.verify import (
     check_store_layout,
     stats_table_rows,
     verify_cube,
+    verify_levels,
 )
+from polar_cube.zarr_store import FINGERPRINT_ATTR
 from tasks.retry import retry_if_transient
 
 
@@ -77,8 +80,9 @@ def merge_cube(
     with _writing(location, location.url(".staging")), dask_compute(dask_address):
         staged = steps.stage_merged_cube(location, spec, grid)
     get_run_logger().info(
-        "%s %s in %.1f s",
+        "%s and %s %s in %.1f s",
         location.url(staged.key),
+        location.url(staged.levels_key),
         "reused (complete from an earlier run)" if staged.reused else "merged",
         time.monotonic() - started,
     )
@@ -102,28 +106,49 @@ def patch_cube(
     return applied
 
 
-@task(task_run_name="verify-{key}", cache_policy=NO_CACHE)
-def verify_stored_cube(location: StoreLocation, key: str, spec: CubeSpec, grid: TargetGrid) -> None:
-    """Reopen the cube from the store and check it against the spec."""
+def _check_cube_and_levels(
+    location: StoreLocation, key: str, levels_key: str, spec: CubeSpec, grid: TargetGrid
+) -> None:
+    """The cube at `key` and its overview levels at `levels_key` against the spec and grid
+    (metadata and coordinates only)."""
     where = location.url(key)
     check_store_layout(location.mapper(key), where)
     verify_cube(steps.open_cube(location, key), spec, grid, where)
-    get_run_logger().info("%s matches the spec (%d variables)", where, len(spec.variables))
+    verify_levels(
+        location.mapper(levels_key),
+        spec,
+        grid,
+        location.url(levels_key),
+        fingerprint=steps.zarr_attrs(location, key).get(FINGERPRINT_ATTR),
+        cube_name=spec.data_id,
+    )
+
+
+@task(task_run_name="verify-{key}", cache_policy=NO_CACHE)
+def verify_stored_cube(location: StoreLocation, key: str, spec: CubeSpec, grid: TargetGrid) -> None:
+    """Reopen the cube and its overview levels from the store and check them."""
+    _check_cube_and_levels(location, key, levels_name(key), spec, grid)
+    get_run_logger().info(
+        "%s and its levels match the spec (%d variables)", location.url(key), len(spec.variables)
+    )
 
 
 @task(task_run_name="verify-{staged.key}", cache_policy=NO_CACHE)
 def verify_staged_cube(
     location: StoreLocation, staged: steps.StagedCube, spec: CubeSpec, grid: TargetGrid
 ) -> None:
-    """Check the staged cube before anyone can see it; a failing one is discarded."""
-    where = location.url(staged.key)
+    """Check the staged cube and levels before anyone can see them; failing ones are
+    discarded."""
     try:
-        check_store_layout(location.mapper(staged.key), where)
-        verify_cube(steps.open_cube(location, staged.key), spec, grid, where)
+        _check_cube_and_levels(location, staged.key, staged.levels_key, spec, grid)
     except CubeCheckError:
         steps.discard_staged_cube(location, staged)
         raise
-    get_run_logger().info("%s matches the spec (%d variables)", where, len(spec.variables))
+    get_run_logger().info(
+        "%s and its levels match the spec (%d variables)",
+        location.url(staged.key),
+        len(spec.variables),
+    )
 
 
 @task(
@@ -142,16 +167,15 @@ def publish_cube(location: StoreLocation, spec: CubeSpec, staged: steps.StagedCu
 
 
 @task(task_run_name="report-{spec.data_id}", cache_policy=NO_CACHE)
-def report_cube(
-    location: StoreLocation, spec: CubeSpec, dask_address: str | None = None
-) -> list[str]:
+def report_cube(location: StoreLocation, spec: CubeSpec) -> list[str]:
     """Coverage/min/max table, summary and link artifacts; quicklooks and stats next to the
-    cube (reused when they already describe the published cube)."""
+    cube (reused when they already describe the published cube). The statistics come from
+    the cube's metadata, the quicklooks from its overview levels."""
     folder = location.url(steps.quicklooks_key(spec))
     report = saved_report(location, spec)
     if report is None:
         with _writing(location, folder):
-            report = make_report(location, spec, dask_address)
+            report = make_report(location, spec)
     stats, quicklooks, summary = report.stats, report.quicklooks, report.summary
     create_table_artifact(
         key="polar-cube-coverage",
@@ -163,7 +187,10 @@ def report_cube(
         key="polar-cube-published",
         link=location.url(spec.data_id),
         link_text=spec.data_id,
-        description=f"The published cube; quicklooks in {folder}/",
+        description=(
+            f"The published cube; overview levels in {location.url(steps.levels_key(spec))}/, "
+            f"quicklooks in {folder}/"
+        ),
     )
     create_link_artifact(
         key="polar-cube-quicklooks",

@@ -14,6 +14,7 @@ from polar_cube.compute import dask_compute
 from polar_cube.errors import writing_to
 from polar_cube.grid import TargetGrid
 from polar_cube.spec import CubeSpec
+from polar_cube.zarr_store import levels_path
 from tasks.retry import retry_if_transient
 
 
@@ -55,12 +56,22 @@ def resample_source(
 def write_dataset(
     dataset: xr.Dataset, target: Path, grid: TargetGrid, dask_address: str | None = None
 ) -> Path:
-    """The chunked work happens here (on the dask cluster at `dask_address`, if given)."""
+    """The chunked work happens here (on the dask cluster at `dask_address`, if given): one
+    pass writes the cube, its statistics and its overview levels."""
     started = time.monotonic()
     with writing_to(target), dask_compute(dask_address):
         ds.write_dataset(dataset, target, grid)
-    size = sum(f.stat().st_size for f in target.rglob("*") if f.is_file())
+    levels = levels_path(target)
     get_run_logger().info(
-        "wrote %s: %.1f MB in %.1f s", target, size / 1e6, time.monotonic() - started
+        "wrote %s (%.1f MB) and %s (%.1f MB) in %.1f s",
+        target,
+        _size(target) / 1e6,
+        levels.name,
+        _size(levels) / 1e6,
+        time.monotonic() - started,
     )
     return target
+
+
+def _size(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())

@@ -189,7 +189,7 @@ def test_the_deployment_is_monthly_paused_and_runs_in_the_repo(finished_run, cli
     deployed_output = finished_run[2]
     assert f"prefect deployment schedule resume {DEPLOYMENT} {schedule.id}" in deployed_output
     assert deployment.parameters["resolution"] == 3000
-    assert deployment.concurrency_limit == 1  # one build at a time; others queue
+    assert deployment.global_concurrency_limit.limit == 1  # one build at a time; others queue
     assert deployment.concurrency_options.collision_strategy == "ENQUEUE"
     flow_run = client.read_flow_run(finished_run[0])
     assert flow_run.deployment_id == deployment.id and flow_run.state.is_completed()

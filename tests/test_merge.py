@@ -22,7 +22,7 @@ from polar_cube.mirror import serving_mirror
 from polar_cube.publish import copy_objects, staging_key
 from polar_cube.spec import load_spec
 from polar_cube.upload import upload_cube
-from polar_cube.verify import check_store_layout, verify_cube
+from polar_cube.verify import check_store_layout, stored_stats, variable_stats, verify_cube
 from polar_cube.zarr_store import FINGERPRINT_ATTR, encoding_for, write_zarr_atomically
 
 RESOLUTION = 3000.0
@@ -90,6 +90,23 @@ def location(datasets, tmp_path):
     for cube in sorted(datasets.glob("*.zarr")):
         upload_cube(cube, location)
     return location
+
+
+@pytest.mark.filterwarnings("ignore:All-NaN slice:RuntimeWarning")
+def test_stats_of_the_writing_pass_equal_a_full_recomputation(datasets, spec):
+    """Every stand-in's per-dataset cube: the statistics stored while writing it are those
+    computed again from its data, for every variable and time step."""
+    compared = 0
+    for path in sorted(datasets.glob("*.zarr")):
+        cube = xr.open_zarr(path, consolidated=True)
+        stored, recomputed = stored_stats(cube, spec, str(path)), variable_stats(cube, spec)
+        assert [(s.name, s.time) for s in stored] == [(s.name, s.time) for s in recomputed]
+        for mine, full in zip(stored, recomputed, strict=True):
+            assert (mine.units, mine.valid_fraction) == (full.units, full.valid_fraction)
+            assert (mine.minimum, mine.maximum) == (full.minimum, full.maximum), mine
+            assert mine.mean == (full.mean and pytest.approx(full.mean, rel=1e-12)), mine
+        compared += len(stored)
+    assert compared == 17  # 9 static variables, 4 lake masks x 2 time steps
 
 
 def test_merged_chunks_are_the_inputs_bytes_and_never_decoded(location, spec, grid, monkeypatch):

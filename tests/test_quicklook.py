@@ -190,3 +190,51 @@ def test_a_time_stack_needs_one_step():
     with pytest.raises(ValueError, match="one \\(y, x\\) layer"):
         quicklook_png(stack, title="t", units="m")
     assert decode(quicklook_png(stack.isel(time=[0]), title="t", units="m")).ndim == 3
+
+
+def coarsened(data: xr.DataArray, times: int) -> xr.DataArray:
+    for _ in range(times):
+        data = data.coarsen(y=2, x=2, boundary="pad").mean()
+    return data
+
+
+def test_the_finest_overview_level_that_fits_is_drawn():
+    full = layer(2000, 1500)
+    resolutions = [coarsened(full, level) for level in (1, 2, 3)]  # 1000, 500, 250 rows
+    drawn = display_layer(resolutions, max_pixels=600)
+    assert drawn.shape == (500, 375)  # level 2, whole: nothing thinned
+    np.testing.assert_array_equal(drawn.values, resolutions[1].values)
+    assert display_layer(resolutions, max_pixels=200).shape == (125, 94)  # level 3, thinned
+
+
+def test_a_small_valid_area_is_zoomed_into_from_a_finer_level():
+    values = np.full((2000, 1500), np.nan, dtype="float32")
+    values[1200:1280, 300:360] = 1.0
+    resolutions = [coarsened(layer(2000, 1500, values=values), level) for level in (1, 2, 3)]
+    zoomed = display_layer(resolutions, max_pixels=200)
+    assert np.isfinite(zoomed.values).sum() == 40 * 30  # level 1 around the area
+    assert zoomed.x[1] - zoomed.x[0] == 2000
+    assert zoomed.y.min() < 1200 * 1000 and zoomed.y.max() > 1280 * 1000
+
+
+def test_with_overviews_the_cube_data_is_never_read(tmp_path):
+    cube = make_dataset(SMALL)[["magnetic_anomaly", "thw_70", "crs"]]
+    overview = cube.coarsen(y=2, x=2, boundary="pad").mean().load()
+
+    def unreadable(block_info=None):
+        raise AssertionError("the full-resolution cube was read")
+
+    for name in ("magnetic_anomaly", "thw_70"):
+        data = cube[name]
+        chunks = tuple((size,) for size in data.shape)
+        lazy = da.map_blocks(unreadable, chunks=chunks, dtype="float32")
+        cube[name] = data.copy(data=lazy)
+    urls = write_quicklooks(cube, SPEC, str(tmp_path), max_pixels=100, overviews=[overview])
+    assert [url.rsplit("/", 1)[-1] for url in urls] == [
+        "magnetic_anomaly.png",
+        "thw_70_2013-01-01.png",
+        "thw_70_2017-01-01.png",
+    ]
+    assert all(decode((tmp_path / url.rsplit("/", 1)[-1]).read_bytes()).ndim == 3 for url in urls)
+    with pytest.raises(AssertionError, match="was read"):  # the guard is live
+        write_quicklooks(cube, SPEC, str(tmp_path), max_pixels=100)

@@ -21,6 +21,7 @@ from polar_cube.verify import (
     find_problems,
     stats_markdown,
     stats_table_rows,
+    stored_stats,
     variable_stats,
     verify_cube,
 )
@@ -231,6 +232,21 @@ def test_store_layout_reads_the_consolidated_format(cube_path):
     mapper[".zmetadata"] = json.dumps({"zarr_consolidated_format": 2, "metadata": {}}).encode()
     with pytest.raises(CubeCheckError, match="zarr_consolidated_format is 2, expected 1"):
         check_store_layout(mapper, "cube")
+
+
+def test_missing_or_broken_writing_pass_stats_are_named(cube):
+    del cube["thw_70"].attrs["polar_cube_stats"]
+    cube["ice_thickness"].attrs["polar_cube_stats"] = [{"time": None}]
+    assert problems_of(cube) == [
+        "ice_thickness: polar_cube_stats does not hold one record per time step",
+        "thw_70: no polar_cube_stats attribute (statistics of the writing pass)",
+    ]
+    with pytest.raises(CubeCheckError) as caught:
+        stored_stats(cube, SPEC, "s3://bucket/polar.zarr")
+    assert str(caught.value) == (
+        "s3://bucket/polar.zarr: ice_thickness: no valid polar_cube_stats attribute (statistics "
+        "of the writing pass); rebuild its per-dataset cube"
+    )
 
 
 # --- stats ---------------------------------------------------------------------------------

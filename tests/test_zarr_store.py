@@ -9,7 +9,12 @@ import xarray as xr
 from osgeo import gdal
 
 from polar_cube.grid import TargetGrid
-from polar_cube.zarr_store import add_grid_coords, stored_fingerprint, write_zarr_atomically
+from polar_cube.zarr_store import (
+    add_grid_coords,
+    stored_fingerprint,
+    stored_levels_fingerprint,
+    write_zarr_atomically,
+)
 
 gdal.UseExceptions()
 GRID = TargetGrid("EPSG:3031", (-2_602_500, -1_626_000, -2_502_500, -1_546_000), 500, 64)
@@ -63,9 +68,11 @@ def test_a_failed_write_leaves_the_previous_cube_intact(tmp_path):
     with pytest.raises(RuntimeError, match="boom"):
         write_zarr_atomically(dataset(5.0, fail=True), target, GRID.chunk_size)
     assert float(xr.open_zarr(target).static.mean()) == 1.0
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["cube.zarr"]  # no leftovers
+    assert stored_levels_fingerprint(tmp_path / "cube.levels") == "fingerprint-1.0"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cube.levels", "cube.zarr"]
     write_zarr_atomically(dataset(5.0), target, GRID.chunk_size)
     assert float(xr.open_zarr(target).static.mean()) == 5.0
+    assert stored_levels_fingerprint(tmp_path / "cube.levels") == "fingerprint-5.0"
 
 
 def test_an_interrupted_swap_is_repaired(tmp_path):
