@@ -35,7 +35,9 @@ from polar_cube.zarr_store import (
 Layer = SourceLayer | PolygonLayer
 # What a per-dataset cube holds besides its values; a cube written without them (by an
 # earlier version) has another fingerprint, so it is rebuilt rather than reused.
-OUTPUT_LAYOUT = "zarr2-consolidated; polar_cube_stats 1; levels 1 (2x2 mean/mode, 512 tile)"
+OUTPUT_LAYOUT = (
+    "zarr2-consolidated; blosc lz4 7; polar_cube_stats 1; levels 1 (2x2 mean/mode, 512 tile)"
+)
 
 
 @dataclass(frozen=True)

@@ -292,19 +292,22 @@ class _Window:
         self.i0, self.j0 = i0, j0
         self.valid = np.zeros((window.shape[0] + 2, window.shape[1] + 2), dtype=bool)
         self.valid[1:-1, 1:-1] = np.isfinite(window)
+        self.complete = bool(self.valid[1:-1, 1:-1].all())  # no missing cell inside
         self.values = np.zeros(self.valid.shape)
         self.values[1:-1, 1:-1] = window
-        self.values[~self.valid] = 0.0
+        if not self.complete:
+            self.values[~self.valid] = 0.0
 
     def bilinear_separable(self, fx: np.ndarray, fy: np.ndarray) -> np.ndarray:
         """For one index per column (`fx`) and one per row (`fy`), a strip of target rows at
         a time: along x on the source rows the strip uses, then along y."""
+        if self.complete:
+            return self._bilinear_complete(fx, fy)
         col, col_weights, nearest_col = _neighbours(fx, self.i0)
         row, row_weights, nearest_row = _neighbours(fy, self.j0)
         out = np.empty((fy.size, fx.size), dtype=np.float32)
         for strip in _strips(fy.size):
-            used, at = np.unique(np.concatenate([row[strip], row[strip] + 1]), return_inverse=True)
-            lower, upper = np.split(at, 2)
+            used, lower, upper = _rows_used(row[strip])
             lower_weight = row_weights[0][strip, np.newaxis]
             upper_weight = row_weights[1][strip, np.newaxis]
             sums = []  # weighted sums of the values, sums of the weights
@@ -320,6 +323,28 @@ class _Window:
                 sums.append(along_y)
             containing = self.valid[nearest_row[strip, np.newaxis], nearest_col]
             out[strip] = _renormalised(*sums, containing)
+        return out
+
+    def _bilinear_complete(self, fx: np.ndarray, fy: np.ndarray) -> np.ndarray:
+        """`bilinear_separable` for a window without missing cells, where only the padding
+        (beyond the source's edges) is invalid: validity is then separable too, so the
+        renormalised weights are per axis and each strip is two weighted row sums."""
+        cols, col_weights, col_ok = _axis_weights(fx, self.i0, self.valid.shape[1] - 2)
+        rows, row_weights, row_ok = _axis_weights(fy, self.j0, self.valid.shape[0] - 2)
+        out = np.empty((fy.size, fx.size), dtype=np.float32)
+        for strip in _strips(fy.size):
+            used, lower, upper = _rows_used(rows[strip])
+            source_rows = self.values[used]
+            along_x = source_rows[:, cols] * col_weights[0]
+            along_x += source_rows[:, cols + 1] * col_weights[1]
+            along_y = along_x[lower]
+            along_y *= row_weights[0][strip, np.newaxis]
+            upper_part = along_x[upper]
+            upper_part *= row_weights[1][strip, np.newaxis]
+            along_y += upper_part
+            out[strip] = along_y
+        out[~row_ok] = np.nan
+        out[:, ~col_ok] = np.nan
         return out
 
     def bilinear(self, fx: np.ndarray, fy: np.ndarray) -> np.ndarray:
@@ -356,6 +381,28 @@ def _neighbours(f: np.ndarray, start: int) -> tuple[np.ndarray, tuple, np.ndarra
     nearest = np.where(finite, np.floor(f + 0.5) - start + 1, 0).astype(np.intp)
     upper_weight = f - base
     return lower, (1.0 - upper_weight, upper_weight), nearest
+
+
+def _rows_used(lower_rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The window rows that lower neighbours `lower_rows` and the rows above them use, once
+    each, and where each lower and upper neighbour is among them."""
+    used, at = np.unique(np.concatenate([lower_rows, lower_rows + 1]), return_inverse=True)
+    lower, upper = np.split(at, 2)
+    return used, lower, upper
+
+
+def _axis_weights(f: np.ndarray, start: int, size: int) -> tuple[np.ndarray, tuple, np.ndarray]:
+    """`_neighbours` along one axis of a complete window of `size` cells (padded indices
+    1..size are valid): the lower neighbour's index, the two weights renormalised over the
+    valid neighbours, and where there is a value at all (the nearest cell is valid)."""
+    lower, (lower_weight, upper_weight), nearest = _neighbours(f, start)
+    ok = (nearest >= 1) & (nearest <= size)
+    lower_weight = np.where(ok & (lower >= 1), lower_weight, 0.0)
+    upper_weight = np.where(ok & (lower + 1 <= size), upper_weight, 0.0)
+    total = lower_weight + upper_weight
+    total[~ok] = 1.0
+    lower[~ok] = 0
+    return lower, (lower_weight / total, upper_weight / total), ok
 
 
 def _finite_range(f: np.ndarray) -> tuple[float, float] | None:

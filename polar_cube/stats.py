@@ -18,10 +18,13 @@ BLOCK_FIELDS = 4  # valid cells, min, max, sum
 def block_stats(block: np.ndarray) -> np.ndarray:
     """[valid cells, min, max, sum] of one block, shaped (1, …, 1, 4) like the block's
     position in the block grid; min and max are NaN when no cell is valid."""
-    valid_cells = ~np.isnan(block)
-    valid = int(np.count_nonzero(valid_cells))
+    missing = np.isnan(block)
+    valid = block.size - int(np.count_nonzero(missing))
     if valid:  # fmin/fmax skip NaN without copying the block
-        total = np.sum(np.where(valid_cells, block, 0), dtype="float64")
+        if valid == block.size:
+            total = np.sum(block, dtype="float64")
+        else:
+            total = np.sum(np.where(missing, 0, block), dtype="float64")
         row = [valid, np.fmin.reduce(block, axis=None), np.fmax.reduce(block, axis=None), total]
     else:
         row = [0, np.nan, np.nan, 0.0]

@@ -8,7 +8,6 @@ chunk, collects its statistics (`polar_cube.stats`) and starts its overview leve
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import shutil
@@ -43,7 +42,9 @@ from polar_cube.stats import BLOCK_FIELDS, STATS_ATTR, block_stats, combine_bloc
 
 GRID_MAPPING = "crs"
 FINGERPRINT_ATTR = "polar_cube_inputs_sha256"
-_COMPRESSOR = Blosc(cname="zstd", clevel=3, shuffle=Blosc.SHUFFLE)  # GDAL 3.6 reads blosc
+# GDAL 3.6 reads blosc; lz4 encodes a chunk ~6x faster than zstd level 3 and decodes ~3x
+# faster, for 3 % more bytes on smooth float fields (level 7: as fast as lz4's default 5)
+_COMPRESSOR = Blosc(cname="lz4", clevel=7, shuffle=Blosc.SHUFFLE)
 
 
 def grid_mapping_variable(grid: TargetGrid) -> xr.DataArray:
@@ -133,12 +134,11 @@ def write_zarr(
     others = sorted(set(map(str, dataset.data_vars)) - set(layers) - {GRID_MAPPING})
     if others:  # only (…, y, x) layers are written block by block
         raise ValueError(f"{cube}: {', '.join(others)}: not a (y, x) or (time, y, x) layer")
-    write_id = uuid.uuid4().hex
     _create_arrays(dataset, cube, encoding_for(dataset, chunk_size))
     stats = {
-        name: _store_blocks(data, cube / name, write_id, True) for name, data in layers.items()
+        name: _store_blocks(data, cube / name, chunk_size, True) for name, data in layers.items()
     }
-    level_writes, record = _plan_levels(dataset, layers, levels, chunk_size, write_id)
+    level_writes, record = _plan_levels(dataset, layers, levels, chunk_size)
     block_rows, _ = dask.compute(stats, level_writes)
     _record_stats(cube, dataset, block_rows)
     levels.mkdir(parents=True, exist_ok=True)
@@ -159,16 +159,18 @@ def _create_arrays(dataset: xr.Dataset, store: Path, encoding: dict) -> None:
     )
 
 
-def _store_blocks(data: da.Array, path: Path, write_id: str, with_stats: bool) -> da.Array:
-    """One task per block that writes it into the zarr array at `path` and returns its
-    statistics (shape: the block grid + the fields) or a 0 per block."""
+def _store_blocks(data: da.Array, path: Path, chunk_size: int, with_stats: bool) -> da.Array:
+    """One task per block that writes it as the chunk of the zarr array at `path` (chunks
+    1 × `chunk_size` × `chunk_size`, or without time) and returns its statistics (shape: the
+    block grid + the fields) or a 0 per block. The blocks must be the array's chunks."""
     block_grid = tuple((1,) * len(chunks) for chunks in data.chunks)
+    chunk_shape = (1,) * (data.ndim - 2) + (chunk_size, chunk_size)
     if with_stats:
         return da.map_blocks(
             _write_block,
             data,
             path=str(path),
-            write_id=write_id,
+            chunk_shape=chunk_shape,
             with_stats=True,
             chunks=(*block_grid, (BLOCK_FIELDS,)),
             new_axis=data.ndim,
@@ -179,7 +181,7 @@ def _store_blocks(data: da.Array, path: Path, write_id: str, with_stats: bool) -
         _write_block,
         data,
         path=str(path),
-        write_id=write_id,
+        chunk_shape=chunk_shape,
         with_stats=False,
         chunks=block_grid,
         dtype="int8",
@@ -188,19 +190,28 @@ def _store_blocks(data: da.Array, path: Path, write_id: str, with_stats: bool) -
 
 
 def _write_block(
-    block: np.ndarray, path: str, write_id: str, with_stats: bool, block_info=None
+    block: np.ndarray, path: str, chunk_shape: tuple, with_stats: bool, block_info=None
 ) -> np.ndarray:
-    region = tuple(slice(start, stop) for start, stop in block_info[0]["array-location"])
-    _open_array(path, write_id)[region] = block
+    stats = block_stats(block)
+    if stats[..., 0].item():  # like zarr's write_empty_chunks=False: no all-NaN chunk
+        write_chunk(Path(path), block_info[0]["chunk-location"], block, chunk_shape)
     if with_stats:
-        return block_stats(block)
+        return stats
     return np.zeros((1,) * block.ndim, dtype="int8")
 
 
-@functools.lru_cache(maxsize=256)
-def _open_array(path: str, write_id: str) -> zarr.Array:
-    """The zarr array at `path`, opened once per process and write (`write_id`)."""
-    return zarr.open_array(path, mode="r+", zarr_format=2, config={"write_empty_chunks": False})
+def write_chunk(array: Path, index: tuple[int, ...], block: np.ndarray, chunk_shape) -> None:
+    """Store `block` as chunk `index` of the float32 zarr 2 array at `array` (created with
+    `encoding_for`): padded to the chunk shape with the NaN fill, encoded with the cube's
+    codec, in the file `i.j` (or `t.i.j`). Encoding it here, not through zarr, skips zarr's
+    all-fill scan and its event loop: the block is already known to hold data."""
+    block = np.asarray(block, dtype="float32")
+    if block.shape != tuple(chunk_shape):
+        padded = np.full(chunk_shape, np.nan, dtype="float32")
+        padded[tuple(slice(0, size) for size in block.shape)] = block
+        block = padded
+    encoded = _COMPRESSOR.encode(np.ascontiguousarray(block))
+    (array / ".".join(str(i) for i in index)).write_bytes(encoded)
 
 
 def _plan_levels(
@@ -208,7 +219,6 @@ def _plan_levels(
     layers: dict[str, da.Array],
     levels: Path,
     chunk_size: int,
-    write_id: str,
 ) -> tuple[list[da.Array], dict]:
     """Create levels 1… at `levels` and return the tasks that fill them, each level halved
     from the blocks of the one above (level 1 from the cube's blocks), and the `.zlevels`
@@ -222,9 +232,7 @@ def _plan_levels(
         level_dataset = _level_dataset(dataset, current, level)
         path = levels / level_name(level)
         _create_arrays(level_dataset, path, encoding_for(level_dataset, tile))
-        writes += [
-            _store_blocks(data, path / name, write_id, False) for name, data in current.items()
-        ]
+        writes += [_store_blocks(data, path / name, tile, False) for name, data in current.items()]
     fingerprint = dataset.attrs.get(FINGERPRINT_ATTR)
     return writes, levels_record(count, methods, fingerprint)
 
