@@ -45,17 +45,28 @@ def fractional_index(axis: np.ndarray, coords: np.ndarray) -> np.ndarray:
     axis = np.asarray(axis, dtype=np.float64)
     coords = np.asarray(coords, dtype=np.float64)
     n = axis.size
+    spacing = np.diff(axis)
+    if np.all(np.abs(spacing - spacing[0]) <= 1e-9 * abs(spacing[0])):  # uniform: affine
+        frac = (coords - axis[0]) / spacing[0]
+        # the same edges as below: the upper one (in coordinates) is beyond the source
+        if spacing[0] > 0:
+            frac[(frac < -0.5) | (frac >= n - 0.5)] = np.nan
+        else:
+            frac[(frac <= -0.5) | (frac > n - 0.5)] = np.nan
+        return frac
+    index = np.arange(n, dtype=np.float64)
     descending = axis[-1] < axis[0]
-    ascending_axis = axis[::-1] if descending else axis
-    frac = np.interp(coords, ascending_axis, np.arange(n, dtype=np.float64))
-    below = coords < ascending_axis[0]
-    above = coords > ascending_axis[-1]
-    frac[below] = (coords[below] - ascending_axis[0]) / (ascending_axis[1] - ascending_axis[0])
-    frac[above] = (
-        n - 1 + (coords[above] - ascending_axis[-1]) / (ascending_axis[-1] - ascending_axis[-2])
-    )
-    frac[(frac < -0.5) | (frac >= n - 0.5) | ~np.isfinite(coords)] = np.nan
-    return (n - 1) - frac if descending else frac
+    if descending:
+        axis, index = axis[::-1], index[::-1]
+    # the outer edges as two more nodes: linear beyond the end centres, NaN past the edges
+    edges = (axis[0] - (axis[1] - axis[0]) / 2, axis[-1] + (axis[-1] - axis[-2]) / 2)
+    outer = (index[0] - (index[1] - index[0]) / 2, index[-1] + (index[-1] - index[-2]) / 2)
+    nodes = np.concatenate([[edges[0]], axis, [edges[1]]])
+    positions = np.concatenate([[outer[0]], index, [outer[1]]])
+    frac = np.interp(coords, nodes, positions, left=np.nan, right=np.nan)
+    # the upper edge (in coordinates) belongs to the next cell, beyond the source
+    frac[(frac <= -0.5) if descending else (frac >= n - 0.5)] = np.nan
+    return frac
 
 
 def lattice_transform(
@@ -65,64 +76,63 @@ def lattice_transform(
     max_error: float = MAX_TRANSFORM_ERROR,
 ) -> tuple[np.ndarray, np.ndarray]:
     """`transformer.transform(*np.meshgrid(xs, ys))` for uniform axes `xs`, `ys`, with every
-    point within `max_error` cells of its exact position, from few exact transforms.
-
-    Only the nodes of a lattice over the points are transformed; the points between them are
-    interpolated bilinearly. The error is measured in target cells: a lattice cell is kept
-    when the interpolated source coordinates of its centre and edge midpoints, mapped back
-    with the exact inverse transform, land within `max_error / 4` cells of those points (for
-    a locally quadratic mapping that is where bilinear interpolation errs most; the margin
-    covers the rest). Other cells are split in four down to `_FINEST_STEP` cells, then
-    transformed exactly, as are cells whose corners straddle a discontinuity of a geographic
-    source (longitudes spanning more than 180°: across the ±180° meridian or round a pole).
-    """
+    point within `max_error` cells of its exact position (see `lattice_mapping`)."""
     xs, ys = np.asarray(xs, dtype=np.float64), np.asarray(ys, dtype=np.float64)
     if xs.size < 2 and ys.size < 2:
         return transformer.transform(*np.meshgrid(xs, ys))
+    return lattice_mapping(transformer, xs, ys, max_error).rows(0, ys.size)
+
+
+def lattice_mapping(
+    transformer: Transformer,
+    xs: np.ndarray,
+    ys: np.ndarray,
+    max_error: float = MAX_TRANSFORM_ERROR,
+) -> _LatticeMapping:
+    """The source coordinates of the points `np.meshgrid(xs, ys)` (uniform axes, at least
+    two points along one) from few exact transforms, row by row on demand.
+
+    Only the nodes of a lattice over the points are transformed; the points between them are
+    interpolated bilinearly (separably, row and column). The error is measured in target
+    cells: a lattice cell passes when the interpolated source coordinates of its centre and
+    edge midpoints, mapped back with the exact inverse transform, land within
+    `max_error / 4` cells of those points (for a locally quadratic mapping that is where
+    bilinear interpolation errs most; the margin covers the rest). The lattice starts at
+    `_LATTICE_STEP` cells; its step is halved, down to `_FINEST_STEP`, until every cell
+    passes (the error shrinks with the square of the step, which predicts the step to try).
+    Cells that still fail are transformed exactly, as are cells whose corners straddle a
+    discontinuity of a geographic source (longitudes spanning more than 180°: across the
+    ±180° meridian or round a pole).
+    """
+    xs, ys = np.asarray(xs, dtype=np.float64), np.asarray(ys, dtype=np.float64)
     dx = xs[1] - xs[0] if xs.size > 1 else ys[1] - ys[0]
     dy = ys[1] - ys[0] if ys.size > 1 else dx
+    height, width = (-(-size // _LATTICE_STEP) * _LATTICE_STEP for size in (ys.size, xs.size))
+    lattice = _Lattice(transformer, xs[0], ys[0], dx, dy)
     step = _LATTICE_STEP
-    height, width = -(-ys.size // step) * step, -(-xs.size // step) * step
-    lattice = _Lattice(transformer, xs[0], ys[0], dx, dy, width)
-    source_x, source_y = np.empty((height, width)), np.empty((height, width))
-    cell_rows, cell_cols = np.divmod(np.arange((height // step) * (width // step)), width // step)
-    check_v, check_u = np.array([0.0, 0.5, 0.5, 0.5, 1.0]), np.array([0.5, 0.0, 0.5, 1.0, 0.5])
-    geographic_source = transformer.target_crs.is_geographic
-    while cell_rows.size:
-        corner_x, corner_y = lattice.corners(cell_rows, cell_cols, step)
-        checked_x, checked_y = lattice.target(
-            (cell_rows[:, np.newaxis] + check_v) * step, (cell_cols[:, np.newaxis] + check_u) * step
-        )
-        back_x, back_y = transformer.transform(
-            _interpolate(corner_x, check_v, check_u),
-            _interpolate(corner_y, check_v, check_u),
-            direction="INVERSE",
-        )
-        error = np.hypot((back_x - checked_x) / dx, (back_y - checked_y) / dy).max(axis=1)
-        straddling = np.zeros(cell_rows.size, dtype=bool)
-        if geographic_source:
-            straddling = np.ptp(corner_x, axis=1) > 180.0
-        good = (error <= max_error / 4) & ~straddling  # NaN (failed transform) is not good
-        # the error shrinks with the square of the step: hopeless cells go exact at once
-        hopeless = ~(error * (_FINEST_STEP / step) ** 2 <= max_error / 4)
-        exact = ~good & (straddling | hopeless)
-        for array, corners in ((source_x, corner_x[good]), (source_y, corner_y[good])):
-            _fill_cells(array, step, cell_rows[good], cell_cols[good], corners)
-        _fill_cells_exactly(lattice, source_x, source_y, step, cell_rows[exact], cell_cols[exact])
-        split = ~good & ~exact
-        cell_rows = (2 * cell_rows[split, np.newaxis] + np.array([0, 0, 1, 1])).ravel()
-        cell_cols = (2 * cell_cols[split, np.newaxis] + np.array([0, 1, 0, 1])).ravel()
+    nodes, error, straddling = lattice.check(step, height, width)
+    # cells that even the finest step would not bring within the error go exact at once
+    exact = straddling | ~(error * (_FINEST_STEP / step) ** 2 <= max_error / 4)
+    worst = float(error[~exact].max(initial=0.0))
+    while step > _FINEST_STEP and worst * (step / _LATTICE_STEP) ** 2 > max_error / 4:
         step //= 2
-    return source_x[: ys.size, : xs.size], source_y[: ys.size, : xs.size]
+    while step < _LATTICE_STEP:
+        exact_here = np.repeat(np.repeat(exact, _LATTICE_STEP // step, 0), _LATTICE_STEP // step, 1)
+        nodes, error, straddling = lattice.check(step, height, width)
+        failing = ~(error <= max_error / 4) | straddling
+        if step == _FINEST_STEP or not (failing & ~exact_here).any():
+            exact = exact_here | failing
+            break
+        step //= 2
+    return _LatticeMapping(lattice, nodes, step, exact, xs.size)
 
 
 class _Lattice:
     """Target points by (row, column) index on uniform axes, and exact transforms of them."""
 
-    def __init__(self, transformer: Transformer, x0, y0, dx, dy, width: int) -> None:
+    def __init__(self, transformer: Transformer, x0, y0, dx, dy) -> None:
         self.transformer = transformer
         self.x0, self.y0, self.dx, self.dy = x0, y0, dx, dy
-        self.node_columns = width + 1
 
     def target(self, rows: np.ndarray, cols: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return self.x0 + cols * self.dx, self.y0 + rows * self.dy
@@ -131,55 +141,100 @@ class _Lattice:
         x, y = self.target(*np.broadcast_arrays(rows, cols))
         return self.transformer.transform(x, y)
 
-    def corners(self, cell_rows, cell_cols, step: int) -> tuple[np.ndarray, np.ndarray]:
-        """Source coordinates of the corners of `step`-sized lattice cells, (k, 4) in the
-        order (row, col), (row, col + 1), (row + 1, col), (row + 1, col + 1), each shared
-        node transformed once."""
-        rows = (cell_rows[:, np.newaxis] + np.array([0, 0, 1, 1])) * step
-        cols = (cell_cols[:, np.newaxis] + np.array([0, 1, 0, 1])) * step
-        nodes, which = np.unique((rows * self.node_columns + cols).ravel(), return_inverse=True)
-        x, y = self.transform(*np.divmod(nodes, self.node_columns))
-        return x[which].reshape(rows.shape), y[which].reshape(rows.shape)
-
-
-def _interpolate(corners: np.ndarray, v: np.ndarray, u: np.ndarray) -> np.ndarray:
-    """Bilinear between each cell's corners (k, 4, ordered as `_Lattice.corners` gives
-    them) at fractions `v` of a cell along the rows and `u` along the columns."""
-    ndim = np.broadcast(v, u).ndim
-    at_00, at_01, at_10, at_11 = (corners[:, i].reshape((-1,) + (1,) * ndim) for i in range(4))
-    first_col = at_00 + (at_10 - at_00) * v
-    last_col = at_01 + (at_11 - at_01) * v
-    return first_col + (last_col - first_col) * u
-
-
-def _cell_view(array: np.ndarray, step: int) -> np.ndarray:
-    """`array` as (cell row, row in cell, cell column, column in cell), a view."""
-    height, width = array.shape
-    return array.reshape(height // step, step, width // step, step)
-
-
-def _fill_cells(array, step: int, cell_rows, cell_cols, corners: np.ndarray) -> None:
-    """Interpolate every point of the given lattice cells from their corners."""
-    fraction = np.arange(step) / step
-    batch = max(1, _BATCH_POINTS // step**2)
-    for start in range(0, cell_rows.size, batch):
-        part = slice(start, start + batch)
-        _cell_view(array, step)[cell_rows[part], :, cell_cols[part], :] = _interpolate(
-            corners[part], fraction[:, np.newaxis], fraction[np.newaxis, :]
+    def check(self, step: int, height: int, width: int):
+        """The lattice of `step` over `height` × `width` points: its nodes' source
+        coordinates (x, y, each (height/step + 1, width/step + 1)), and per cell the error of
+        interpolation in target cells (largest at the centre and edge midpoints) and whether
+        its corners straddle a discontinuity of a geographic source."""
+        rows = np.arange(0, height + 1, step, dtype=np.float64)[:, np.newaxis]
+        cols = np.arange(0, width + 1, step, dtype=np.float64)[np.newaxis, :]
+        node_x, node_y = self.transform(rows, cols)
+        half = step / 2
+        checks = (  # (row offset, column offset, corners to average) of the checked points
+            (half, half, ((0, 0), (0, 1), (1, 0), (1, 1))),
+            (0, half, ((0, 0), (0, 1))),
+            (step, half, ((1, 0), (1, 1))),
+            (half, 0, ((0, 0), (1, 0))),
+            (half, step, ((0, 1), (1, 1))),
         )
+        error = np.zeros((height // step, width // step))
+        failed = np.zeros(error.shape, dtype=bool)  # a transform failed: NaN error
+        for row_offset, col_offset, corners in checks:
+            guess_x = sum(_corner(node_x, *c) for c in corners) / len(corners)
+            guess_y = sum(_corner(node_y, *c) for c in corners) / len(corners)
+            back_x, back_y = self.transformer.transform(guess_x, guess_y, direction="INVERSE")
+            want_x, want_y = self.target(rows[:-1] + row_offset, cols[:, :-1] + col_offset)
+            miss = np.hypot((back_x - want_x) / self.dx, (back_y - want_y) / self.dy)
+            failed |= np.isnan(miss)
+            error = np.fmax(error, miss)
+        error[failed] = np.nan
+        straddling = np.zeros(error.shape, dtype=bool)
+        if self.transformer.target_crs.is_geographic:
+            corner_x = [_corner(node_x, *c) for c in ((0, 0), (0, 1), (1, 0), (1, 1))]
+            straddling = np.ptp(np.stack(corner_x), axis=0) > 180.0
+        return (node_x, node_y), error, straddling
 
 
-def _fill_cells_exactly(lattice: _Lattice, source_x, source_y, step, cell_rows, cell_cols):
-    """Transform every point of the given lattice cells exactly."""
-    offsets = np.arange(step)
-    batch = max(1, _BATCH_POINTS // step**2)
-    for start in range(0, cell_rows.size, batch):
-        part = slice(start, start + batch)
-        rows = cell_rows[part, np.newaxis, np.newaxis] * step + offsets[:, np.newaxis]
-        cols = cell_cols[part, np.newaxis, np.newaxis] * step + offsets
-        x, y = lattice.transform(rows, cols)
-        _cell_view(source_x, step)[cell_rows[part], :, cell_cols[part], :] = x
-        _cell_view(source_y, step)[cell_rows[part], :, cell_cols[part], :] = y
+def _corner(nodes: np.ndarray, row: int, col: int) -> np.ndarray:
+    """Each lattice cell's node at its corner (row, col) in {0, 1}²."""
+    return nodes[row : nodes.shape[0] - 1 + row, col : nodes.shape[1] - 1 + col]
+
+
+class _LatticeMapping:
+    """Source coordinates of a chunk's points: bilinear between lattice nodes `step` points
+    apart, exact in the cells marked `exact`; produced a strip of rows at a time, so no
+    chunk-sized coordinate array is ever built."""
+
+    def __init__(self, lattice: _Lattice, nodes, step: int, exact: np.ndarray, width: int):
+        self.lattice, self.step, self.width = lattice, step, width
+        fraction = np.arange(step) / step
+        self.node_rows = []  # per node row: x and y interpolated along it at every column
+        for node_values in nodes:
+            left, right = node_values[:, :-1, np.newaxis], node_values[:, 1:, np.newaxis]
+            along = (left + (right - left) * fraction).reshape(node_values.shape[0], -1)
+            self.node_rows.append(along[:, :width])
+        self.bounds = tuple(  # (x0, x1, y0, y1): a bilinear point stays within its corners'
+            bound
+            for values in nodes
+            for bound in (np.fmin.reduce(values, axis=None), np.fmax.reduce(values, axis=None))
+        )
+        self.exact_cells = list(zip(*np.nonzero(exact), strict=True))
+        for cell_row, cell_col in self.exact_cells:
+            x, y = self._exactly(cell_row, cell_col, 0, 1 << 62)
+            self.bounds = (
+                np.fmin(self.bounds[0], np.fmin.reduce(x, axis=None, initial=np.inf)),
+                np.fmax(self.bounds[1], np.fmax.reduce(x, axis=None, initial=-np.inf)),
+                np.fmin(self.bounds[2], np.fmin.reduce(y, axis=None, initial=np.inf)),
+                np.fmax(self.bounds[3], np.fmax.reduce(y, axis=None, initial=-np.inf)),
+            )
+
+    def rows(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+        """Source x and y of target rows `start`..`stop` (exclusive), every column."""
+        rows = np.arange(start, stop)
+        node_row, fraction = np.divmod(rows, self.step)
+        fraction = (fraction / self.step)[:, np.newaxis]
+        result = []
+        for along in self.node_rows:
+            top, bottom = along[node_row], along[node_row + 1]
+            bottom -= top
+            bottom *= fraction
+            bottom += top
+            result.append(bottom)
+        for cell_row, cell_col in self.exact_cells:
+            first = cell_row * self.step
+            if first < stop and first + self.step > start:
+                x, y = self._exactly(cell_row, cell_col, start, stop)
+                inside = slice(max(first, start) - start, min(first + self.step, stop) - start)
+                cols = slice(cell_col * self.step, min((cell_col + 1) * self.step, self.width))
+                result[0][inside, cols], result[1][inside, cols] = x, y
+        return result[0], result[1]
+
+    def _exactly(self, cell_row: int, cell_col: int, start: int, stop: int):
+        """Exact source x and y of a lattice cell's points within target rows start..stop."""
+        first_row, first_col = cell_row * self.step, cell_col * self.step
+        rows = np.arange(max(first_row, start), min(first_row + self.step, stop))
+        cols = np.arange(first_col, min(first_col + self.step, self.width))
+        return self.lattice.transform(rows[:, np.newaxis], cols[np.newaxis, :])
 
 
 class BlockResampler:
@@ -215,6 +270,8 @@ class BlockResampler:
             fy = fractional_index(self.src_y, ys)[:, np.newaxis]
         else:
             transformer = Transformer.from_crs(self.grid.crs, self.source_crs, always_xy=True)
+            if self.method == "linear" and max(xs.size, ys.size) > 1:
+                return self._bilinear_reprojected(lattice_mapping(transformer, xs, ys), ys.size)
             sx, sy = lattice_transform(transformer, xs, ys)
             fx = fractional_index(self.src_x, sx)
             del sx  # one chunk-sized coordinate array at a time
@@ -229,6 +286,22 @@ class BlockResampler:
         if self.same_crs:
             return window.bilinear_separable(fx[0], fy[:, 0])
         return window.bilinear(fx, fy)
+
+    def _bilinear_reprojected(self, mapping: _LatticeMapping, height: int) -> np.ndarray:
+        """Bilinear across CRSs, a strip of rows at a time: the window comes from the
+        lattice's bounds, each strip's coordinates and indices from the lattice."""
+        x_range = _index_range(self.src_x, *mapping.bounds[:2])
+        y_range = _index_range(self.src_y, *mapping.bounds[2:])
+        if x_range is None or y_range is None:
+            return np.full((height, mapping.width), np.nan, dtype=np.float32)
+        window = self._bilinear_window(x_range, y_range)
+        out = np.empty((height, mapping.width), dtype=np.float32)
+        for strip in _strips(height):
+            source_x, source_y = mapping.rows(strip.start, min(strip.stop, height))
+            out[strip] = window.bilinear(
+                fractional_index(self.src_x, source_x), fractional_index(self.src_y, source_y)
+            )
+        return out
 
     def _read_window(self, j0: int, j1: int, i0: int, i1: int) -> np.ndarray:
         """Source rows j0..j1 and columns i0..i1 (inclusive), masked by the spec's rules.
@@ -348,27 +421,56 @@ class _Window:
         return out
 
     def bilinear(self, fx: np.ndarray, fy: np.ndarray) -> np.ndarray:
-        """For indices `fx`, `fy` given at every target point, a strip of rows at a time."""
+        """For indices `fx`, `fy` given at every target point, a strip of rows at a time.
+
+        Plain bilinear from the four neighbours (missing ones count as 0); only points whose
+        neighbours are not all valid are then renormalised over the valid ones.
+        """
         width = self.valid.shape[1]
         values, valid = self.values.ravel(), self.valid.ravel()
+        offsets = (0, 1, width, width + 1)  # from the lower-left neighbour
+        whole = np.zeros(self.valid.shape, dtype=bool)  # all four neighbours valid
+        whole[:-1, :-1] = self.valid[:-1, :-1] & self.valid[:-1, 1:]
+        whole[:-1, :-1] &= self.valid[1:, :-1] & self.valid[1:, 1:]
+        whole = whole.ravel()
         out = np.empty(fx.shape, dtype=np.float32)
         for strip in _strips(fx.shape[0]):
             base_x, base_y = np.floor(fx[strip]), np.floor(fy[strip])
             upper_x, upper_y = fx[strip] - base_x, fy[strip] - base_y  # weights of the upper
             first = (base_y - (self.j0 - 1)) * width + (base_x - (self.i0 - 1))
-            first = np.nan_to_num(first, copy=False, nan=0.0).astype(np.intp)
-            total, weights = np.zeros(first.shape), np.zeros(first.shape)
-            weights_x = (1.0 - upper_x, upper_x)
-            for dy, weight_y in enumerate((1.0 - upper_y, upper_y)):
-                for dx, weight_x in enumerate(weights_x):
-                    offset = dy * width + dx
-                    weight = weight_y * weight_x
-                    weights += weight * np.take(valid[offset:], first)
-                    weight *= np.take(values[offset:], first)
-                    total += weight
+            first[np.isnan(first)] = 0  # the padding: never valid
+            first = first.astype(np.intp)
+            at = [np.take(values[offset:], first) for offset in offsets]
+            lower = at[0] * (1.0 - upper_x) + at[1] * upper_x
+            upper = at[2] * (1.0 - upper_x) + at[3] * upper_x
+            result = lower * (1.0 - upper_y) + upper * upper_y
             nearest = first + width * (upper_y >= 0.5) + (upper_x >= 0.5)
-            out[strip] = _renormalised(total, weights, np.take(valid, nearest))
+            containing = np.take(valid, nearest)
+            partial = np.flatnonzero(containing & ~np.take(whole, first))
+            if partial.size:
+                result.flat[partial] = self._renormalised_at(
+                    first.flat[partial], upper_x.flat[partial], upper_y.flat[partial], offsets
+                )
+            result[~containing] = np.nan
+            out[strip] = result
         return out
+
+    def _renormalised_at(self, first, upper_x, upper_y, offsets) -> np.ndarray:
+        """Bilinear over the valid neighbours only (NaN if they hardly weigh), at points
+        given by their lower-left neighbour `first` and the weights of the upper ones."""
+        values, valid = self.values.ravel(), self.valid.ravel()
+        total, weights = np.zeros(first.shape), np.zeros(first.shape)
+        corner_weights = [
+            (1.0 - upper_y) * (1.0 - upper_x),
+            (1.0 - upper_y) * upper_x,
+            upper_y * (1.0 - upper_x),
+            upper_y * upper_x,
+        ]
+        for offset, weight in zip(offsets, corner_weights, strict=True):
+            weight = weight * np.take(valid[offset:], first)
+            weights += weight
+            total += weight * np.take(values[offset:], first)
+        return _renormalised(total, weights, np.ones(first.shape, dtype=bool))
 
 
 def _neighbours(f: np.ndarray, start: int) -> tuple[np.ndarray, tuple, np.ndarray]:
@@ -403,6 +505,20 @@ def _axis_weights(f: np.ndarray, start: int, size: int) -> tuple[np.ndarray, tup
     total[~ok] = 1.0
     lower[~ok] = 0
     return lower, (lower_weight / total, upper_weight / total), ok
+
+
+def _index_range(axis: np.ndarray, low: float, high: float) -> tuple[float, float] | None:
+    """The range of fractional indices (clamped to the end centres) of coordinates from
+    `low` to `high` that fall within the outer edges of `axis`; None if none does."""
+    ascending, index = axis, np.arange(axis.size, dtype=np.float64)
+    if axis[-1] < axis[0]:
+        ascending, index = axis[::-1], index[::-1]
+    first_edge = ascending[0] - (ascending[1] - ascending[0]) / 2
+    last_edge = ascending[-1] + (ascending[-1] - ascending[-2]) / 2
+    if not (low <= last_edge and high >= first_edge):  # also when either is NaN
+        return None
+    ends = np.interp([low, high], ascending, index)
+    return float(ends.min()), float(ends.max())
 
 
 def _finite_range(f: np.ndarray) -> tuple[float, float] | None:
