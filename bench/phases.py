@@ -2,8 +2,9 @@
 
 A task run's phase is its name's prefix (`download-…`, `upload-…`, `merge-…`, …); the
 per-dataset tasks (`convert-<id>`, `resample-<id>`, `write-<id>.zarr`, or any other
-`<step>-<source id>`) make one phase per source, `cube <id>`. A phase's wall time runs from
-its first task's start to its last task's end, so parallel tasks are not added up.
+`<step>-<source id>`) make one phase per source, `cube <id>`. A phase's wall time is the
+time at least one of its tasks ran: parallel tasks are not added up, and the gaps between
+its tasks (the two verifications, before and after publishing) are not counted.
 """
 
 from __future__ import annotations
@@ -59,36 +60,40 @@ def _union_seconds(spans: list[TaskSpan]) -> float:
     return covered
 
 
-def phase_windows(spans: list[TaskSpan], source_ids: list[str]) -> dict[str, Window]:
-    """(first start, last end) per phase, in build order: download, `cube <id>` per source
-    (spec order), ALL_DATASETS, upload, merge, patch, verify, publish, report, stac, then
-    any other prefix."""
+def phase_groups(spans: list[TaskSpan], source_ids: list[str]) -> dict[str, list[TaskSpan]]:
+    """The task spans of each phase, in build order: download, `cube <id>` per source (spec
+    order), ALL_DATASETS, upload, merge, patch, verify, publish, report, stac, then any
+    other prefix."""
     groups: dict[str, list[TaskSpan]] = {}
     for span in spans:
         groups.setdefault(phase_of(span.name, source_ids), []).append(span)
-    windows: dict[str, Window] = {}
+    ordered: dict[str, list[TaskSpan]] = {}
     for phase in PHASE_ORDER:
         if phase == DATASET_PREFIX:
             cubes = [DATASET_PREFIX + i for i in source_ids if DATASET_PREFIX + i in groups]
             for name in cubes:
-                windows[name] = _window(groups[name])
+                ordered[name] = groups[name]
             if cubes:
-                windows[ALL_DATASETS] = _window([s for n in cubes for s in groups[n]])
+                ordered[ALL_DATASETS] = [s for n in cubes for s in groups[n]]
         elif phase in groups:
-            windows[phase] = _window(groups[phase])
-    for phase in sorted(set(groups) - set(windows)):
-        windows[phase] = _window(groups[phase])
-    return windows
+            ordered[phase] = groups[phase]
+    for phase in sorted(set(groups) - set(ordered)):
+        ordered[phase] = groups[phase]
+    return ordered
+
+
+def phase_windows(spans: list[TaskSpan], source_ids: list[str]) -> dict[str, Window]:
+    """(first start, last end) per phase, in the order of `phase_groups`."""
+    return {phase: _window(group) for phase, group in phase_groups(spans, source_ids).items()}
 
 
 def phase_seconds(
     spans: list[TaskSpan], source_ids: list[str], total_seconds: float | None = None
 ) -> dict[str, float]:
-    """Wall seconds per phase (see `phase_windows`); with `total_seconds` (the whole
-    command) also OUTSIDE_TASKS, the time no task ran."""
+    """Wall seconds per phase: the time at least one of its tasks ran; with
+    `total_seconds` (the whole command) also OUTSIDE_TASKS, the time no task ran."""
     result = {
-        phase: (end - start).total_seconds()
-        for phase, (start, end) in phase_windows(spans, source_ids).items()
+        phase: _union_seconds(group) for phase, group in phase_groups(spans, source_ids).items()
     }
     if total_seconds is not None and spans:
         result[OUTSIDE_TASKS] = max(0.0, total_seconds - _union_seconds(spans))

@@ -12,12 +12,15 @@ Chunks are only ever moved or copied as stored objects, never decoded. The overv
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import os
 import shutil
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
+
+from fsspec.asyn import sync
 
 from polar_cube.levels import ZLEVELS
 from polar_cube.location import StoreLocation
@@ -36,8 +39,7 @@ def copy_objects(location: StoreLocation, pairs: Sequence[tuple[str, str]]) -> N
     if not pairs:
         return
     if not location.is_local:
-        sources, targets = (list(paths) for paths in zip(*pairs, strict=True))
-        location.fs.copy(sources, targets, batch_size=COPIES_IN_FLIGHT)
+        sync(location.fs.loop, _copy_server_side, location.fs, pairs)
         return
     folders: set[str] = set()
     for source, target in pairs:
@@ -46,6 +48,19 @@ def copy_objects(location: StoreLocation, pairs: Sequence[tuple[str, str]]) -> N
             os.makedirs(folder, exist_ok=True)
             folders.add(folder)
         link_or_copy_file(source, target)
+
+
+async def _copy_server_side(fs, pairs: Sequence[tuple[str, str]]) -> None:
+    """CopyObject for every pair, COPIES_IN_FLIGHT at a time. s3fs's `copy` asks for each
+    source's size first (to choose a multipart copy above 5 GB); chunks never are that
+    big, so one request per object is enough."""
+    in_flight = asyncio.Semaphore(COPIES_IN_FLIGHT)
+
+    async def copy(source: str, target: str) -> None:
+        async with in_flight:
+            await fs._copy_basic(source, target)
+
+    await asyncio.gather(*(copy(source, target) for source, target in pairs))
 
 
 def link_or_copy_file(source: str, target: str) -> None:

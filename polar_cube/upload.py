@@ -15,7 +15,7 @@ from polar_cube.location import StoreLocation
 from polar_cube.zarr_store import levels_path
 
 METADATA_NAMES = (".zarray", ".zattrs", ".zgroup", ".zmetadata", ZLEVELS)
-FILES_IN_FLIGHT = 8  # s3fs reads each small file whole: bound how many are in memory at once
+FILES_IN_FLIGHT = 16  # s3fs reads each file whole (a chunk: ≤ 17 MB): bounds the memory it takes
 INPUTS_PREFIX = "inputs"
 
 
