@@ -165,8 +165,9 @@ def _build_section(results: Results) -> list[str]:
         "",
         "Downloads already in the cache; each run starts with no per-dataset cubes and an "
         "empty bucket (a fresh SeaweedFS). Phases from the task runs the Prefect API recorded: "
-        "a phase's wall time runs from its first task's start to its last task's end, its "
-        "peak RSS is the largest sample of the build's memory in that time.",
+        "a phase's wall time is the time at least one of its tasks ran (parallel tasks are "
+        "not added up), its peak RSS the largest sample of the build's memory from its first "
+        "task's start to its last task's end.",
         "",
         f"`{results.build_command}`",
         "",

@@ -6,6 +6,7 @@ Everything happens under a `StoreLocation` (a local folder or an s3:// prefix):
     <root>/inputs/<source id>.levels/    their overview levels (xcube's multi-level layout)
     <root>/.staging/<data_id>.<hash>     the merged cube while it is built and patched
     <root>/.staging/<stem>.levels.<hash> its merged overview levels
+    <root>/.staging/<…>.chunk-sources.json  on S3: the inputs' chunks each of them publishes
     <root>/<data_id>                     the published cube
     <root>/<stem>.levels/                its overview levels; `0.link` points at the cube
     <root>/<stem>.quicklooks/            one PNG per variable, stats.json, summary.md
@@ -32,7 +33,13 @@ from polar_cube.merge import (
     read_levels_record,
 )
 from polar_cube.patching import PATCH_ATTR, apply_patch, patch_digest, patch_metadata
-from polar_cube.publish import publish, remove_stale_staging, staging_key, withdraw
+from polar_cube.publish import (
+    chunk_sources_key,
+    publish,
+    remove_stale_staging,
+    staging_key,
+    withdraw,
+)
 from polar_cube.spec import CubeSpec
 from polar_cube.verify import CubeCheckError
 from polar_cube.zarr_store import FINGERPRINT_ATTR, stored_attrs
@@ -153,9 +160,10 @@ def patch_staged_cube(
 
 def discard_staged_cube(location: StoreLocation, staged: StagedCube) -> None:
     """Remove a staged cube (and its levels) that failed its checks, so a rerun rebuilds it."""
-    for key in (staged.key, staged.levels_key):
-        if location.exists(key):
-            location.fs.rm(location.path(key), recursive=True)
+    for staged_key in (staged.key, staged.levels_key):
+        for key in (staged_key, chunk_sources_key(staged_key)):
+            if location.exists(key):
+                location.fs.rm(location.path(key), recursive=True)
 
 
 def publish_staged_cube(location: StoreLocation, spec: CubeSpec, staged: StagedCube) -> str:

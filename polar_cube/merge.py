@@ -1,9 +1,12 @@
 """Merge the per-dataset cubes into one cube: same grid and chunk encoding or a clear
 refusal, one CF grid mapping.
 
-The inputs share the grid, chunk shape, dtype, fill value and codec, so the merged cube is
-written by copying their stored chunk objects under the same keys (hard links in a local
-folder, server-side copies on S3): no chunk is ever decoded. Their overview levels
+The inputs share the grid, chunk shape, dtype, fill value and codec, so the merged cube's
+chunks are the inputs' stored chunk objects under the same keys: no chunk is ever decoded.
+In a local folder they are hard-linked into the staged cube. In an object store, where every
+copy moves the bytes, the staged cube holds only its metadata and coordinates, and a list
+next to it says where each chunk comes from (`publish.chunk_sources_key`); publishing copies
+each chunk once, from its input straight to the published cube. Their overview levels
 (`inputs/<source id>.levels/<k>.zarr`) are merged the same way, level by level.
 `merge_inputs` describes the merged cube as a lazy dataset (what the copy must equal, value
 for value).
@@ -41,7 +44,7 @@ from polar_cube.levels import (
     read_record,
 )
 from polar_cube.location import StoreLocation
-from polar_cube.publish import copy_objects
+from polar_cube.publish import chunk_sources_key, copy_objects
 from polar_cube.spec import CubeSpec
 from polar_cube.stac import outline_lonlat
 from polar_cube.upload import INPUTS_PREFIX, remote_files
@@ -186,18 +189,20 @@ def copy_merged_cube(
     grid: TargetGrid,
 ) -> int:
     """Write the merged cube at `key` (not there yet) from the inputs' stored chunk objects,
-    copied under the same keys without decoding them; returns how many were copied.
+    copied (or, on an object store, listed to be copied by the publish) under the same keys
+    without decoding them; returns how many.
 
     Order: coordinates and `crs`, every chunk, each variable's metadata, the group's
     attributes. It is left unconsolidated and without the fingerprint attribute: whoever
     calls this marks it complete afterwards (`cube.mark_complete`).
     """
     check_same_grid(inputs, grid)
-    copied = _copy_zarr(location, key, inputs, spec, grid, level=0)
+    sources = _copy_zarr(location, key, inputs, spec, grid, level=0)
+    _record_chunk_sources(location, key, sources)
     attrs = cube_attributes(spec, grid, inputs)
     del attrs[FINGERPRINT_ATTR]  # the completion marker comes last
     location.fs.pipe_file(location.path(key, ".zattrs"), _json(attrs))
-    return copied
+    return len(sources)
 
 
 def copy_merged_levels(
@@ -215,20 +220,22 @@ def copy_merged_levels(
     and last `.zlevels` with `fingerprint`: it marks the levels complete.
     """
     check_same_grid(inputs, grid)
-    count, copied, methods = level_count(grid.shape), 0, {}
+    count, sources, methods = level_count(grid.shape), {}, {}
     for level in range(1, count):
         target = f"{key}/{level_name(level)}"
-        copied += _copy_zarr(location, target, inputs, spec, grid, level)
+        in_level = _copy_zarr(location, target, inputs, spec, grid, level)
+        sources.update({f"{level_name(level)}/{k}": v for k, v in in_level.items()})
         location.fs.pipe_file(
             location.path(target, ".zattrs"), _json(cube_attributes(spec, grid, inputs))
         )
         zarr.consolidate_metadata(location.mapper(target), zarr_format=2)
+    _record_chunk_sources(location, key, sources)
     for variable in spec.variables:
         methods[variable.name] = agg_method(variable.attrs)
     location.fs.pipe_file(location.path(key, LINK), link_text(spec.data_id).encode())
     record = levels_record(count, methods, fingerprint)
     location.fs.pipe_file(location.path(key, ZLEVELS), encode_record(record))
-    return copied
+    return len(sources)
 
 
 def _copy_zarr(
@@ -238,15 +245,16 @@ def _copy_zarr(
     spec: CubeSpec,
     grid: TargetGrid,
     level: int,
-) -> int:
-    """Coordinates and `crs`, every chunk, each variable's metadata of the merged `level`."""
+) -> dict[str, list]:
+    """Coordinates and `crs`, every chunk, each variable's metadata of the merged `level`;
+    returns the chunks' sources (see `_copy_chunks`)."""
     variables = stored_variables(location, inputs, spec, grid, level)
     _write_coordinates(location, key, inputs, variables, grid, level)
-    copied = _copy_chunks(location, key, variables)
+    sources = _copy_chunks(location, key, variables)
     for variable in variables:
         for name, metadata in ((".zarray", variable.zarray), (".zattrs", variable.zattrs)):
             location.fs.pipe_file(location.path(key, variable.name, name), _json(metadata))
-    return copied
+    return sources
 
 
 def stored_variables(
@@ -390,23 +398,35 @@ def _write_coordinates(
     )
 
 
-def _copy_chunks(location: StoreLocation, key: str, variables: list[StoredVariable]) -> int:
-    """Copy every stored chunk object of `variables` to the same key under `key`."""
-    target = location.path(key)
-    pairs = []
+def _copy_chunks(
+    location: StoreLocation, key: str, variables: list[StoredVariable]
+) -> dict[str, list]:
+    """{chunk key below `key`: [source object path, size]} of every stored chunk object of
+    `variables`; in a local folder they are also linked there now (see the module's doc)."""
+    sources: dict[str, list] = {}
     for source_key in dict.fromkeys(v.input_key for v in variables):
         source = location.path(source_key)
-        stored = sorted(remote_files(location, source_key))
+        stored = remote_files(location, source_key)
         for variable in variables:
             if variable.input_key != source_key:
                 continue
             chunk_key = re.compile(
                 re.escape(variable.name) + r"/\d+" + r"\.\d+" * (len(variable.dims) - 1)
             )
-            pairs += [(f"{source}/{k}", f"{target}/{k}") for k in stored if chunk_key.fullmatch(k)]
-    for start in range(0, len(pairs), COPY_BATCH):
-        copy_objects(location, pairs[start : start + COPY_BATCH])
-    return len(pairs)
+            for name in sorted(stored):
+                if chunk_key.fullmatch(name):
+                    sources[name] = [f"{source}/{name}", stored[name]]
+    if location.is_local:
+        pairs = [(path, location.path(key, name)) for name, (path, _) in sources.items()]
+        for start in range(0, len(pairs), COPY_BATCH):
+            copy_objects(location, pairs[start : start + COPY_BATCH])
+    return sources
+
+
+def _record_chunk_sources(location: StoreLocation, key: str, sources: dict) -> None:
+    """On an object store, the list the publish copies the chunks of `key` from."""
+    if not location.is_local:
+        location.fs.pipe_file(location.path(chunk_sources_key(key)), _json(sources))
 
 
 def _json(value: object) -> bytes:

@@ -3,9 +3,11 @@
 The cube is merged, patched and verified under a staging name first. Publishing then:
 - local folder: swaps the staged folder in by renames (old version removed after);
 - object store (no renames): hides the old version by deleting its metadata objects
-  (consolidated metadata first), copies the chunks server-side, removes stale ones, and
-  writes the metadata last, consolidated metadata very last. While that runs the name holds
-  no openable cube; if it is interrupted, rerunning the publish completes it.
+  (consolidated metadata first), copies the chunks server-side straight from the inputs the
+  list next to the staged cube names (`chunk_sources_key`: each chunk is copied once, not
+  into the staged cube and again out of it), checks their sizes, removes stale ones, and writes the
+  metadata last, consolidated metadata very last. While that runs the name holds no
+  openable cube; if it is interrupted, rerunning the publish completes it.
 Chunks are only ever moved or copied as stored objects, never decoded. The overview levels
 (`<stem>.levels`) are published the same way, with `.zlevels` as their last object.
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import json
 import os
 import shutil
 import uuid
@@ -28,6 +31,7 @@ from polar_cube.upload import is_metadata, metadata_order, remote_files
 from polar_cube.zarr_store import replace_directory
 
 STAGING_PREFIX = ".staging"
+CHUNK_SOURCES_SUFFIX = ".chunk-sources.json"
 COPIES_IN_FLIGHT = 32  # concurrent server-side copies on an object store
 _NO_HARD_LINK = (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.EOPNOTSUPP, errno.ENOTSUP)
 
@@ -76,6 +80,12 @@ def link_or_copy_file(source: str, target: str) -> None:
         shutil.copyfile(source, target)
 
 
+def chunk_sources_key(staged_key: str) -> str:
+    """Next to a cube (or levels folder) staged on an object store: {chunk key below it:
+    [source object path, size]}, the chunks its publication copies."""
+    return staged_key + CHUNK_SOURCES_SUFFIX
+
+
 def staging_key(final_key: str, fingerprint: str) -> str:
     """Deterministic per inputs, so a rerun finds (and resumes) its own staged cube."""
     return f"{STAGING_PREFIX}/{final_key}.{fingerprint[:16]}"
@@ -91,17 +101,40 @@ def publish(location: StoreLocation, staged_key: str, final_key: str) -> str:
     staged = remote_files(location, staged_key)
     if not any(k in staged for k in (".zmetadata", ZLEVELS)):
         raise FileNotFoundError(f"{location.url(staged_key)}: no complete staged cube or levels")
+    chunks = _chunk_sources(location, staged_key, staged)
     old = remote_files(location, final_key)
     hidden = _hide(location, final_key, old)
-    chunks = sorted(k for k in staged if not is_metadata(k))
-    copy_objects(location, [(f"{source}/{k}", f"{target}/{k}") for k in chunks])
-    stale = sorted(set(old) - set(staged) - set(hidden))
+    copy_objects(location, [(path, f"{target}/{k}") for k, (path, _) in chunks.items()])
+    arrived = remote_files(location, final_key)
+    broken = sorted(k for k, (_, size) in chunks.items() if arrived.get(k) != size)
+    if broken:
+        raise OSError(
+            f"{location.url(final_key)}: {len(broken)} chunk(s) did not arrive intact, "
+            f"e.g. {broken[0]}; publishing again completes it"
+        )
+    metadata = [k for k in staged if is_metadata(k)]
+    stale = sorted(set(old) - set(chunks) - set(metadata) - set(hidden))
     if stale:
         fs.rm([f"{target}/{k}" for k in stale])
-    for key in sorted((k for k in staged if is_metadata(k)), key=metadata_order):
+    for key in sorted(metadata, key=metadata_order):
         fs.copy(f"{source}/{key}", f"{target}/{key}")
     fs.rm(source, recursive=True)
+    fs.rm(location.path(chunk_sources_key(staged_key)))
     return location.url(final_key)
+
+
+def _chunk_sources(location: StoreLocation, staged_key: str, staged: dict[str, int]) -> dict:
+    """{chunk key: (object path, size)} of a staged cube or levels folder: the chunks its
+    `chunk_sources_key` lists, and any chunk object stored in it."""
+    listing = location.path(chunk_sources_key(staged_key))
+    if not location.fs.exists(listing):
+        raise FileNotFoundError(f"{location.url(staged_key)}: no list of its chunks ({listing})")
+    chunks = {
+        k: (path, size) for k, (path, size) in json.loads(location.fs.cat_file(listing)).items()
+    }
+    source = location.path(staged_key)
+    chunks.update((k, (f"{source}/{k}", size)) for k, size in staged.items() if not is_metadata(k))
+    return chunks
 
 
 def withdraw(location: StoreLocation, key: str) -> None:
@@ -133,5 +166,6 @@ def remove_stale_staging(location: StoreLocation, final_key: str, keep: str) -> 
         return
     for path in location.fs.ls(prefix, detail=False):
         name = path.rstrip("/").rsplit("/", 1)[-1]
-        if name.startswith(f"{final_key}.") and name != keep.rsplit("/", 1)[-1]:
+        kept = keep.rsplit("/", 1)[-1]
+        if name.startswith(f"{final_key}.") and name not in (kept, chunk_sources_key(kept)):
             location.fs.rm(path, recursive=True)

@@ -327,16 +327,18 @@ def test_cli_blocks_create_names_what_is_missing(tmp_path, capsys, monkeypatch):
 def test_merge_and_publish_copy_chunk_objects_server_side(
     options, small_standins, repo_spec_path, tmp_path_factory, monkeypatch
 ):
-    """On S3 the merge and the publish copy each chunk object with CopyObject, never decoding
-    it: the published chunks are the inputs' bytes, and the cube equals the decoding merge."""
+    """On S3 each chunk object is copied once, with CopyObject, from its input straight to the
+    published cube, never decoded: the staged cube holds only metadata and the list of chunk
+    sources; the published chunks are the inputs' bytes; the cube equals the decoding merge."""
     import dataclasses
 
     from polar_cube import cube as steps
     from polar_cube.grid import TargetGrid
     from polar_cube.location import StoreLocation
     from polar_cube.merge import merge_inputs, open_inputs
+    from polar_cube.publish import chunk_sources_key
     from polar_cube.spec import load_spec
-    from polar_cube.upload import upload_cube
+    from polar_cube.upload import remote_files, upload_cube
     from tests.test_merge import (
         CHUNK_SIZE,
         build_inputs,
@@ -365,15 +367,19 @@ def test_merge_and_publish_copy_chunk_objects_server_side(
     staged = steps.stage_merged_cube(location, spec, grid)
     expected = {v.name: input_chunks(location, spec, v) for v in spec.variables}
     for name, chunks in expected.items():
-        assert chunks and chunk_objects(location, staged.key, name) == chunks, name
+        assert chunks and not chunk_objects(location, staged.key, name), name
+    assert location.exists(chunk_sources_key(staged.key))
+    assert server_side_copies == []  # staging copied nothing
     steps.publish_staged_cube(location, spec, staged)
     for name, chunks in expected.items():
         assert chunk_objects(location, spec.data_id, name) == chunks, name
-    for key in (staged.key, spec.data_id):
-        copied_here = [
-            location.path(key, name, chunk) for name in expected for chunk in expected[name]
-        ]
-        assert set(copied_here) <= set(server_side_copies), key
+    copied_once = [
+        location.path(spec.data_id, name, chunk) for name in expected for chunk in expected[name]
+    ]
+    assert sorted(c for c in server_side_copies if c in set(copied_once)) == sorted(copied_once)
+    for key in (staged.key, staged.levels_key):  # staging and its lists are gone
+        assert not [k for k in remote_files(location, key) if k]  # (an empty folder may stay)
+        assert not location.exists(chunk_sources_key(key))
 
     monkeypatch.undo()
     published = steps.open_cube(location, spec.data_id).load()
