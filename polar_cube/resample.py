@@ -378,25 +378,39 @@ class _Window:
             return self._bilinear_complete(fx, fy)
         col, col_weights, nearest_col = _neighbours(fx, self.i0)
         row, row_weights, nearest_row = _neighbours(fy, self.j0)
+        whole, width = self._whole(), self.valid.shape[1]
         out = np.empty((fy.size, fx.size), dtype=np.float32)
         for strip in _strips(fy.size):
             used, lower, upper = _rows_used(row[strip])
-            lower_weight = row_weights[0][strip, np.newaxis]
-            upper_weight = row_weights[1][strip, np.newaxis]
-            sums = []  # weighted sums of the values, sums of the weights
-            for padded in (self.values, self.valid):
-                rows = padded[used]
-                along_x = rows[:, col] * col_weights[0]
-                along_x += rows[:, col + 1] * col_weights[1]
-                along_y = along_x[lower]
-                along_y *= lower_weight
-                upper_part = along_x[upper]
-                upper_part *= upper_weight
-                along_y += upper_part
-                sums.append(along_y)
+            rows = self.values[used]  # plain bilinear, missing cells as 0
+            along_x = rows[:, col] * col_weights[0]
+            along_x += rows[:, col + 1] * col_weights[1]
+            result = along_x[lower]
+            result *= row_weights[0][strip, np.newaxis]
+            upper_part = along_x[upper]
+            upper_part *= row_weights[1][strip, np.newaxis]
+            result += upper_part
             containing = self.valid[nearest_row[strip, np.newaxis], nearest_col]
-            out[strip] = _renormalised(*sums, containing)
+            partial = containing & ~whole[row[strip, np.newaxis], col]
+            at_row, at_col = np.nonzero(partial)
+            if at_row.size:  # beside a missing cell: renormalise over the valid neighbours
+                result[at_row, at_col] = self._renormalised_at(
+                    row[strip][at_row] * width + col[at_col],
+                    col_weights[1][at_col],
+                    row_weights[1][strip][at_row],
+                    (0, 1, width, width + 1),
+                )
+            result[~containing] = np.nan
+            out[strip] = result
         return out
+
+    def _whole(self) -> np.ndarray:
+        """Per window cell: it and its neighbours to the right, above and above right are
+        all valid (plain bilinear from there needs no renormalising)."""
+        whole = np.zeros(self.valid.shape, dtype=bool)
+        whole[:-1, :-1] = self.valid[:-1, :-1] & self.valid[:-1, 1:]
+        whole[:-1, :-1] &= self.valid[1:, :-1] & self.valid[1:, 1:]
+        return whole
 
     def _bilinear_complete(self, fx: np.ndarray, fy: np.ndarray) -> np.ndarray:
         """`bilinear_separable` for a window without missing cells, where only the padding
@@ -429,10 +443,7 @@ class _Window:
         width = self.valid.shape[1]
         values, valid = self.values.ravel(), self.valid.ravel()
         offsets = (0, 1, width, width + 1)  # from the lower-left neighbour
-        whole = np.zeros(self.valid.shape, dtype=bool)  # all four neighbours valid
-        whole[:-1, :-1] = self.valid[:-1, :-1] & self.valid[:-1, 1:]
-        whole[:-1, :-1] &= self.valid[1:, :-1] & self.valid[1:, 1:]
-        whole = whole.ravel()
+        whole = self._whole().ravel()
         out = np.empty(fx.shape, dtype=np.float32)
         for strip in _strips(fx.shape[0]):
             base_x, base_y = np.floor(fx[strip]), np.floor(fy[strip])

@@ -8,6 +8,7 @@ chunk, collects its statistics (`polar_cube.stats`) and starts its overview leve
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import shutil
@@ -162,7 +163,8 @@ def _create_arrays(dataset: xr.Dataset, store: Path, encoding: dict) -> None:
 def _store_blocks(data: da.Array, path: Path, chunk_size: int, with_stats: bool) -> da.Array:
     """One task per block that writes it as the chunk of the zarr array at `path` (chunks
     1 × `chunk_size` × `chunk_size`, or without time) and returns its statistics (shape: the
-    block grid + the fields) or a 0 per block. The blocks must be the array's chunks."""
+    block grid + the fields) or a 0 per block. Each block covers whole chunks (edge blocks
+    may end short)."""
     block_grid = tuple((1,) * len(chunks) for chunks in data.chunks)
     chunk_shape = (1,) * (data.ndim - 2) + (chunk_size, chunk_size)
     if with_stats:
@@ -192,9 +194,19 @@ def _store_blocks(data: da.Array, path: Path, chunk_size: int, with_stats: bool)
 def _write_block(
     block: np.ndarray, path: str, chunk_shape: tuple, with_stats: bool, block_info=None
 ) -> np.ndarray:
-    stats = block_stats(block)
-    if stats[..., 0].item():  # like zarr's write_empty_chunks=False: no all-NaN chunk
-        write_chunk(Path(path), block_info[0]["chunk-location"], block, chunk_shape)
+    """Store `block` as the chunk(s) of the array at `path` it covers (a level's block may
+    span several tiles, starting on a tile edge); return its statistics or a 0."""
+    start = [first for first, _ in block_info[0]["array-location"]]
+    stats = block_stats(block) if with_stats else None
+    if stats is not None and not stats[..., 0].item():
+        return stats  # like zarr's write_empty_chunks=False: no all-NaN chunk
+    steps = [range(0, size, chunk) for size, chunk in zip(block.shape, chunk_shape, strict=True)]
+    for offset in itertools.product(*steps):
+        part = block[tuple(slice(o, o + c) for o, c in zip(offset, chunk_shape, strict=True))]
+        if stats is None and np.isnan(part).all():
+            continue
+        index = tuple((s + o) // c for s, o, c in zip(start, offset, chunk_shape, strict=True))
+        write_chunk(Path(path), index, part, chunk_shape)
     if with_stats:
         return stats
     return np.zeros((1,) * block.ndim, dtype="int8")
@@ -238,7 +250,8 @@ def _plan_levels(
 
 
 def _halved(data: da.Array, method: str, tile: int) -> da.Array:
-    """The next level of `data` (y, x last), block by block, chunked `tile` × `tile`."""
+    """The next level of `data` (y, x last), block by block: blocks of whole `tile` × `tile`
+    tiles (edge blocks may end short), rechunked to single tiles only when smaller."""
     y_axis, x_axis = data.ndim - 2, data.ndim - 1
     if any(size % 2 for axis in (y_axis, x_axis) for size in data.chunks[axis][:-1]):
         data = data.rechunk({y_axis: tile, x_axis: tile})  # windows must not straddle blocks
@@ -248,6 +261,8 @@ def _halved(data: da.Array, method: str, tile: int) -> da.Array:
         tuple(math.ceil(size / 2) for size in data.chunks[x_axis]),
     )
     halved = data.map_blocks(halve, method=method, chunks=chunks, dtype="float32", token="halve")
+    if all(size % tile == 0 for axis in (y_axis, x_axis) for size in chunks[axis][:-1]):
+        return halved  # whole tiles per block: each is written by the block's task
     return halved.rechunk({y_axis: tile, x_axis: tile})
 
 
