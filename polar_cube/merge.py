@@ -251,9 +251,13 @@ def _copy_zarr(
     variables = stored_variables(location, inputs, spec, grid, level)
     _write_coordinates(location, key, inputs, variables, grid, level)
     sources = _copy_chunks(location, key, variables)
-    for variable in variables:
-        for name, metadata in ((".zarray", variable.zarray), (".zattrs", variable.zattrs)):
-            location.fs.pipe_file(location.path(key, variable.name, name), _json(metadata))
+    location.fs.pipe(
+        {
+            location.path(key, variable.name, name): _json(metadata)
+            for variable in variables
+            for name, metadata in ((".zarray", variable.zarray), (".zattrs", variable.zattrs))
+        }
+    )
     return sources
 
 

@@ -20,7 +20,7 @@ import json
 import os
 import shutil
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from fsspec.asyn import sync
@@ -116,8 +116,8 @@ def publish(location: StoreLocation, staged_key: str, final_key: str) -> str:
     stale = sorted(set(old) - set(chunks) - set(metadata) - set(hidden))
     if stale:
         fs.rm([f"{target}/{k}" for k in stale])
-    for key in sorted(metadata, key=metadata_order):
-        fs.copy(f"{source}/{key}", f"{target}/{key}")
+    for batch in metadata_batches(metadata):
+        fs.copy([f"{source}/{k}" for k in batch], [f"{target}/{k}" for k in batch])
     fs.rm(source, recursive=True)
     fs.rm(location.path(chunk_sources_key(staged_key)))
     return location.url(final_key)
@@ -151,12 +151,22 @@ def withdraw(location: StoreLocation, key: str) -> None:
 
 
 def _hide(location: StoreLocation, key: str, stored: dict[str, int]) -> list[str]:
-    """Delete the metadata objects among `stored` one by one, in reverse write order
-    (consolidated metadata and `.zlevels` before anything else); returns their keys."""
-    hide = sorted((k for k in stored if is_metadata(k)), key=metadata_order, reverse=True)
-    for name in hide:
-        location.fs.rm(location.path(key, name))
-    return hide
+    """Delete the metadata objects among `stored` in reverse write order
+    (consolidated metadata and `.zlevels` before anything else), a batch at a time; returns
+    their keys."""
+    batches = metadata_batches(k for k in stored if is_metadata(k))
+    for batch in reversed(batches):
+        location.fs.rm([location.path(key, name) for name in batch])
+    return [name for batch in batches for name in batch]
+
+
+def metadata_batches(keys: Iterable[str]) -> list[list[str]]:
+    """Metadata keys in write order (`upload.metadata_order`), in batches of keys that may
+    be written (or, in reverse, deleted) at once: same rank, same depth."""
+    batches: dict[tuple, list[str]] = {}
+    for key in keys:
+        batches.setdefault(metadata_order(key)[:2], []).append(key)
+    return [sorted(batches[rank]) for rank in sorted(batches)]
 
 
 def remove_stale_staging(location: StoreLocation, final_key: str, keep: str) -> None:
