@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import threading
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -16,6 +17,9 @@ from polar_cube.zarr_store import levels_path
 
 METADATA_NAMES = (".zarray", ".zattrs", ".zgroup", ".zmetadata", ZLEVELS)
 FILES_IN_FLIGHT = 16  # s3fs reads each file whole (a chunk: ≤ 17 MB): bounds the memory it takes
+# The flow uploads the cubes concurrently; their files are sent one tree at a time, so that
+# FILES_IN_FLIGHT bounds them all together (the bandwidth is shared anyway).
+_SENDING = threading.Lock()
 INPUTS_PREFIX = "inputs"
 
 
@@ -121,16 +125,8 @@ def _upload_tree(folder: Path, location: StoreLocation, key: str, marker: str) -
     fs, base = location.fs, location.path(key).rstrip("/")
     if marker in remote:
         fs.rm(f"{base}/{marker}")
-    for batch in write_batches(local):
-        if location.is_local:
-            for k in batch:
-                replace_file(folder / k, Path(base, k))
-        else:
-            fs.put(
-                [str(folder / k) for k in batch],
-                [f"{base}/{k}" for k in batch],
-                batch_size=FILES_IN_FLIGHT,
-            )
+    with _SENDING:
+        _send(folder, location, base, local)
     stale = sorted(set(remote) - set(local))
     if stale:
         fs.rm([f"{base}/{k}" for k in stale])
@@ -139,6 +135,20 @@ def _upload_tree(folder: Path, location: StoreLocation, key: str, marker: str) -
         missing = sorted(k for k in local if arrived.get(k) != local[k])
         raise UploadError(f"{url}: {len(missing)} file(s) did not arrive intact: {missing[:5]}")
     return UploadResult(url, len(local), sum(local.values()), skipped=False)
+
+
+def _send(folder: Path, location: StoreLocation, base: str, local: dict[str, int]) -> None:
+    """Chunks first, then metadata in write order (each batch concurrently)."""
+    for batch in write_batches(local):
+        if location.is_local:
+            for k in batch:
+                replace_file(folder / k, Path(base, k))
+        else:
+            location.fs.put(
+                [str(folder / k) for k in batch],
+                [f"{base}/{k}" for k in batch],
+                batch_size=FILES_IN_FLIGHT,
+            )
 
 
 def replace_file(source: Path, target: Path) -> None:
