@@ -381,15 +381,9 @@ class _Window:
         whole, width = self._whole(), self.valid.shape[1]
         out = np.empty((fy.size, fx.size), dtype=np.float32)
         for strip in _strips(fy.size):
-            used, lower, upper = _rows_used(row[strip])
-            rows = self.values[used]  # plain bilinear, missing cells as 0
-            along_x = rows[:, col] * col_weights[0]
-            along_x += rows[:, col + 1] * col_weights[1]
-            result = along_x[lower]
-            result *= row_weights[0][strip, np.newaxis]
-            upper_part = along_x[upper]
-            upper_part *= row_weights[1][strip, np.newaxis]
-            result += upper_part
+            strip_weights = (row_weights[0][strip], row_weights[1][strip])
+            # plain bilinear, missing cells as 0
+            result = _separable(self.values, row[strip], strip_weights, col, col_weights)
             containing = self.valid[nearest_row[strip, np.newaxis], nearest_col]
             partial = containing & ~whole[row[strip, np.newaxis], col]
             at_row, at_col = np.nonzero(partial)
@@ -420,16 +414,8 @@ class _Window:
         rows, row_weights, row_ok = _axis_weights(fy, self.j0, self.valid.shape[0] - 2)
         out = np.empty((fy.size, fx.size), dtype=np.float32)
         for strip in _strips(fy.size):
-            used, lower, upper = _rows_used(rows[strip])
-            source_rows = self.values[used]
-            along_x = source_rows[:, cols] * col_weights[0]
-            along_x += source_rows[:, cols + 1] * col_weights[1]
-            along_y = along_x[lower]
-            along_y *= row_weights[0][strip, np.newaxis]
-            upper_part = along_x[upper]
-            upper_part *= row_weights[1][strip, np.newaxis]
-            along_y += upper_part
-            out[strip] = along_y
+            strip_weights = (row_weights[0][strip], row_weights[1][strip])
+            out[strip] = _separable(self.values, rows[strip], strip_weights, cols, col_weights)
         out[~row_ok] = np.nan
         out[:, ~col_ok] = np.nan
         return out
@@ -494,6 +480,22 @@ def _neighbours(f: np.ndarray, start: int) -> tuple[np.ndarray, tuple, np.ndarra
     nearest = np.where(finite, np.floor(f + 0.5) - start + 1, 0).astype(np.intp)
     upper_weight = f - base
     return lower, (1.0 - upper_weight, upper_weight), nearest
+
+
+def _separable(values, rows, row_weights, cols, col_weights) -> np.ndarray:
+    """Bilinear with one lower neighbour and weight pair per target row (`rows`,
+    `row_weights`) and per column (`cols`, `col_weights`): along x on the window rows the
+    strip uses, then along y."""
+    used, lower, upper = _rows_used(rows)
+    source_rows = values[used]
+    along_x = source_rows[:, cols] * col_weights[0]
+    along_x += source_rows[:, cols + 1] * col_weights[1]
+    result = along_x[lower]
+    result *= row_weights[0][:, np.newaxis]
+    upper_part = along_x[upper]
+    upper_part *= row_weights[1][:, np.newaxis]
+    result += upper_part
+    return result
 
 
 def _rows_used(lower_rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
