@@ -213,8 +213,8 @@ def copy_merged_levels(
     grid: TargetGrid,
     fingerprint: str,
 ) -> int:
-    """Write the merged overview levels at `key` (not there yet) from the inputs' levels, by
-    copying their chunk objects like `copy_merged_cube`; returns how many were copied.
+    """Write the merged overview levels at `key` (not there yet) from the inputs' levels,
+    their chunk objects linked or listed like `copy_merged_cube`'s; returns how many.
 
     Each level is written and consolidated in turn, then `0.link` (to the published cube),
     and last `.zlevels` with `fingerprint`: it marks the levels complete.

@@ -167,27 +167,18 @@ def _store_blocks(data: da.Array, path: Path, chunk_size: int, with_stats: bool)
     may end short)."""
     block_grid = tuple((1,) * len(chunks) for chunks in data.chunks)
     chunk_shape = (1,) * (data.ndim - 2) + (chunk_size, chunk_size)
-    if with_stats:
-        return da.map_blocks(
-            _write_block,
-            data,
-            path=str(path),
-            chunk_shape=chunk_shape,
-            with_stats=True,
-            chunks=(*block_grid, (BLOCK_FIELDS,)),
-            new_axis=data.ndim,
-            dtype="float64",
-            token="write-block-and-stats",
-        )
+    if with_stats:  # per block: its statistics along a new last axis
+        out = {"chunks": (*block_grid, (BLOCK_FIELDS,)), "new_axis": data.ndim, "dtype": "float64"}
+    else:
+        out = {"chunks": block_grid, "dtype": "int8"}
     return da.map_blocks(
         _write_block,
         data,
         path=str(path),
         chunk_shape=chunk_shape,
-        with_stats=False,
-        chunks=block_grid,
-        dtype="int8",
-        token="write-level-block",
+        with_stats=with_stats,
+        token="write-block-and-stats" if with_stats else "write-level-block",
+        **out,
     )
 
 
