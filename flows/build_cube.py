@@ -11,7 +11,7 @@ from prefect.runtime import flow_run
 
 from flows.build_datasets import build_datasets, run_label
 from polar_cube import cube as steps
-from polar_cube.compute import dask_cluster
+from polar_cube.compute import dask_cluster, shares_nothing
 from polar_cube.location import StoreLocation
 from polar_cube.preflight import check_build
 from polar_cube.storage import reaching_storage
@@ -42,17 +42,9 @@ def resolve_location(bucket_block: str | None, output_dir: str | None) -> StoreL
     """The bucket of an S3Bucket block (access checked), else a local folder."""
     if not bucket_block:
         return StoreLocation.local(output_dir or DEFAULT_OUTPUT)
-    from polar_cube.storage import (
-        bucket_url,
-        check_bucket_access,
-        load_bucket,
-        storage_options_from_blocks,
-    )
+    from polar_cube.storage import bucket_location
 
-    bucket = load_bucket(bucket_block)
-    location = StoreLocation(bucket_url(bucket), storage_options_from_blocks(bucket))
-    check_bucket_access(location.root, location.storage_options)
-    return location
+    return bucket_location(bucket_block)
 
 
 def _run_name() -> str:
@@ -81,7 +73,9 @@ def build_cube(
     `dask_address`: the chunked array work (resampling, writing the per-dataset cubes with
     their statistics and levels) runs on this dask.distributed scheduler (`tcp://host:port`),
     or on a LocalCluster sized for this machine with `local`; by default on threads in this
-    process.
+    process. A cluster given by address with a bucket target shares nothing with this
+    machine but the bucket: the sources are staged into it and the workers write the
+    per-dataset cubes straight into its `inputs/` (nothing to upload afterwards).
     """
     logger = get_run_logger()
     # bad input fails here, before hours of work (the CLI checks the same before starting)
@@ -89,6 +83,8 @@ def build_cube(
     spec, grid, patch = checked.spec, checked.grid, checked.patch
     location = resolve_location(bucket_block, output_dir)
     logger.info("publishing %s to %s", spec.data_id, location.root)
+    # workers that cannot see this machine's disk read sources from and write into the bucket
+    datasets_in_bucket = bucket_block if bucket_block and shares_nothing(dask_address) else None
 
     with (
         reaching_storage(location.root, location.storage_options),
@@ -103,8 +99,11 @@ def build_cube(
             cache_dir=cache_dir,
             store_dir=datasets_dir,
             dask_address=address,
+            bucket_block=datasets_in_bucket,
         )
-        uploads = [upload_dataset.submit(Path(item.path), location) for item in built]
+        uploads = [
+            upload_dataset.submit(Path(item.path), location) for item in built if not item.in_bucket
+        ]
         for upload in uploads:
             upload.result()
 

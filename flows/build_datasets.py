@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+from contextlib import nullcontext
 from pathlib import Path
 
 from prefect import flow, get_run_logger
@@ -13,9 +15,12 @@ from polar_cube.dataset import BuiltDataset, FetchedSource, dataset_is_current, 
 from polar_cube.fetch import default_cache_dir, needed_files
 from polar_cube.grid import TargetGrid
 from polar_cube.location import StoreLocation
+from polar_cube.merge import input_key
 from polar_cube.spec import CubeSpec, load_spec
+from polar_cube.storage import bucket_location
 from polar_cube.target_lock import TargetLock
-from tasks.datasets import convert_source, resample_source, write_dataset
+from polar_cube.upload import INPUTS_PREFIX
+from tasks.datasets import convert_source, resample_source, stage_source_in_bucket, write_dataset
 from tasks.download import download_source
 
 DEFAULT_STORE = Path("data/datasets")
@@ -48,28 +53,41 @@ def build_datasets(
     cache_dir: str | None = None,
     store_dir: str | None = None,
     dask_address: str | None = None,
+    bucket_block: str | None = None,
 ) -> list[BuiltDataset]:
     """Download every needed source at once, then build the per-dataset cubes one by one
-    (one at a time keeps memory bounded; each write is parallel over chunks)."""
+    (one at a time keeps memory bounded; each write is parallel over chunks).
+
+    With `bucket_block`, for a cluster that shares nothing with this machine but the bucket:
+    each source is staged into the bucket's `sources/<id>/`, the workers read it from there
+    and write the cube straight into `inputs/<id>.zarr` (the caller, `build-cube`, holds the
+    bucket's lock). Nothing the workers read or write is on this machine's disk.
+    """
     logger = get_run_logger()
     spec = load_spec(spec_path)
     grid = TargetGrid.from_spec(spec, resolution)
     store = Path(store_dir) if store_dir else DEFAULT_STORE
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
     sources = spec.select_sources(only)
+    bucket = bucket_location(bucket_block) if bucket_block else None
     logger.info(
         "%s: %d source(s) -> %s at %g m (cache %s)",
         spec.data_id,
         len(sources),
-        store,
+        bucket.url(INPUTS_PREFIX) if bucket else store,
         grid.resolution,
         cache,
     )
-    with TargetLock(StoreLocation.local(store)), dask_cluster(dask_address) as address:
+    with (
+        nullcontext() if bucket else TargetLock(StoreLocation.local(store)),
+        dask_cluster(dask_address) as address,
+    ):
         downloads = [
             download_source.submit(s, cache, source_mirror, needed_files(spec, s.id))
             for s in sources
         ]
+        if bucket:
+            downloads = [stage_source_in_bucket.submit(d, bucket) for d in downloads]
         progress = create_progress_artifact(
             progress=0.0,
             key="polar-cube-datasets-progress",
@@ -77,21 +95,30 @@ def build_datasets(
         )
         built = []
         for download in downloads:
-            built.append(_build_one(spec, download.result(), grid, store, address))
+            built.append(_build_one(spec, download.result(), grid, store, address, bucket))
             update_progress_artifact(progress, progress=100.0 * len(built) / len(downloads))
     return built
 
 
 def _build_one(
-    spec: CubeSpec, fetched: FetchedSource, grid: TargetGrid, store: Path, dask_address: str | None
+    spec: CubeSpec,
+    fetched: FetchedSource,
+    grid: TargetGrid,
+    store: Path,
+    dask_address: str | None,
+    bucket: StoreLocation | None,
 ) -> BuiltDataset:
-    """Convert, resample and write one source's cube unless an identical one exists."""
-    target = dataset_path(store, fetched.source.id)
-    names = [v.name for v in spec.variables_of(fetched.source.id)]
+    """Convert, resample and write one source's cube unless an identical one exists (in the
+    local store, or in the bucket's `inputs/`)."""
+    source_id = fetched.source.id
+    target = bucket.child(input_key(source_id)) if bucket else dataset_path(store, source_id)
+    shown = target.root if bucket else str(target)
+    names = [v.name for v in spec.variables_of(source_id)]
+    built = BuiltDataset(source_id, shown, names, reused=True, in_bucket=bucket is not None)
     if dataset_is_current(target, spec, fetched, grid):
-        get_run_logger().info("%s is up to date; reusing it", target)
-        return BuiltDataset(fetched.source.id, target, names, reused=True)
+        get_run_logger().info("%s is up to date; reusing it", shown)
+        return built
     converted = convert_source(spec, fetched)
     dataset = resample_source(spec, fetched, converted, grid)
     write_dataset(dataset, target, grid, dask_address)
-    return BuiltDataset(fetched.source.id, target, names, reused=False)
+    return dataclasses.replace(built, reused=False)

@@ -12,6 +12,12 @@ import dask
 LOCAL = "local"
 
 
+def shares_nothing(address: str | None) -> bool:
+    """A cluster given by address: its workers may share nothing with this machine but the
+    bucket (no cache, no per-dataset folder)."""
+    return bool(address) and address != LOCAL
+
+
 def local_cluster_size() -> tuple[int, int]:
     """(workers, memory limit per worker in bytes): one worker per core, 3/4 of RAM shared."""
     import psutil

@@ -19,6 +19,7 @@ import pandas as pd
 import xarray as xr
 
 from polar_cube.grid import TargetGrid
+from polar_cube.location import StoreLocation
 from polar_cube.rasterize import PolygonLayer, rasterize_layer, read_polygons
 from polar_cube.readers import SourceFormatError, SourceLayer, open_source
 from polar_cube.resample import resample_layer
@@ -26,10 +27,11 @@ from polar_cube.spec import CubeSpec, SourceSpec, VariableSpec
 from polar_cube.zarr_store import (
     FINGERPRINT_ATTR,
     add_grid_coords,
-    levels_path,
+    sibling_levels,
     stored_fingerprint,
     stored_levels_fingerprint,
     write_zarr_atomically,
+    write_zarr_in_place,
 )
 
 Layer = SourceLayer | PolygonLayer
@@ -56,6 +58,9 @@ class FetchedSource:
     folder: Path  # the download's folder, or the archive's extraction folder
     url: str
     sha256: str
+    # the same files in the bucket (`polar_cube.source_bucket`), for workers that cannot
+    # read `folder`: the lazy layers then read from there
+    staged: StoreLocation | None = None
 
 
 def software_version() -> str:
@@ -109,7 +114,10 @@ def _read_layer(fetched: FetchedSource, relative_path: str, variable: VariableSp
                 variable.background,
                 source.source_crs,
             )
-        return open_source(path, source.source_format, variable.source_variable, source.source_crs)
+        remote = fetched.staged.child(relative_path) if fetched.staged else None
+        return open_source(
+            path, source.source_format, variable.source_variable, source.source_crs, remote
+        )
     except SourceFormatError as error:
         raise SourceFormatError(f"{where}: {error}") from None
 
@@ -200,9 +208,10 @@ def describe_dataset(
 @dataclass(frozen=True)
 class BuiltDataset:
     source_id: str
-    path: Path
+    path: str  # a local folder, or `<root>/inputs/<id>.zarr` when written into the bucket
     variables: list[str]
     reused: bool
+    in_bucket: bool = False
 
 
 def dataset_path(store: Path, source_id: str) -> Path:
@@ -210,17 +219,24 @@ def dataset_path(store: Path, source_id: str) -> Path:
 
 
 def dataset_is_current(
-    target: Path, spec: CubeSpec, fetched: FetchedSource, grid: TargetGrid
+    target: Path | StoreLocation, spec: CubeSpec, fetched: FetchedSource, grid: TargetGrid
 ) -> bool:
-    """A complete cube at `target`, and its levels, were built from exactly these inputs:
-    reuse them."""
+    """A complete cube at `target` (a local folder or a bucket location), and its levels,
+    were built from exactly these inputs: reuse them."""
     fingerprint = dataset_fingerprint(spec, fetched, grid)
+    if isinstance(target, Path):
+        target = StoreLocation.local(target)
     return (
         stored_fingerprint(target) == fingerprint
-        and stored_levels_fingerprint(levels_path(target)) == fingerprint
+        and stored_levels_fingerprint(sibling_levels(target)) == fingerprint
     )
 
 
-def write_dataset(dataset: xr.Dataset, target: Path, grid: TargetGrid) -> Path:
-    """The writing pass: the cube at `target`, its statistics, and its `.levels` sibling."""
+def write_dataset(
+    dataset: xr.Dataset, target: Path | StoreLocation, grid: TargetGrid
+) -> Path | StoreLocation:
+    """The writing pass: the cube at `target`, its statistics, and its `.levels` sibling;
+    into a local folder (swapped in whole) or straight into a bucket (markers last)."""
+    if isinstance(target, StoreLocation):
+        return write_zarr_in_place(dataset, target, grid.chunk_size)
     return write_zarr_atomically(dataset, target, grid.chunk_size)

@@ -38,6 +38,10 @@ class StoreLocation:
             return fsspec.filesystem("file", auto_mkdir=True)
         return url_to_fs(self.root, **self.storage_options)[0]
 
+    def child(self, *parts: str) -> StoreLocation:
+        """The location of `parts` under this one, reached with the same options."""
+        return StoreLocation(self.url(*parts), self.storage_options)
+
     def path(self, *parts: str) -> str:
         """The filesystem's own path (no protocol) of `parts` under the root."""
         return url_to_fs(self.url(*parts), **self.storage_options)[1]

@@ -12,6 +12,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
+from polar_cube.location import StoreLocation
+
 if TYPE_CHECKING:
     from prefect_aws import S3Bucket
 
@@ -206,6 +208,14 @@ def _save(block, name: str) -> None:
         block.save(name, overwrite=True)
     except ValueError as error:  # e.g. a name that is not a lowercase slug
         raise StorageAccessError(f"cannot save block {name!r}: {error}") from None
+
+
+def bucket_location(bucket_block: str) -> StoreLocation:
+    """The bucket (and folder) of an S3Bucket block, with its credentials; access checked."""
+    bucket = load_bucket(bucket_block)
+    location = StoreLocation(bucket_url(bucket), storage_options_from_blocks(bucket))
+    check_bucket_access(location.root, location.storage_options)
+    return location
 
 
 def load_bucket(bucket_block: str) -> S3Bucket:

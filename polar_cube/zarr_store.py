@@ -39,6 +39,7 @@ from polar_cube.levels import (
     link_text,
     read_record,
 )
+from polar_cube.location import StoreLocation
 from polar_cube.stats import BLOCK_FIELDS, STATS_ATTR, block_stats, combine_block_stats, time_labels
 
 GRID_MAPPING = "crs"
@@ -117,15 +118,25 @@ def levels_path(cube: Path) -> Path:
     return cube.with_name(levels_name(cube.name))
 
 
+def sibling_levels(cube: StoreLocation) -> StoreLocation:
+    """`<stem>.levels` next to the cube `<stem>.zarr`, local or in a bucket."""
+    parent, name = cube.root.rstrip("/").rsplit("/", 1)
+    return StoreLocation(f"{parent}/{levels_name(name)}", cube.storage_options)
+
+
 def write_zarr(
-    dataset: xr.Dataset, cube: Path, levels: Path, chunk_size: int, cube_name: str | None = None
+    dataset: xr.Dataset,
+    cube: StoreLocation,
+    levels: StoreLocation,
+    chunk_size: int,
+    cube_name: str | None = None,
 ) -> None:
     """The writing pass, on the current dask scheduler (see `polar_cube.compute.dask_compute`):
     the cube at `cube` (zarr 2, consolidated, float32, NaN fill, empty chunks not stored) with
     each variable's statistics, and its overview levels at `levels`, whose `0.link` names
-    `cube_name` (default: the cube folder's name). Both are local folders (dask workers write
-    into them by path)."""
-    cube, levels = Path(cube), Path(levels)
+    `cube_name` (default: the cube's own name). Local folders or bucket prefixes: the dask
+    workers write the chunks there themselves. The levels' `.zlevels` and then the cube's
+    consolidated metadata are written last: they mark the two complete."""
     dataset = rechunk_for_writing(dataset, chunk_size)
     layers = {
         name: dataset[name].data.astype("float32")
@@ -134,34 +145,44 @@ def write_zarr(
     }
     others = sorted(set(map(str, dataset.data_vars)) - set(layers) - {GRID_MAPPING})
     if others:  # only (…, y, x) layers are written block by block
-        raise ValueError(f"{cube}: {', '.join(others)}: not a (y, x) or (time, y, x) layer")
-    _create_arrays(dataset, cube, encoding_for(dataset, chunk_size))
+        raise ValueError(f"{cube.root}: {', '.join(others)}: not a (y, x) or (time, y, x) layer")
+    _create_arrays(dataset, cube, encoding_for(dataset, chunk_size), consolidated=False)
     stats = {
-        name: _store_blocks(data, cube / name, chunk_size, True) for name, data in layers.items()
+        name: _store_blocks(data, cube.child(name), chunk_size, True)
+        for name, data in layers.items()
     }
     level_writes, record = _plan_levels(dataset, layers, levels, chunk_size)
     block_rows, _ = dask.compute(stats, level_writes)
+    name = cube_name or cube.root.rstrip("/").rsplit("/", 1)[-1]
+    levels.fs.pipe_file(levels.path(LINK), link_text(name).encode())
+    levels.fs.pipe_file(levels.path(ZLEVELS), encode_record(record))
     _record_stats(cube, dataset, block_rows)
-    levels.mkdir(parents=True, exist_ok=True)
-    (levels / LINK).write_text(link_text(cube_name or cube.name))
-    (levels / ZLEVELS).write_bytes(encode_record(record))  # last: the levels are complete
 
 
-def _create_arrays(dataset: xr.Dataset, store: Path, encoding: dict) -> None:
+def _create_arrays(
+    dataset: xr.Dataset, store: StoreLocation, encoding: dict, consolidated: bool = True
+) -> None:
     """Metadata, coordinates and the grid mapping; the data arrays are filled block by block."""
     dataset.to_zarr(
-        store,
+        _zarr_store(store),
         mode="w",
         zarr_format=2,
-        consolidated=True,
+        consolidated=consolidated,
         compute=False,
         encoding=encoding,
         write_empty_chunks=False,
     )
 
 
-def _store_blocks(data: da.Array, path: Path, chunk_size: int, with_stats: bool) -> da.Array:
-    """One task per block that writes it as the chunk of the zarr array at `path` (chunks
+def _zarr_store(where: StoreLocation):
+    """What zarr and xarray open: the folder's path, or an fsspec mapping of the prefix."""
+    return where.root if where.is_local else where.mapper()
+
+
+def _store_blocks(
+    data: da.Array, array: StoreLocation, chunk_size: int, with_stats: bool
+) -> da.Array:
+    """One task per block that writes it as the chunk of the zarr array at `array` (chunks
     1 × `chunk_size` × `chunk_size`, or without time) and returns its statistics (shape: the
     block grid + the fields) or a 0 per block. Each block covers whole chunks (edge blocks
     may end short)."""
@@ -174,7 +195,7 @@ def _store_blocks(data: da.Array, path: Path, chunk_size: int, with_stats: bool)
     return da.map_blocks(
         _write_block,
         data,
-        path=str(path),
+        array=array,
         chunk_shape=chunk_shape,
         with_stats=with_stats,
         token="write-block-and-stats" if with_stats else "write-level-block",
@@ -183,9 +204,9 @@ def _store_blocks(data: da.Array, path: Path, chunk_size: int, with_stats: bool)
 
 
 def _write_block(
-    block: np.ndarray, path: str, chunk_shape: tuple, with_stats: bool, block_info=None
+    block: np.ndarray, array: StoreLocation, chunk_shape: tuple, with_stats: bool, block_info=None
 ) -> np.ndarray:
-    """Store `block` as the chunk(s) of the array at `path` it covers (a level's block may
+    """Store `block` as the chunk(s) of the array at `array` it covers (a level's block may
     span several tiles, starting on a tile edge); return its statistics or a 0."""
     start = [first for first, _ in block_info[0]["array-location"]]
     stats = block_stats(block) if with_stats else None
@@ -197,30 +218,36 @@ def _write_block(
         if stats is None and np.isnan(part).all():
             continue
         index = tuple((s + o) // c for s, o, c in zip(start, offset, chunk_shape, strict=True))
-        write_chunk(Path(path), index, part, chunk_shape)
+        write_chunk(array, index, part, chunk_shape)
     if with_stats:
         return stats
     return np.zeros((1,) * block.ndim, dtype="int8")
 
 
-def write_chunk(array: Path, index: tuple[int, ...], block: np.ndarray, chunk_shape) -> None:
+def write_chunk(
+    array: StoreLocation | Path, index: tuple[int, ...], block: np.ndarray, chunk_shape
+) -> None:
     """Store `block` as chunk `index` of the float32 zarr 2 array at `array` (created with
     `encoding_for`): padded to the chunk shape with the NaN fill, encoded with the cube's
-    codec, in the file `i.j` (or `t.i.j`). Encoding it here, not through zarr, skips zarr's
-    all-fill scan and its event loop: the block is already known to hold data."""
+    codec, in the file or object `i.j` (or `t.i.j`). Encoding it here, not through zarr,
+    skips zarr's all-fill scan and its event loop: the block is already known to hold data."""
     block = np.asarray(block, dtype="float32")
     if block.shape != tuple(chunk_shape):
         padded = np.full(chunk_shape, np.nan, dtype="float32")
         padded[tuple(slice(0, size) for size in block.shape)] = block
         block = padded
     encoded = _COMPRESSOR.encode(np.ascontiguousarray(block))
-    (array / ".".join(str(i) for i in index)).write_bytes(encoded)
+    key = ".".join(str(i) for i in index)
+    if isinstance(array, Path) or array.is_local:
+        (Path(array.root if isinstance(array, StoreLocation) else array) / key).write_bytes(encoded)
+    else:
+        array.fs.pipe_file(array.path(key), encoded)
 
 
 def _plan_levels(
     dataset: xr.Dataset,
     layers: dict[str, da.Array],
-    levels: Path,
+    levels: StoreLocation,
     chunk_size: int,
 ) -> tuple[list[da.Array], dict]:
     """Create levels 1… at `levels` and return the tasks that fill them, each level halved
@@ -233,9 +260,11 @@ def _plan_levels(
     for level in range(1, count):
         current = {name: _halved(data, methods[name], tile) for name, data in current.items()}
         level_dataset = _level_dataset(dataset, current, level)
-        path = levels / level_name(level)
-        _create_arrays(level_dataset, path, encoding_for(level_dataset, tile))
-        writes += [_store_blocks(data, path / name, tile, False) for name, data in current.items()]
+        where = levels.child(level_name(level))
+        _create_arrays(level_dataset, where, encoding_for(level_dataset, tile))
+        writes += [
+            _store_blocks(data, where.child(name), tile, False) for name, data in current.items()
+        ]
     fingerprint = dataset.attrs.get(FINGERPRINT_ATTR)
     return writes, levels_record(count, methods, fingerprint)
 
@@ -270,14 +299,17 @@ def _level_dataset(dataset: xr.Dataset, arrays: dict[str, da.Array], level: int)
     return level_dataset
 
 
-def _record_stats(cube: Path, dataset: xr.Dataset, block_rows: dict[str, np.ndarray]) -> None:
+def _record_stats(
+    cube: StoreLocation, dataset: xr.Dataset, block_rows: dict[str, np.ndarray]
+) -> None:
     """Each variable's statistics as its `polar_cube_stats` attribute; then consolidate."""
-    group = zarr.open_group(str(cube), mode="r+", zarr_format=2)
+    store = _zarr_store(cube)
+    group = zarr.open_group(store, mode="r+", zarr_format=2)
     for name, rows in block_rows.items():
         cells = dataset.sizes["y"] * dataset.sizes["x"]
         records = combine_block_stats(rows, time_labels(dataset[name]), cells)
         group[name].attrs.update({STATS_ATTR: records})
-    zarr.consolidate_metadata(str(cube), zarr_format=2)
+    zarr.consolidate_metadata(store, zarr_format=2)
 
 
 def write_zarr_atomically(dataset: xr.Dataset, target: Path, chunk_size: int) -> Path:
@@ -296,12 +328,34 @@ def write_zarr_atomically(dataset: xr.Dataset, target: Path, chunk_size: int) ->
     temporary = target.with_name(f".{target.name}.tmp-{tag}")
     temporary_levels = levels.with_name(f".{levels.name}.tmp-{tag}")
     try:
-        write_zarr(dataset, temporary, temporary_levels, chunk_size, cube_name=target.name)
+        write_zarr(
+            dataset,
+            StoreLocation.local(temporary),
+            StoreLocation.local(temporary_levels),
+            chunk_size,
+            cube_name=target.name,
+        )
         replace_directory(temporary_levels, levels)
         replace_directory(temporary, target)
     finally:
         shutil.rmtree(temporary, ignore_errors=True)
         shutil.rmtree(temporary_levels, ignore_errors=True)
+    return target
+
+
+def write_zarr_in_place(dataset: xr.Dataset, target: StoreLocation, chunk_size: int):
+    """Write `dataset` and its levels straight to `target` (a bucket prefix `<stem>.zarr`,
+    where nothing can be renamed): the old cube's consolidated metadata and levels record go
+    first, then all its objects, so an interrupted write is never taken for a complete cube
+    (no `.zmetadata` or `.zlevels`) and is rewritten whole by the next run."""
+    levels = sibling_levels(target)
+    for marker in (target.child(".zmetadata"), levels.child(ZLEVELS)):
+        if marker.exists():
+            marker.fs.rm_file(marker.path())
+    for where in (target, levels):
+        if where.exists():
+            where.fs.rm(where.path(), recursive=True)
+    write_zarr(dataset, target, levels, chunk_size)
     return target
 
 
@@ -325,15 +379,23 @@ def remove_stale_temporaries(target: Path) -> None:
             leftover.rename(target)
 
 
-def stored_fingerprint(target: Path) -> str | None:
+def stored_fingerprint(target: Path | StoreLocation) -> str | None:
     """The inputs fingerprint a complete cube at `target` was built from, if any."""
-    return stored_attrs(Path(target) / ".zmetadata").get(FINGERPRINT_ATTR)
+    return stored_attrs(_read_if_there(target, ".zmetadata")).get(FINGERPRINT_ATTR)
 
 
-def stored_levels_fingerprint(levels: Path) -> str | None:
+def stored_levels_fingerprint(levels: Path | StoreLocation) -> str | None:
     """The inputs fingerprint of complete levels at `levels` (their `.zlevels`), if any."""
-    path = Path(levels) / ZLEVELS
-    return read_record(path.read_bytes() if path.is_file() else None).get(FINGERPRINT_KEY)
+    return read_record(_read_if_there(levels, ZLEVELS)).get(FINGERPRINT_KEY)
+
+
+def _read_if_there(where: Path | StoreLocation, name: str) -> bytes | None:
+    if isinstance(where, Path):
+        where = StoreLocation.local(where)
+    try:
+        return where.fs.cat_file(where.path(name))
+    except FileNotFoundError:
+        return None
 
 
 def stored_attrs(zmetadata: Path | bytes | None) -> dict:

@@ -2,20 +2,48 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
 import xarray as xr
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+from prefect.runtime import task_run
 
 from polar_cube import dataset as ds
 from polar_cube.compute import dask_compute
 from polar_cube.errors import writing_to
 from polar_cube.grid import TargetGrid
+from polar_cube.location import StoreLocation
+from polar_cube.source_bucket import stage_source
 from polar_cube.spec import CubeSpec
-from polar_cube.zarr_store import levels_path
+from polar_cube.zarr_store import levels_path, sibling_levels
 from tasks.retry import retry_if_transient
+
+
+@task(
+    task_run_name="stage-{fetched.source.id}",
+    retries=2,
+    retry_delay_seconds=10,
+    retry_condition_fn=retry_if_transient,
+    cache_policy=NO_CACHE,
+)
+def stage_source_in_bucket(fetched: ds.FetchedSource, location: StoreLocation) -> ds.FetchedSource:
+    """Copy the source's files into `<root>/sources/<id>/` (unless there already); the
+    returned source's layers will read from there."""
+    started = time.monotonic()
+    with writing_to(location.url("sources", fetched.source.id)):
+        staged = stage_source(fetched, location)
+    get_run_logger().info(
+        "%s: %d file(s), %.1f MB %s in %.1f s",
+        staged.location.root,
+        staged.files,
+        staged.bytes / 1e6,
+        "already there, skipped" if staged.skipped else "staged and checked",
+        time.monotonic() - started,
+    )
+    return dataclasses.replace(fetched, staged=staged.location)
 
 
 @task(task_run_name="convert-{fetched.source.id}", cache_policy=NO_CACHE)
@@ -47,20 +75,39 @@ def resample_source(
     return ds.describe_dataset(dataset, spec, fetched, converted, grid)
 
 
+def _write_run_name() -> str:
+    target = task_run.parameters["target"]
+    name = target.name if isinstance(target, Path) else target.root.rsplit("/", 1)[-1]
+    return f"write-{name}"
+
+
 @task(
-    task_run_name="write-{target.name}",
+    task_run_name=_write_run_name,
     cache_policy=NO_CACHE,
     retries=1,
     retry_condition_fn=retry_if_transient,
 )
 def write_dataset(
-    dataset: xr.Dataset, target: Path, grid: TargetGrid, dask_address: str | None = None
-) -> Path:
+    dataset: xr.Dataset,
+    target: Path | StoreLocation,
+    grid: TargetGrid,
+    dask_address: str | None = None,
+) -> Path | StoreLocation:
     """The chunked work happens here (on the dask cluster at `dask_address`, if given): one
-    pass writes the cube, its statistics and its overview levels."""
+    pass writes the cube, its statistics and its overview levels, into a local folder or
+    straight into the bucket (`target` a StoreLocation)."""
     started = time.monotonic()
-    with writing_to(target), dask_compute(dask_address):
+    where = str(target) if isinstance(target, Path) else target.root
+    with writing_to(where), dask_compute(dask_address):
         ds.write_dataset(dataset, target, grid)
+    if isinstance(target, StoreLocation):
+        get_run_logger().info(
+            "wrote %s and %s in %.1f s",
+            target.root,
+            sibling_levels(target).root.rsplit("/", 1)[-1],
+            time.monotonic() - started,
+        )
+        return target
     levels = levels_path(target)
     get_run_logger().info(
         "wrote %s (%.1f MB) and %s (%.1f MB) in %.1f s",

@@ -9,8 +9,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import xarray as xr
+
+if TYPE_CHECKING:
+    from polar_cube.location import StoreLocation
 
 
 class SourceFormatError(ValueError):
@@ -23,7 +27,8 @@ class SourceLayer:
 
     `data` has dims (y, x) with 1-D monotonic coordinates (cell centres, ascending or
     descending, not necessarily uniform) and may be lazily indexed: the resampler reads
-    only the window each target chunk needs. `data.encoding["source"]` is the file's path.
+    only the window each target chunk needs. `data.encoding["source"]` is the file's path
+    (or its URL in the bucket).
     """
 
     data: xr.DataArray
@@ -31,7 +36,10 @@ class SourceLayer:
     description: str
 
 
-Reader = Callable[[Path, "str | None", "str"], SourceLayer]
+# (local file, variable, CRS, the file's copy in a bucket or None) -> layer. The local file
+# is checked and described; with a copy in a bucket, the lazy data reads from that copy, so
+# dask workers that cannot see this machine's disk can compute the chunks.
+Reader = Callable[[Path, "str | None", str, "StoreLocation | None"], SourceLayer]
 
 
 def reader_for(source_format: str) -> Reader:
@@ -47,8 +55,10 @@ def reader_for(source_format: str) -> Reader:
     return readers[source_format]
 
 
-def open_source(path: Path, fmt: str, variable: str | None, crs: str) -> SourceLayer:
-    """Read `variable` of `path` with the reader for `fmt`."""
+def open_source(
+    path: Path, fmt: str, variable: str | None, crs: str, remote: StoreLocation | None = None
+) -> SourceLayer:
+    """Read `variable` of `path` with the reader for `fmt` (lazily from `remote`, if given)."""
     if not path.exists():
         raise SourceFormatError(f"{path}: source file not found")
-    return reader_for(fmt)(path, variable, crs)
+    return reader_for(fmt)(path, variable, crs, remote)

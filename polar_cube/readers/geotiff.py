@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import rasterio
 import rioxarray
@@ -11,14 +12,21 @@ from pyproj import CRS
 from polar_cube.readers import SourceFormatError, SourceLayer
 from polar_cube.source_checks import check_geotiff
 
+if TYPE_CHECKING:
+    from polar_cube.location import StoreLocation
 
-def read_geotiff(path: Path, variable: str | None, crs: str) -> SourceLayer:
+
+def read_geotiff(
+    path: Path, variable: str | None, crs: str, remote: StoreLocation | None = None
+) -> SourceLayer:
     """Band 1 (or band `variable`, a 1-based number) with nodata as NaN; refuses a file
-    whose strips/tiles do not all lie inside it."""
+    whose strips/tiles do not all lie inside it. With `remote` (the file's copy in a
+    bucket), windows are read from there through fsspec (rasterio's `opener`)."""
     band = int(variable) if variable else 1
     check_geotiff(path)
+    where = {"filename": path} if remote is None else {"filename": remote.root, "opener": remote.fs}
     try:
-        data = rioxarray.open_rasterio(path, masked=True, cache=False)
+        data = rioxarray.open_rasterio(**where, masked=True, cache=False)
     except rasterio.errors.RasterioIOError as error:
         raise SourceFormatError(f"{path}: cannot open as GeoTIFF: {error}") from None
     if band > data.sizes["band"]:
@@ -31,6 +39,9 @@ def read_geotiff(path: Path, variable: str | None, crs: str) -> SourceLayer:
     if data.rio.transform().b != 0 or data.rio.transform().d != 0:
         raise SourceFormatError(f"{path}: rotated GeoTIFFs are not supported")
     layer = data.isel(band=band - 1, drop=True).drop_vars("spatial_ref", errors="ignore")
+    layer.encoding["source"] = str(where["filename"])
+    if remote is not None:  # reopened where the windows are read; not left open through exit
+        data.close()
     height, width = layer.shape
     return SourceLayer(
         data=layer,

@@ -14,12 +14,15 @@ from polar_cube.source_checks import NETCDF_LOCK, check_netcdf
 _REQUIRED = ("x_range", "y_range", "spacing", "dimension", "z")
 
 
-def read_gmt_netcdf(path: Path, variable: str | None, crs: str) -> SourceLayer:
+def read_gmt_netcdf(
+    path: Path, variable: str | None, crs: str, remote: object = None
+) -> SourceLayer:
     """Read a GMT classic grid. Rows are flipped so y ascends; node coordinates honour
     `node_offset` (0: gridline, ranges are the outer nodes; 1: pixel, ranges are cell edges).
 
     The grids are small (window-centre results), so `z` is read whole, after checking that
-    the file holds all the data its header declares.
+    the file holds all the data its header declares (workers get the values, so a copy in
+    a bucket, `remote`, is not needed).
     """
     name = variable or "z"
     check_netcdf(path)

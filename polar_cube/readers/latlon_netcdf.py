@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import xarray as xr
@@ -10,16 +11,28 @@ import xarray as xr
 from polar_cube.readers import SourceFormatError, SourceLayer
 from polar_cube.source_checks import check_netcdf
 
+if TYPE_CHECKING:
+    from polar_cube.location import StoreLocation
+
 _LAT_NAMES = ("lat", "latitude")
 _LON_NAMES = ("lon", "longitude")
 
 
-def read_latlon_netcdf(path: Path, variable: str | None, crs: str) -> SourceLayer:
+def read_latlon_netcdf(
+    path: Path, variable: str | None, crs: str, remote: StoreLocation | None = None
+) -> SourceLayer:
     """`variable` on its real lat/lon axes, renamed to (y, x); read lazily, after checking
-    that the file is complete."""
+    that the file is complete. With `remote` (the file's copy in a bucket), windows are read
+    from there through an fsspec file (netCDF-4 is HDF5: h5netcdf reads file objects)."""
     check_netcdf(path)
     try:
-        dataset = xr.open_dataset(path, mask_and_scale=True, cache=False)
+        if remote is None:
+            dataset = xr.open_dataset(path, mask_and_scale=True, cache=False)
+        else:
+            remote_file = remote.fs.open(remote.path(), "rb")
+            dataset = xr.open_dataset(
+                remote_file, engine="h5netcdf", mask_and_scale=True, cache=False
+            )
     except (OSError, ValueError) as error:
         raise SourceFormatError(f"{path}: cannot open as netCDF: {error}") from None
     if variable not in dataset.data_vars:
@@ -32,6 +45,7 @@ def read_latlon_netcdf(path: Path, variable: str | None, crs: str) -> SourceLaye
     if lat is None or lon is None or data.ndim != 2:
         raise SourceFormatError(f"{path}: {variable} must have dims (lat, lon), has {data.dims}")
     data = data.rename({lat: "y", lon: "x"}).transpose("y", "x")
+    data.encoding["source"] = str(path) if remote is None else remote.root
     for axis in ("x", "y"):
         steps = np.diff(data[axis].values)
         if not (np.all(steps > 0) or np.all(steps < 0)):
