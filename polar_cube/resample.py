@@ -318,9 +318,9 @@ class BlockResampler:
             # Raised outside the `except`: GDAL's error as its context would not unpickle, and
             # dask.distributed would then hand the caller a bare Exception instead.
             source = self.data.encoding.get("source", self.data.name)
+            why = "not allowed" if "Permission denied" in failure else "truncated or damaged?"
             raise SourceFormatError(
-                f"{source}: cannot read rows {j0}..{j1}, columns {i0}..{i1} "
-                f"(truncated or damaged?): {failure}"
+                f"{source}: cannot read rows {j0}..{j1}, columns {i0}..{i1} ({why}): {failure}"
             )
         window = np.asarray(window, dtype=np.float64)
         if self.valid_if:
