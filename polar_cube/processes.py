@@ -13,7 +13,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -53,6 +52,8 @@ def pid_alive(pid: int) -> bool:
 
     A zombie leader whose other threads are still exiting (and holding its sockets) runs.
     """
+    import psutil
+
     process = _children.get(pid)
     if process is not None:
         if process.poll() is None:
@@ -60,17 +61,12 @@ def pid_alive(pid: int) -> bool:
         _children.pop(pid, None)
         return False
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        found = psutil.Process(pid)
+        return found.status() != psutil.STATUS_ZOMBIE or found.num_threads() > 1
+    except psutil.NoSuchProcess:
         return False
-    except PermissionError:
+    except psutil.Error:  # not ours to inspect (AccessDenied): it exists
         return True
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0]
-        threads = len(os.listdir(f"/proc/{pid}/task"))
-    except (OSError, IndexError):
-        return sys.platform != "linux"  # without /proc trust kill(); on Linux it just ended
-    return state != "Z" or threads > 1
 
 
 def is_our_process(pid: int, markers: Iterable[str]) -> bool:
@@ -78,13 +74,16 @@ def is_our_process(pid: int, markers: Iterable[str]) -> bool:
 
     This tells the process we started from an unrelated one that reuses its pid.
     """
+    import psutil
+
     if not pid_alive(pid):
         return False
     try:
-        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return sys.platform != "linux"  # no /proc to check: trust the live pid
-    arguments = {part.decode(errors="replace") for part in raw.split(b"\0") if part}
+        arguments = set(psutil.Process(pid).cmdline())
+    except psutil.NoSuchProcess:
+        return False
+    except psutil.Error:
+        return True  # cannot read its command line: trust the live pid
     names = {Path(argument).name for argument in arguments}
     return bool(arguments) and all(m in arguments or m in names for m in markers)
 
