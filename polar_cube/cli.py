@@ -251,6 +251,8 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import flows  # noqa: F401  (Prefect's defaults for this project, before Prefect is used)
+
     args = make_parser().parse_args(argv)
     from polar_cube.errors import describe_os_error, user_errors
     from polar_cube.lifecycle import command_lifecycle
