@@ -73,9 +73,10 @@ def build_cube(
     `dask_address`: the chunked array work (resampling, writing the per-dataset cubes with
     their statistics and levels) runs on this dask.distributed scheduler (`tcp://host:port`),
     or on a LocalCluster sized for this machine with `local`; by default on threads in this
-    process. A cluster given by address with a bucket target shares nothing with this
-    machine but the bucket: the sources are staged into it and the workers write the
-    per-dataset cubes straight into its `inputs/` (nothing to upload afterwards).
+    process. With a bucket, the sources are staged into its `sources/`. A cluster given by
+    address with a bucket shares nothing with this machine but the bucket: its workers read
+    the staged sources and write the per-dataset cubes straight into `inputs/` (nothing to
+    upload afterwards).
     """
     logger = get_run_logger()
     # bad input fails here, before hours of work (the CLI checks the same before starting)
@@ -84,7 +85,7 @@ def build_cube(
     location = resolve_location(bucket_block, output_dir)
     logger.info("publishing %s to %s", spec.data_id, location.root)
     # workers that cannot see this machine's disk read sources from and write into the bucket
-    datasets_in_bucket = bucket_block if bucket_block and shares_nothing(dask_address) else None
+    write_into_bucket = bool(bucket_block) and shares_nothing(dask_address)
 
     with (
         reaching_storage(location.root, location.storage_options),
@@ -99,7 +100,8 @@ def build_cube(
             cache_dir=cache_dir,
             store_dir=datasets_dir,
             dask_address=address,
-            bucket_block=datasets_in_bucket,
+            bucket_block=bucket_block,  # the sources are staged into it
+            write_into_bucket=write_into_bucket,
         )
         uploads = [
             upload_dataset.submit(Path(item.path), location) for item in built if not item.in_bucket

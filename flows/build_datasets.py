@@ -54,14 +54,16 @@ def build_datasets(
     store_dir: str | None = None,
     dask_address: str | None = None,
     bucket_block: str | None = None,
+    write_into_bucket: bool = False,
 ) -> list[BuiltDataset]:
     """Download every needed source at once, then build the per-dataset cubes one by one
     (one at a time keeps memory bounded; each write is parallel over chunks).
 
-    With `bucket_block`, for a cluster that shares nothing with this machine but the bucket:
-    each source is staged into the bucket's `sources/<id>/`, the workers read it from there
-    and write the cube straight into `inputs/<id>.zarr` (the caller, `build-cube`, holds the
-    bucket's lock). Nothing the workers read or write is on this machine's disk.
+    With `bucket_block` every source is also staged into the bucket's `sources/<id>/`
+    (alongside the builds, which read the local cache). With `write_into_bucket` too, for a
+    cluster that shares nothing with this machine but the bucket, the workers read the
+    staged sources and write each cube straight into `inputs/<id>.zarr` (the caller,
+    `build-cube`, holds the bucket's lock): nothing they read or write is on this disk.
     """
     logger = get_run_logger()
     spec = load_spec(spec_path)
@@ -69,7 +71,10 @@ def build_datasets(
     store = Path(store_dir) if store_dir else DEFAULT_STORE
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
     sources = spec.select_sources(only)
-    bucket = bucket_location(bucket_block) if bucket_block else None
+    staging = bucket_location(bucket_block) if bucket_block else None
+    bucket = staging if write_into_bucket else None  # where the cubes go, if not `store`
+    if write_into_bucket and not staging:
+        raise ValueError("write_into_bucket needs a bucket_block")
     logger.info(
         "%s: %d source(s) -> %s at %g m (cache %s)",
         spec.data_id,
@@ -86,17 +91,18 @@ def build_datasets(
             download_source.submit(s, cache, source_mirror, needed_files(spec, s.id))
             for s in sources
         ]
-        if bucket:
-            downloads = [stage_source_in_bucket.submit(d, bucket) for d in downloads]
+        staged = [stage_source_in_bucket.submit(d, staging) for d in downloads] if staging else []
         progress = create_progress_artifact(
             progress=0.0,
             key="polar-cube-datasets-progress",
             description=f"{spec.data_id}: per-dataset cubes done (%)",
         )
         built = []
-        for download in downloads:
+        for download in staged if bucket else downloads:  # in the bucket: once staged
             built.append(_build_one(spec, download.result(), grid, store, address, bucket))
             update_progress_artifact(progress, progress=100.0 * len(built) / len(downloads))
+        for stage in staged:
+            stage.result()
     return built
 
 

@@ -158,10 +158,8 @@ def test_wrong_credentials_are_refused_clearly(s3_server, built):
 def test_rerun_reuses_the_published_cube(built, repo_spec_path, work, mirror):
     from flows.build_cube import build_cube
 
-    started = time.monotonic()
     again = build_cube(**build_options(repo_spec_path, work, mirror))
-    assert again.reused and again.url == built.url
-    assert time.monotonic() - started <= 30  # the bound for a rerun with no change
+    assert again.reused and again.url == built.url  # its time is the benchmark's (rerun)
 
 
 def layer_sums(cube):
