@@ -25,6 +25,7 @@ from polar_cube.readers import SourceFormatError, SourceLayer, open_source
 from polar_cube.resample import resample_layer
 from polar_cube.spec import CubeSpec, SourceSpec, VariableSpec
 from polar_cube.zarr_store import (
+    CF_CONVENTIONS,
     FINGERPRINT_ATTR,
     add_grid_coords,
     sibling_levels,
@@ -38,7 +39,8 @@ Layer = SourceLayer | PolygonLayer
 # What a per-dataset cube holds besides its values; a cube written without them (by an
 # earlier version) has another fingerprint, so it is rebuilt rather than reused.
 OUTPUT_LAYOUT = (
-    "zarr2-consolidated; blosc lz4 7; polar_cube_stats 1; levels 1 (2x2 mean/mode, 512 tile)"
+    "zarr2-consolidated; blosc lz4 7; polar_cube_stats 1; levels 1 (2x2 mean/mode, 512 tile); "
+    "CF-1.8 (float32 flag_values with NCZarr type hints, x/y/time axis, int32 time)"
 )
 
 
@@ -171,7 +173,8 @@ def describe_dataset(
     converted: list[ConvertedVariable],
     grid: TargetGrid,
 ) -> xr.Dataset:
-    """CF attributes and provenance for each variable and the dataset."""
+    """CF attributes and provenance for each variable and the dataset (CF 1.8: value-typed
+    attributes such as `flag_values` get the variables' float32, see `add_grid_coords`)."""
     source = fetched.source
     for item in converted:
         variable = item.variable
@@ -194,7 +197,7 @@ def describe_dataset(
     dataset = add_grid_coords(dataset, grid)
     dataset.attrs = {
         "title": f"{spec.title}: {source.name}",
-        "Conventions": "CF-1.10",
+        "Conventions": CF_CONVENTIONS,
         "source": fetched.url,
         "history": f"{dt.datetime.now(dt.UTC):%Y-%m-%dT%H:%M:%SZ} built by {software_version()}",
         "polar_cube_source_id": source.id,

@@ -49,9 +49,20 @@ from polar_cube.spec import CubeSpec
 from polar_cube.stac import outline_lonlat
 from polar_cube.upload import INPUTS_PREFIX, remote_files
 from polar_cube.zarr_store import _COMPRESSOR as CUBE_COMPRESSOR
-from polar_cube.zarr_store import FINGERPRINT_ATTR, GRID_MAPPING, add_grid_coords, encoding_for
+from polar_cube.zarr_store import (
+    CF_CONVENTIONS,
+    FINGERPRINT_ATTR,
+    GRID_MAPPING,
+    NCZARR_ATTR,
+    add_grid_coords,
+    encoding_for,
+    typed_attrs,
+)
 
 LEFTOVERS = ("spatial_ref",)
+# What the merge itself adds to the inputs' metadata; part of the merged cube's fingerprint,
+# so that a published cube with other attributes is republished.
+MERGED_LAYOUT = "CF-1.8 (typed flag_values and NCZarr hints, x/y/time axis, int32 time)"
 COPY_BATCH = 256  # chunk objects per copy call
 
 
@@ -163,6 +174,8 @@ def merge_inputs(inputs: dict[str, xr.Dataset], spec: CubeSpec, grid: TargetGrid
         raise MergeError(f"inputs lack spec variable(s): {', '.join(missing)}")
     merged = merged[[v.name for v in spec.variables]]
     merged = add_grid_coords(merged, grid)
+    for variable in merged.data_vars.values():  # as xarray reads the cube: it hides `_nc*`
+        variable.attrs.pop(NCZARR_ATTR, None)
     merged.attrs = cube_attributes(spec, grid, inputs)
     return merged
 
@@ -284,7 +297,8 @@ def stored_variables(
         zattrs = dict(metadata[key].get(f"{variable.name}/.zattrs", {}))
         where = f"{key}: {variable.name}"
         problems += _encoding_problems(where, zarray, zattrs.get("_ARRAY_DIMENSIONS"), grid, level)
-        zattrs.update(grid_mapping=GRID_MAPPING, _CRS=gdal_crs)
+        # typed again here: inputs written before CF-1.8 (kept by `--only`) carry int flags
+        zattrs = typed_attrs({**zattrs, "grid_mapping": GRID_MAPPING, "_CRS": gdal_crs})
         variables.append(StoredVariable(key, variable.name, zarray, zattrs))
     if missing:
         raise MergeError(f"inputs lack spec variable(s): {', '.join(missing)}")
@@ -438,12 +452,14 @@ def _json(value: object) -> bytes:
 
 
 def cube_fingerprint(spec: CubeSpec, grid: TargetGrid, inputs: dict[str, xr.Dataset]) -> str:
-    """Hash of the inputs' own fingerprints, the spec and the software."""
+    """Hash of the inputs' own fingerprints, the spec, the software and what the merge adds
+    (`MERGED_LAYOUT`)."""
     recipe = {
         "inputs": {name: ds.attrs.get(FINGERPRINT_ATTR) for name, ds in sorted(inputs.items())},
         "spec": spec.model_dump(mode="json"),
         "grid": [grid.crs, list(grid.bbox), grid.resolution, grid.chunk_size],
         "software": software_version(),
+        "layout": MERGED_LAYOUT,
     }
     return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()
 
@@ -455,6 +471,7 @@ def cube_attributes(
     lon, lat = _geographic_bounds(grid)
     now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     attrs: dict[str, object] = {
+        "Conventions": CF_CONVENTIONS,  # unless the spec's metadata names more
         **spec.metadata,
         "id": spec.data_id.removesuffix(".zarr"),
         "title": spec.title,

@@ -16,8 +16,10 @@ import yaml
 
 from polar_cube.dataset import software_version
 from polar_cube.location import StoreLocation
+from polar_cube.zarr_store import NCZARR_ATTR, VALUE_TYPED_ATTRS, typed_attrs
 
 PATCH_ATTR = "polar_cube_patch_sha256"
+DELETE = "__delete__"  # xcube's value for removing an attribute
 
 
 class PatchError(ValueError):
@@ -66,14 +68,35 @@ def check_patch_targets(
 def patch_metadata(
     patch: dict[str, dict[str, Any]], cube: xr.Dataset, patch_path: str | Path
 ) -> dict[str, dict[str, Any]]:
-    """The patch plus generated attributes; refuses entries for variables not in the cube."""
+    """The patch plus generated attributes; refuses entries for variables not in the cube.
+    Value-typed attributes it sets (`flag_values`, `valid_range` …) get their variable's
+    type, as the build gives them (`zarr_store.typed_attrs`)."""
     check_patch_targets(patch, map(str, cube.variables), patch_path)
     now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     generated = {"date_modified": now, "processing_software": software_version()}
-    metadata = {key: dict(value) for key, value in patch.items()}
+    metadata = {key: _typed_entry(key, dict(value), cube) for key, value in patch.items()}
     metadata[".zattrs"] = {**metadata.get(".zattrs", {}), **generated}
     metadata[".zattrs"][PATCH_ATTR] = patch_digest(patch)
     return metadata
+
+
+def _typed_entry(key: str, entry: dict[str, Any], cube: xr.Dataset) -> dict[str, Any]:
+    """A variable's patch entry with its value-typed attributes in the variable's type and
+    the NCZarr type hints for all such attributes it has after the patch (xcube replaces the
+    hints attribute whole)."""
+    name = key.split("/")[0]
+    if key == ".zattrs" or not any(attr in entry for attr in VALUE_TYPED_ATTRS):
+        return entry
+    if cube[name].dtype.kind not in "iuf":  # e.g. time, decoded to datetime64
+        return entry
+    patched = {k: v for k, v in {**cube[name].attrs, **entry}.items() if not _deletes(v)}
+    typed = typed_attrs(patched, str(cube[name].dtype))
+    values = {k: typed[k] for k in VALUE_TYPED_ATTRS if k in entry and not _deletes(entry[k])}
+    return {**entry, **values, NCZARR_ATTR: typed.get(NCZARR_ATTR, DELETE)}
+
+
+def _deletes(value: Any) -> bool:
+    return isinstance(value, str) and value == DELETE
 
 
 def patch_digest(patch: dict[str, dict[str, Any]]) -> str:

@@ -44,6 +44,27 @@ from polar_cube.stats import BLOCK_FIELDS, STATS_ATTR, block_stats, combine_bloc
 
 GRID_MAPPING = "crs"
 FINGERPRINT_ATTR = "polar_cube_inputs_sha256"
+# The CF version the cubes follow, checked by the IOOS compliance checker's `cf:1.8`
+# (tests/test_cf.py); it must appear as a word of every cube's `Conventions`.
+CF_CONVENTIONS = "CF-1.8"
+# Every data variable is stored as float32 (`encoding_for`).
+DATA_DTYPE = "float32"
+# Attributes CF requires to have the data type of their variable (§2.5.1, §3.5, CF-1.7's
+# actual_range). Zarr 2 attributes are JSON, which has no float32: they are written as
+# floats, and NCZarr's type hints (`_nczarr_attr`) tell netCDF-C to read them as float32
+# (without a hint it reads [0, 1] as int and [0.0, 1.0] as double). xarray hides `_nc*`
+# attributes; GDAL and xcube ignore the hint.
+VALUE_TYPED_ATTRS = (
+    "valid_min",
+    "valid_max",
+    "valid_range",
+    "actual_range",
+    "missing_value",
+    "flag_values",
+    "flag_masks",
+)
+NCZARR_ATTR = "_nczarr_attr"
+TIME_ATTRS = {"standard_name": "time", "long_name": "time", "axis": "T"}
 # GDAL 3.6 reads blosc; lz4 encodes a chunk ~6x faster than zstd level 3 and decodes ~3x
 # faster, for 3 % more bytes on smooth float fields (level 7: as fast as lz4's default 5)
 _COMPRESSOR = Blosc(cname="lz4", clevel=7, shuffle=Blosc.SHUFFLE)
@@ -58,7 +79,8 @@ def grid_mapping_variable(grid: TargetGrid) -> xr.DataArray:
 
 
 def add_grid_coords(dataset: xr.Dataset, grid: TargetGrid) -> xr.Dataset:
-    """Attach CF attributes to x/y and the `crs` grid mapping; point variables at it."""
+    """Attach CF attributes to x/y (and time, if there) and the `crs` grid mapping; point
+    variables at it and give their value-typed attributes the stored type (`typed_attrs`)."""
     dataset = dataset.assign_coords(
         x=(
             "x",
@@ -67,6 +89,7 @@ def add_grid_coords(dataset: xr.Dataset, grid: TargetGrid) -> xr.Dataset:
                 "standard_name": "projection_x_coordinate",
                 "long_name": "x coordinate of projection",
                 "units": "m",
+                "axis": "X",
             },
         ),
         y=(
@@ -76,32 +99,53 @@ def add_grid_coords(dataset: xr.Dataset, grid: TargetGrid) -> xr.Dataset:
                 "standard_name": "projection_y_coordinate",
                 "long_name": "y coordinate of projection",
                 "units": "m",
+                "axis": "Y",
             },
         ),
     )
+    if "time" in dataset.coords:
+        dataset["time"].attrs.update(TIME_ATTRS)
     dataset[GRID_MAPPING] = grid_mapping_variable(grid)
     gdal_crs = {"wkt": grid.pyproj_crs.to_wkt()}  # GDAL's Zarr driver reads `_CRS`, not CF
     for name in dataset.data_vars:
         if name != GRID_MAPPING:
-            dataset[name].attrs.update(grid_mapping=GRID_MAPPING, _CRS=gdal_crs)
+            attrs = {**dataset[name].attrs, "grid_mapping": GRID_MAPPING, "_CRS": gdal_crs}
+            dataset[name].attrs = typed_attrs(attrs)
     return dataset
 
 
+def typed_attrs(attrs: dict, dtype: str = DATA_DTYPE) -> dict:
+    """`attrs` with the `VALUE_TYPED_ATTRS` among them as `dtype` values (JSON numbers of
+    that type's precision) and NCZarr type hints saying so (`_nczarr_attr`, kept with any
+    hints already there); unchanged when it has none of them."""
+    typed = {name: attrs[name] for name in VALUE_TYPED_ATTRS if name in attrs}
+    if not typed:
+        return dict(attrs)
+    hints = dict(attrs.get(NCZARR_ATTR) or {})
+    types = {**hints.get("types", {}), **dict.fromkeys(typed, np.dtype(dtype).str)}
+    values = {name: np.asarray(value, dtype=dtype).tolist() for name, value in typed.items()}
+    return {**attrs, **values, NCZARR_ATTR: {**hints, "types": types}}
+
+
 def encoding_for(dataset: xr.Dataset, chunk_size: int) -> dict[str, dict]:
-    """float32, NaN fill, chunks time=1 × chunk_size × chunk_size."""
+    """float32, NaN fill, chunks time=1 × chunk_size × chunk_size; time as int32 days."""
     encoding: dict[str, dict] = {}
     for name, variable in dataset.data_vars.items():
         if name == GRID_MAPPING:
             continue
         chunks = tuple(1 if dim == "time" else chunk_size for dim in variable.dims)
         encoding[name] = {
-            "dtype": "float32",
+            "dtype": DATA_DTYPE,
             "chunks": chunks,
             "_FillValue": np.float32(np.nan),
             "compressors": [_COMPRESSOR],
         }
-    if "time" in dataset.coords:
-        encoding["time"] = {"units": "days since 1970-01-01", "calendar": "proleptic_gregorian"}
+    if "time" in dataset.coords:  # int32: CF 1.8 has no int64
+        encoding["time"] = {
+            "units": "days since 1970-01-01",
+            "calendar": "proleptic_gregorian",
+            "dtype": "int32",
+        }
     return encoding
 
 
