@@ -108,24 +108,74 @@ def _print_datasets(built) -> None:
         print(f"  {item.path}  [{state}]  {', '.join(item.variables)}")
 
 
-def open_snippet(url: str, bucket_block: str | None) -> str:
-    """Python that opens the published cube, pasted as-is into the project's python."""
-    if not bucket_block:
-        return f"import xarray as xr\ncube = xr.open_zarr({url!r}, consolidated=True)\nprint(cube)"
-    return (
-        "import xarray as xr\n"
-        "from polar_cube.storage import load_bucket, storage_options_from_blocks\n"
-        f"options = storage_options_from_blocks(load_bucket({bucket_block!r}))\n"
-        f"cube = xr.open_zarr({url!r}, consolidated=True, storage_options=options)\n"
-        "print(cube)"
-    )
+def open_snippet(url: str, storage_options: dict | None = None, *, xcube: bool = False) -> str:
+    """Python that opens the published cube (with xcube: also its overview levels) in any Python
+    with xarray and s3fs (and xcube): no polar_cube, no Prefect. `storage_options` (for an
+    s3:// url) hold an endpoint and maybe a profile name, never keys: those come from the AWS
+    profile or the environment."""
+    from json import dumps as literal  # a str, or a dict of str: valid Python too
+
+    remote = url.startswith("s3://")
+    folder, name = url.removeprefix("s3://").rstrip("/").rsplit("/", 1)
+    lines = ["from xcube.core.store import new_data_store" if xcube else "import xarray as xr", ""]
+    with_options = []
+    if remote:
+        options = storage_options or {}
+        keys = (
+            f"AWS profile {options['profile']} (~/.aws/credentials)"
+            if options.get("profile")
+            else "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE"
+        )
+        items = "".join(f"    {literal(k)}: {literal(v)},\n" for k, v in options.items())
+        lines += [
+            f"# the keys come from {keys}",
+            "storage_options = {" + f"\n{items}" * bool(items) + "}",
+        ]
+        with_options = ["storage_options=storage_options"]
+    if xcube:
+        protocol, levels = ("s3" if remote else "file"), name.removesuffix(".zarr") + ".levels"
+        store = ", ".join([literal(protocol), f"root={literal(folder)}", *with_options])
+        lines += [
+            f"store = new_data_store({store})",
+            f"cube = store.open_data({literal(name)})",
+            f'levels = store.open_data({literal(levels)}, data_type="mldataset")',
+            "print(cube)",
+            'print(levels.num_levels, "levels")',
+        ]
+    else:
+        arguments = [literal(url), "consolidated=True", *with_options]
+        call = f"cube = xr.open_zarr({', '.join(arguments)})"
+        if len(call) > 100:
+            call = "cube = xr.open_zarr(\n" + "".join(f"    {a},\n" for a in arguments) + ")"
+        lines += [call, "print(cube)"]
+    return "\n".join(lines)
 
 
-def _print_cube(url: str, bucket_block: str | None) -> None:
+def _print_cube(url: str, bucket_block: str | None, local_server=None) -> None:
+    """Where the cube is, and two snippets that open it without polar_cube or Prefect: xarray
+    + s3fs, then xcube (with the levels). In a bucket they carry its endpoint, never a key;
+    with `local_server` (the demo's S3 server) its keys are written as AWS profile
+    polar-cube-local first and the snippets name it (see `snippet_storage_options`)."""
     print(f"the cube is at {url}")
+    options, notes = None, []
+    if url.startswith("s3://"):
+        from polar_cube.cli_s3 import snippet_storage_options
+
+        options, notes = snippet_storage_options(bucket_block, local_server)
+    for note in notes:
+        print(note)
     print("--- open the cube ---")
-    print(open_snippet(url, bucket_block))
+    print(open_snippet(url, options))
     print("---")
+    print("--- open it with xcube: the cube and its overview levels ---")
+    print(open_snippet(url, options, xcube=True))
+    print("---")
+    if bucket_block:
+        print(
+            "operators, in the project's python, through the Prefect block: from "
+            "polar_cube.storage import load_bucket, storage_options_from_blocks; "
+            f"storage_options = storage_options_from_blocks(load_bucket({bucket_block!r}))"
+        )
 
 
 def cmd_sources_make(args: argparse.Namespace) -> int:
@@ -178,7 +228,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             datasets_dir=str(workdir / "datasets"),
             bucket_block=args.bucket_block,
         )
-    _print_cube(built.url, args.bucket_block)
+    _print_cube(built.url, args.bucket_block, local_server=server)
     return 0
 
 
@@ -198,6 +248,7 @@ def cmd_spec_check(args: argparse.Namespace) -> int:
 def make_parser() -> argparse.ArgumentParser:
     from polar_cube.cli_ops import add_ops_commands
     from polar_cube.cli_s3 import add_blocks_commands, add_s3_commands
+    from polar_cube.cli_view import add_view_command
 
     parser = argparse.ArgumentParser(
         prog="polar-cube", description="Build the Polar Data Cube (Prefect flows)."
@@ -240,6 +291,7 @@ def make_parser() -> argparse.ArgumentParser:
     add_s3_commands(commands)
     add_blocks_commands(commands)
     add_ops_commands(commands)
+    add_view_command(commands)
 
     spec = commands.add_parser("spec", help="cube spec").add_subparsers(
         dest="spec_command", required=True

@@ -1,13 +1,16 @@
 """`polar-cube s3 …` (the local S3 server) and `polar-cube blocks …` (Prefect storage blocks).
 
-Secrets are never printed: `s3 start` says where the keys are, `blocks create` shows the
-access key masked.
+Secrets are printed by one command only, `s3 credentials`, whose purpose that is; everything
+else keeps them out of its output: `s3 start` says where the keys are, `s3 credentials
+--profile` where it wrote them, `blocks create` shows the access key masked.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shlex
+import sys
 from pathlib import Path
 
 DEFAULT_STATE_DIR = "data/s3"
@@ -35,6 +38,32 @@ def add_s3_commands(commands: argparse._SubParsersAction) -> None:
     status = actions.add_parser("status", help="is it running? (exit code 1 if not)")
     _add_state_dir(status)
     status.set_defaults(func=cmd_s3_status)
+
+    credentials = actions.add_parser(
+        "credentials",
+        help="print its keys as shell exports: this command prints SECRETS (its purpose); "
+        "--profile NAME writes them as an AWS profile instead",
+        description=(
+            "Print the running local server's keys and endpoint as shell lines `export "
+            "AWS_ACCESS_KEY_ID=…`, `export AWS_SECRET_ACCESS_KEY=…`, `export AWS_ENDPOINT_URL=…`, "
+            'for `eval "$(polar-cube s3 credentials)"`; xarray, s3fs, boto3 and the AWS CLI '
+            "then reach the bucket. Printing these secrets is the purpose of this command, and "
+            "no other polar-cube command prints them: mind your terminal's scrollback and "
+            "logs. With --profile NAME nothing secret is printed: the keys are written as AWS "
+            "profile NAME (keys in AWS_SHARED_CREDENTIALS_FILE, else ~/.aws/credentials; "
+            "endpoint and region in AWS_CONFIG_FILE, else ~/.aws/config; both owner-only, "
+            "other profiles kept), for storage_options={'profile': NAME, ...}. A profile of "
+            "that name that polar-cube did not write is left alone (error)."
+        ),
+    )
+    _add_state_dir(credentials)
+    credentials.add_argument(
+        "--profile",
+        metavar="NAME",
+        help="write the keys as AWS profile NAME instead of printing them "
+        "(`polar-cube demo` writes polar-cube-local)",
+    )
+    credentials.set_defaults(func=cmd_s3_credentials)
 
 
 def _add_state_dir(parser: argparse.ArgumentParser) -> None:
@@ -76,6 +105,38 @@ def cmd_s3_status(args: argparse.Namespace) -> int:
         print(f"no S3 server running for {args.state_dir}")
         return 1
     print(f"S3 server running at {info.endpoint_url} (pid {info.pid})")
+    return 0
+
+
+def cmd_s3_credentials(args: argparse.Namespace) -> int:
+    from polar_cube.s3server import S3ServerError, s3_server_status, write_aws_profile
+
+    info = s3_server_status(Path(args.state_dir))
+    if info is None:
+        raise S3ServerError(
+            f"no S3 server running for {args.state_dir}; "
+            f"start it with `polar-cube s3 start --state-dir {args.state_dir}`"
+        )
+    if args.profile:
+        files = write_aws_profile(info, args.profile)
+        print(
+            f"wrote AWS profile {args.profile!r} for {info.endpoint_url}: keys in "
+            f"{files.credentials}, endpoint and region in {files.config} (owner-only)"
+        )
+        options = {"profile": args.profile, "client_kwargs": {"endpoint_url": info.endpoint_url}}
+        print(f"  storage_options={options!r}")
+        return 0
+    if sys.stdout.isatty():
+        print(
+            f'# secrets: prefer eval "$(polar-cube s3 credentials --state-dir {args.state_dir})"',
+            file=sys.stderr,
+        )
+    for name, value in (
+        ("AWS_ACCESS_KEY_ID", info.access_key),
+        ("AWS_SECRET_ACCESS_KEY", info.secret_key),
+        ("AWS_ENDPOINT_URL", info.endpoint_url),
+    ):
+        print(f"export {name}={shlex.quote(value)}")
     return 0
 
 
@@ -219,3 +280,90 @@ def _server_values(state_dir: str) -> dict[str, str]:
 def _mask(key: str) -> str:
     """An access key shown like the AWS CLI does: only its last four characters."""
     return "*" * max(len(key) - 4, 4) + key[-4:]
+
+
+def snippet_storage_options(bucket_block: str | None, local_server=None) -> tuple[dict, list[str]]:
+    """The s3fs options the printed snippets carry (an endpoint and maybe a profile name, never
+    a key), and lines telling the user where the keys come from.
+
+    With `local_server` (the demo's) its keys are written as AWS profile polar-cube-local
+    (if that profile is absent or ours) and the snippets name it. Otherwise they name that
+    profile only if it already holds the bucket block's keys for its endpoint, else they rely on
+    the standard AWS chain (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE, ~/.aws).
+    """
+    from polar_cube.s3server import aws_profile_for
+
+    notes: list[str] = []
+    profile = None
+    if local_server is not None:
+        endpoint = local_server.endpoint_url
+        profile, note = _write_local_profile(local_server)
+        notes.append(note)
+    else:
+        endpoint, access_key, problem = _block_endpoint_and_key(bucket_block)
+        if problem:
+            notes.append(problem)
+        if endpoint and access_key:
+            try:
+                profile = aws_profile_for(endpoint, access_key)
+            except (OSError, ValueError):  # an unreadable AWS file: do not name the profile
+                profile = None
+        if profile:
+            notes.append(
+                f"the snippets below use AWS profile {profile!r}: it holds the keys of block "
+                f"{bucket_block!r} for {endpoint}"
+            )
+    if not profile:
+        notes.append(_env_keys_note(endpoint, local_server))
+    options: dict = {"profile": profile} if profile else {}
+    if endpoint:
+        options["client_kwargs"] = {"endpoint_url": endpoint}
+    return options, notes
+
+
+def _write_local_profile(server) -> tuple[str | None, str]:
+    """Write AWS profile polar-cube-local for the demo's server: (its name or None, a note)."""
+    from polar_cube.s3server import LOCAL_PROFILE, AwsProfileError, write_aws_profile
+
+    try:
+        files = write_aws_profile(server, LOCAL_PROFILE)
+    except (AwsProfileError, OSError) as error:
+        return None, f"did not write AWS profile {LOCAL_PROFILE!r}: {error}"
+    return LOCAL_PROFILE, (
+        f"wrote AWS profile {LOCAL_PROFILE!r} for the local S3 server {server.endpoint_url} "
+        f"(keys: {files.credentials}, endpoint: {files.config}; owner-only): the snippets "
+        f"below use it, from any Python with xarray and s3fs (and xcube for the second)"
+    )
+
+
+def _env_keys_note(endpoint: str | None, local_server) -> str:
+    note = (
+        "the snippets below take the keys from AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
+        "or an AWS profile (AWS_PROFILE, ~/.aws)"
+    )
+    local = endpoint and endpoint.startswith(("http://127.0.0.1:", "http://localhost:"))
+    if not local:
+        return note
+    state_dir = Path(local_server.state_dir) if local_server is not None else None
+    option = ""
+    if state_dir is not None and state_dir != Path(DEFAULT_STATE_DIR).resolve():
+        option = f" --state-dir {shlex.quote(str(state_dir))}"
+    return f'{note}; for the local S3 server: eval "$(polar-cube s3 credentials{option})"'
+
+
+def _block_endpoint_and_key(
+    bucket_block: str | None,
+) -> tuple[str | None, str | None, str | None]:
+    """The endpoint and access key of an S3Bucket block, and what went wrong reading it."""
+    from polar_cube.storage import load_bucket, storage_options_from_blocks
+
+    if not bucket_block:
+        return None, None, None
+    try:
+        options = storage_options_from_blocks(load_bucket(bucket_block))
+    except Exception as error:  # the cube is built: do not fail over the snippets' endpoint
+        problem = f"could not read block {bucket_block!r} ({type(error).__name__}): add its "
+        problem += 'endpoint to the snippets, storage_options["client_kwargs"]["endpoint_url"]'
+        return None, None, problem
+    endpoint = (options.get("client_kwargs") or {}).get("endpoint_url")
+    return endpoint, options.get("key"), None

@@ -67,11 +67,13 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from polar_cube.patching import PatchError
     from polar_cube.readers import SourceFormatError
     from polar_cube.s3server import S3ServerError
+    from polar_cube.source_bucket import StagingError
     from polar_cube.spec import SpecError
     from polar_cube.storage import StorageAccessError
     from polar_cube.target_lock import TargetBusyError
     from polar_cube.upload import UploadError
     from polar_cube.verify import CubeCheckError
+    from polar_cube.viewer import ViewError
 
     return (
         SpecError,
@@ -87,5 +89,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
         TargetBusyError,
         MergeError,
         UploadError,
+        StagingError,
         CubeCheckError,
+        ViewError,
     )

@@ -3,11 +3,17 @@
 Everything lives in one state folder: `data/` (the objects), `weed.log`, `identities.json`
 (the one S3 identity) and `server.json` (pid, endpoint, keys, ports; mode 0600). The server
 runs in its own session, binds 127.0.0.1 only, and is stopped by its own process id.
+
+Its keys can also be written as an AWS profile (`write_aws_profile`), so that plain
+xarray/s3fs code opens the bucket with `storage_options={"profile": ...}`.
 """
 
 from __future__ import annotations
 
+import configparser
 import json
+import os
+import re
 import secrets
 import shutil
 import sys
@@ -34,6 +40,10 @@ OTHER_PORTS = (
 
 class S3ServerError(RuntimeError):
     """The local S3 server could not be started, reached or stopped."""
+
+
+class AwsProfileError(S3ServerError):
+    """An AWS profile for the local server cannot be written (one of that name is not ours)."""
 
 
 @dataclass(frozen=True)
@@ -288,3 +298,181 @@ def _remove_sockets(ports: dict[str, int]) -> None:
         for path in Path("/tmp").glob(f"seaweedfs-*-{int(port)}.sock"):
             if path.is_socket():
                 path.unlink(missing_ok=True)
+
+
+# --- the server's keys as an AWS profile ------------------------------------------------------
+
+LOCAL_PROFILE = "polar-cube-local"  # the profile `polar-cube demo` writes for its server
+DEFAULT_REGION = "us-east-1"
+_MARKER = "# written by polar-cube"  # first line of every profile section written here
+_PROFILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+=@-]*")
+_HEADER = re.compile(r"\s*\[([^\]]*)\]")
+
+
+@dataclass(frozen=True)
+class AwsFiles:
+    """Where AWS SDKs and the AWS CLI read profiles: keys, and everything else."""
+
+    credentials: Path
+    config: Path
+
+    @classmethod
+    def current(cls) -> AwsFiles:
+        """AWS_SHARED_CREDENTIALS_FILE and AWS_CONFIG_FILE, else ~/.aws/credentials and config."""
+        env = os.environ
+        credentials = env.get("AWS_SHARED_CREDENTIALS_FILE") or "~/.aws/credentials"
+        return cls(
+            credentials=Path(credentials).expanduser(),
+            config=Path(env.get("AWS_CONFIG_FILE") or "~/.aws/config").expanduser(),
+        )
+
+
+def write_aws_profile(
+    info: S3ServerInfo, name: str = LOCAL_PROFILE, *, region: str = DEFAULT_REGION
+) -> AwsFiles:
+    """Write AWS profile `name` for the server: its keys into the credentials file, its endpoint
+    and a region into the config file (both owner-only, 0600; other profiles and comments kept).
+
+    Only a profile that is absent or was written here (its section starts with a
+    `# written by polar-cube` line) is (re)written; otherwise AwsProfileError, nothing written.
+    """
+    if not _PROFILE_NAME.fullmatch(name):
+        raise AwsProfileError(
+            f"AWS profile name {name!r}: use letters, digits and . _ - + = @ (no spaces)"
+        )
+    files = AwsFiles.current()
+    marker = (
+        f"{_MARKER} for its local S3 server {info.endpoint_url}; "
+        f"`polar-cube s3 credentials --profile {name}` rewrites it"
+    )
+    sections = [
+        (
+            files.credentials,
+            _section_name(name, config=False),
+            [
+                marker,
+                f"aws_access_key_id = {info.access_key}",
+                f"aws_secret_access_key = {info.secret_key}",
+            ],
+        ),
+        (
+            files.config,
+            _section_name(name, config=True),
+            [marker, f"region = {region}", f"endpoint_url = {info.endpoint_url}"],
+        ),
+    ]
+    for path, section, _ in sections:
+        if _profile_owner(_read_text(path), section) == "someone else":
+            raise AwsProfileError(
+                f"{path}: AWS profile {name!r} exists and was not written by polar-cube; "
+                "left as it is (choose another name, or remove that profile)"
+            )
+    for path, section, body in sections:  # re-read: both may be one file
+        _write_private_text(path, _replace_section(_read_text(path), section, body))
+    return files
+
+
+def aws_profile_for(endpoint_url: str, access_key: str, name: str = LOCAL_PROFILE) -> str | None:
+    """`name` if it is a profile written here that holds these keys for this endpoint."""
+    files = AwsFiles.current()
+    credentials_text, config_text = _read_text(files.credentials), _read_text(files.config)
+    credentials_section = _section_name(name, config=False)
+    config_section = _section_name(name, config=True)
+    if _profile_owner(credentials_text, credentials_section) != "polar-cube":
+        return None
+    if _profile_owner(config_text, config_section) != "polar-cube":
+        return None
+    credentials = _parse(credentials_text, credentials_section)
+    config = _parse(config_text, config_section)
+    same_keys = credentials.get("aws_access_key_id") == access_key
+    return name if same_keys and config.get("endpoint_url") == endpoint_url else None
+
+
+def _section_name(profile: str, *, config: bool) -> str:
+    """The section of `profile`: `[name]` in the credentials file, `[profile name]` in config."""
+    return f"profile {profile}" if config and profile != "default" else profile
+
+
+def _header_of(line: str) -> str | None:
+    """The normalised section name if `line` is a section header (`[ profile  x ]` -> "profile
+    x"), else None."""
+    match = _HEADER.match(line)
+    return " ".join(match.group(1).split()) if match else None
+
+
+def _profile_owner(text: str, section: str) -> str | None:
+    """None if `section` is absent, "polar-cube" if written here, else "someone else"."""
+    lines = text.splitlines()
+    for index, line in enumerate(lines):
+        if _header_of(line) == section:
+            body = [x.strip() for x in lines[index + 1 :]]
+            first = next((x for x in body if x), "")
+            return "polar-cube" if first.startswith(_MARKER) else "someone else"
+    return None
+
+
+def _replace_section(text: str, section: str, body: list[str]) -> str:
+    """`text` with `section` replaced by `body` in place (or appended); everything else as it
+    was, including comments and blank lines just before the next section."""
+    new_section = [f"[{section}]", *body]
+    lines = text.splitlines()
+    out: list[str] = []
+    index, replaced = 0, False
+    while index < len(lines):
+        if _header_of(lines[index]) != section:
+            out.append(lines[index])
+            index += 1
+            continue
+        end = index + 1
+        while end < len(lines) and _header_of(lines[end]) is None:
+            end += 1
+        kept = end  # comments and blank lines right before the next header stay with it
+        while kept > index + 1 and (
+            not lines[kept - 1].strip()
+            or (lines[kept - 1].lstrip().startswith(("#", ";")) and _MARKER not in lines[kept - 1])
+        ):
+            kept -= 1
+        if not replaced:
+            out.extend(new_section)
+            replaced = True
+        out.extend(lines[kept:end])
+        index = end
+    if not replaced:
+        if out and out[-1].strip():
+            out.append("")
+        out.extend(new_section)
+    return "\n".join(out) + "\n"
+
+
+def _parse(text: str, section: str) -> dict[str, str]:
+    parser = configparser.RawConfigParser(strict=False, interpolation=None)
+    try:
+        parser.read_string(text)
+    except configparser.Error:
+        return {}
+    return dict(parser[section]) if parser.has_section(section) else {}
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return Path(path).read_text()
+    except FileNotFoundError:
+        return ""
+
+
+def _write_private_text(path: Path, text: str) -> None:
+    """Replace the file `path` (or the file its symlink points at) atomically, mode 0600; a new
+    parent folder is made owner-only (0700)."""
+    target = Path(os.path.realpath(path))
+    target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    partial = target.with_name(f".{target.name}.polar-cube-{secrets.token_hex(4)}")
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(partial, target)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise

@@ -8,6 +8,10 @@ os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="polar-cube-prefect-")
 os.environ.pop("PREFECT_API_URL", None)
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+# The demo writes an AWS profile for its local S3 server: never into the real ~/.aws.
+_aws = tempfile.mkdtemp(prefix="polar-cube-aws-")
+os.environ["AWS_SHARED_CREDENTIALS_FILE"] = os.path.join(_aws, "credentials")
+os.environ["AWS_CONFIG_FILE"] = os.path.join(_aws, "config")
 
 from pathlib import Path  # noqa: E402
 

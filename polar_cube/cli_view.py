@@ -1,0 +1,119 @@
+"""`polar-cube view [start|stop|status]`: the published cube in xcube's web viewer.
+
+Thin: picks the cube (a bucket block or a local folder, the spec's data id) and calls
+`polar_cube.viewer`. Nothing secret is printed: the S3 keys go to the server's environment.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from polar_cube.viewer import DEFAULT_PORT, DEFAULT_STATE_DIR
+
+DEFAULT_CUBE_DIR = "data/cube"
+
+
+def add_view_command(commands: argparse._SubParsersAction) -> None:
+    """`view [start|stop|status]`: serve the cube with xcube's server and viewer."""
+    view = commands.add_parser(
+        "view",
+        help="show the published cube in xcube's web viewer (xcube serve, in the background)",
+        description=(
+            "start (the default): serve the published cube's overview levels with `xcube "
+            "serve` on 127.0.0.1 in the background and print the viewer's address "
+            "(idempotent); stop: stop it by its process id; status: is it running? (exit "
+            "code 1 if not). The cube is --bucket-block's bucket, else the folder --cube-dir "
+            f"(default {DEFAULT_CUBE_DIR}), named by --cube-id (default: the spec's data_id)."
+        ),
+    )
+    view.add_argument(
+        "action",
+        nargs="?",
+        choices=["start", "stop", "status"],
+        default="start",
+        help="start (the default), stop or status",
+    )
+    where = view.add_mutually_exclusive_group()
+    where.add_argument(
+        "--bucket-block",
+        metavar="NAME",
+        help="prefect-aws S3Bucket block of the bucket the cube was published into",
+    )
+    where.add_argument(
+        "--cube-dir",
+        metavar="DIR",
+        help=f"local folder the cube was published into (default {DEFAULT_CUBE_DIR})",
+    )
+    view.add_argument(
+        "--cube-id", metavar="NAME", help="the cube's name there, <stem>.zarr (the spec's data_id)"
+    )
+    view.add_argument("--spec", default="cube.geojson", help="cube spec (for its data_id)")
+    view.add_argument(
+        "--port", type=int, metavar="P", help=f"port on 127.0.0.1 (default {DEFAULT_PORT}; 0: any)"
+    )
+    view.add_argument(
+        "--state-dir",
+        default=DEFAULT_STATE_DIR,
+        metavar="DIR",
+        help=f"its configuration, log and pid (default {DEFAULT_STATE_DIR})",
+    )
+    view.add_argument(
+        "--timeout", type=float, default=120, metavar="S", help="wait this long for it to answer"
+    )
+    view.set_defaults(func=cmd_view)
+
+
+def cmd_view(args: argparse.Namespace) -> int:
+    """A ViewError becomes the one `polar-cube: error:` line (`polar_cube.errors`)."""
+    return {"start": _start, "stop": _stop, "status": _status}[args.action](args)
+
+
+def _start(args: argparse.Namespace) -> int:
+    from polar_cube.viewer import source_from_bucket_block, source_from_folder, start_viewer
+
+    cube_name = args.cube_id or _spec_data_id(args.spec)
+    if args.bucket_block:
+        source, options = source_from_bucket_block(args.bucket_block, cube_name)
+    else:
+        source, options = source_from_folder(args.cube_dir or DEFAULT_CUBE_DIR, cube_name), None
+    info = start_viewer(
+        Path(args.state_dir),
+        source,
+        storage_options=options,
+        port=args.port,
+        timeout_seconds=args.timeout,
+    )
+    print(f"viewer running at {info.server_url} (pid {info.pid}), showing {info.cube_url}")
+    print(f"  open: {info.viewer_url}")
+    print(f"  log:  {info.log_path}")
+    print(f"  stop: polar-cube view stop --state-dir {args.state_dir}")
+    return 0
+
+
+def _stop(args: argparse.Namespace) -> int:
+    from polar_cube.viewer import stop_viewer
+
+    if stop_viewer(Path(args.state_dir)):
+        print(f"stopped the viewer of {args.state_dir}")
+    else:
+        print(f"no viewer was running for {args.state_dir}")
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    from polar_cube.viewer import viewer_status
+
+    info = viewer_status(Path(args.state_dir))
+    if info is None:
+        print(f"no viewer running for {args.state_dir}")
+        return 1
+    print(f"viewer running at {info.server_url} (pid {info.pid}), showing {info.cube_url}")
+    print(f"  open: {info.viewer_url}")
+    return 0
+
+
+def _spec_data_id(spec_path: str) -> str:
+    from polar_cube.spec import load_spec
+
+    return load_spec(spec_path).data_id

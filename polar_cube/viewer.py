@@ -1,0 +1,674 @@
+"""The published cube in xcube's server and web viewer (`polar-cube view`).
+
+Two parts:
+
+- **Configuration** (pure): `server_config(cube, source)` turns the cube's metadata (opened
+  with its consolidated metadata, no data read) and where it is into xcube server
+  configuration: one dataset, the overview levels `<stem>.levels` (so a zoomed-out map reads
+  the small levels, not the full grid), and one style giving each variable its colour bar
+  (`color_bar_name`, else viridis) and value range (the overall minimum and maximum of its
+  `polar_cube_stats`; for flag variables the range of `flag_values`).
+- **The server** (`start_viewer`, `stop_viewer`, `viewer_status`): `xcube serve` in the
+  background on 127.0.0.1, like the local S3 server. One state folder (default
+  `data/view/`) holds `config.json` (the xcube configuration), `viewer/` (the web viewer's
+  own configuration: which server, titles), `xcube.log` and `server.json` (pid, port, URLs).
+
+S3 keys never reach the configuration, the command line or the log: they are given to the
+xcube process only in its environment (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`,
+`AWS_SESSION_TOKEN`), which s3fs/botocore read; the configuration holds the endpoint only.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
+
+from polar_cube import processes
+
+if TYPE_CHECKING:
+    import xarray as xr
+
+HOST = processes.LOCALHOST
+DEFAULT_STATE_DIR = "data/view"
+DEFAULT_PORT = 8080
+DEFAULT_COLOR_BAR = "viridis"
+STORE_ID = "polar-cube"
+STATS_ATTR = "polar_cube_stats"
+STATE_FILE = "server.json"
+CONFIG_FILE = "config.json"
+LOG_FILE = "xcube.log"
+VIEWER_DIR = "viewer"
+# s3fs options that are secrets: they go into the xcube process's environment only
+_SECRET_OPTIONS = {
+    "key": "AWS_ACCESS_KEY_ID",
+    "secret": "AWS_SECRET_ACCESS_KEY",
+    "token": "AWS_SESSION_TOKEN",
+}
+_CREDENTIAL_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+
+
+class ViewError(RuntimeError):
+    """The viewer cannot be started, reached or stopped; the message says why."""
+
+
+@dataclass(frozen=True)
+class CubeSource:
+    """Where a published cube is: a local folder or an `s3://bucket/folder` prefix, the cube's
+    name in it (`<stem>.zarr`, its levels `<stem>.levels` beside it), and the s3fs options
+    that are not secret (endpoint, region, ...)."""
+
+    root: str
+    cube_name: str
+    storage_options: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        secret = sorted(set(self.storage_options) & set(_SECRET_OPTIONS))
+        if secret:
+            raise ValueError(f"CubeSource.storage_options must not hold secrets ({secret})")
+
+    @property
+    def is_s3(self) -> bool:
+        return self.root.startswith("s3://")
+
+    @property
+    def stem(self) -> str:
+        return self.cube_name.removesuffix(".zarr")
+
+    @property
+    def levels_name(self) -> str:
+        return f"{self.stem}.levels"
+
+    def url(self, name: str) -> str:
+        return f"{self.root.rstrip('/')}/{name}"
+
+    @property
+    def cube_url(self) -> str:
+        return self.url(self.cube_name)
+
+    @property
+    def levels_url(self) -> str:
+        return self.url(self.levels_name)
+
+
+def split_credentials(storage_options: Mapping[str, Any]) -> tuple[dict, dict[str, str]]:
+    """(s3fs options without secrets, the AWS_* environment variables carrying them)."""
+    public = {k: v for k, v in storage_options.items() if k not in _SECRET_OPTIONS}
+    env = {
+        variable: str(storage_options[option])
+        for option, variable in _SECRET_OPTIONS.items()
+        if storage_options.get(option)
+    }
+    return public, env
+
+
+def source_from_folder(folder: str | Path, cube_name: str) -> CubeSource:
+    """A cube published into a local folder (`polar-cube build --output FOLDER`)."""
+    return CubeSource(str(Path(folder).resolve()), cube_name)
+
+
+def source_from_bucket_block(bucket_block: str, cube_name: str) -> tuple[CubeSource, dict]:
+    """A cube in the bucket of a prefect-aws S3Bucket block: (the source without secrets, the
+    full s3fs options with the keys, for reading the metadata in this process)."""
+    from polar_cube.storage import bucket_url, load_bucket, storage_options_from_blocks
+
+    bucket = load_bucket(bucket_block)
+    options = storage_options_from_blocks(bucket)
+    public, _ = split_credentials(options)
+    return CubeSource(bucket_url(bucket), cube_name, public), options
+
+
+# --- configuration (pure) -------------------------------------------------------------------
+
+
+def map_variables(cube: xr.Dataset) -> list[str]:
+    """The variables a map can show: those whose last two dimensions are (y, x)."""
+    return [
+        str(name)
+        for name, variable in cube.data_vars.items()
+        if variable.ndim >= 2 and tuple(variable.dims[-2:]) == ("y", "x")
+    ]
+
+
+def stats_records(attrs: Mapping[str, Any]) -> list[dict]:
+    """The variable's `polar_cube_stats` records (a list, or its JSON text), else []."""
+    records = attrs.get(STATS_ATTR)
+    if isinstance(records, str):
+        try:
+            records = json.loads(records)
+        except ValueError:
+            return []
+    if isinstance(records, Mapping):
+        records = [records]
+    if not isinstance(records, list):
+        return []
+    return [record for record in records if isinstance(record, Mapping)]
+
+
+def value_range(attrs: Mapping[str, Any]) -> tuple[float, float]:
+    """The colour bar's range: flag variables the range of their `flag_values`; others the
+    overall minimum and maximum of their statistics (all time steps); [0, 1] without any.
+    A single value v becomes [v - 0.5, v + 0.5]."""
+    if "flag_values" in attrs:
+        values = _numbers(attrs["flag_values"])
+    else:
+        values = []
+        for record in stats_records(attrs):
+            values += _numbers([record.get("minimum"), record.get("maximum")])
+    if not values:
+        return 0.0, 1.0
+    low, high = min(values), max(values)
+    if low == high:
+        return low - 0.5, high + 0.5
+    return low, high
+
+
+def _numbers(values: Any) -> list[float]:
+    """The finite numbers among `values` (a scalar or a sequence), as floats."""
+    if isinstance(values, str) or not hasattr(values, "__iter__"):
+        values = [values]
+    found = []
+    for value in values:
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            continue
+        if math.isfinite(number):
+            found.append(number)
+    return found
+
+
+def color_bar(attrs: Mapping[str, Any], default: str = DEFAULT_COLOR_BAR) -> str:
+    """The variable's `color_bar_name` if it is a colour map xcube knows, else `default`."""
+    from matplotlib import colormaps
+
+    name = attrs.get("color_bar_name")
+    return name if isinstance(name, str) and name in colormaps else default
+
+
+def color_mapping(attrs: Mapping[str, Any]) -> dict:
+    """xcube's ColorMappings entry of one variable: its colour bar and value range."""
+    low, high = value_range(attrs)
+    return {"ColorBar": color_bar(attrs), "ValueRange": [low, high]}
+
+
+def time_steps(cube: xr.Dataset) -> list[str]:
+    """The cube's time steps as ISO dates ([] without a time dimension). The viewer steps
+    through them only if `time` is a datetime coordinate: anything else is refused."""
+    import numpy as np
+
+    if "time" not in cube.dims:
+        return []
+    if "time" not in cube.coords or not np.issubdtype(cube["time"].dtype, np.datetime64):
+        raise ViewError(
+            "the cube's time dimension has no datetime coordinate: the viewer cannot step "
+            "through its time steps"
+        )
+    return [str(np.datetime_as_string(t, unit="D")) for t in cube["time"].values]
+
+
+def server_config(
+    cube: xr.Dataset, source: CubeSource, *, viewer_dir: str | Path | None = None
+) -> dict:
+    """xcube server configuration showing `cube` (its metadata: attributes, coordinates) from
+    `source`: its overview levels as one dataset, a style with every map variable's colour bar
+    and value range, and (with `viewer_dir`) the web viewer's own configuration folder.
+
+    The store's parameters hold the non-secret s3fs options only (endpoint, region)."""
+    time_steps(cube)  # refuses a time dimension the viewer could not step through
+    stem = source.stem
+    variables = map_variables(cube)
+    if not variables:
+        raise ViewError(f"{source.cube_url}: no variable on a (y, x) grid to show")
+    if source.is_s3:
+        params = {"root": source.root.removeprefix("s3://").strip("/")}
+        if source.storage_options:
+            params["storage_options"] = dict(source.storage_options)
+    else:
+        params = {"root": source.root}
+    dataset = {
+        "Identifier": stem,
+        "Path": source.levels_name,
+        "Title": str(cube.attrs.get("title") or stem),
+        "Style": stem,
+        "Variables": variables,
+    }
+    description = cube.attrs.get("summary") or cube.attrs.get("description")
+    if description:
+        dataset["Description"] = " ".join(str(description).split())
+    config: dict = {
+        "DataStores": [
+            {
+                "Identifier": STORE_ID,
+                "StoreId": "s3" if source.is_s3 else "file",
+                "StoreParams": params,
+                "Datasets": [dataset],
+            }
+        ],
+        "Styles": [
+            {
+                "Identifier": stem,
+                "ColorMappings": {name: color_mapping(cube[name].attrs) for name in variables},
+            }
+        ],
+        "EntrypointDatasetId": stem,
+    }
+    if viewer_dir is not None:
+        config["Viewer"] = {"Configuration": {"Path": str(viewer_dir)}}
+    return config
+
+
+def viewer_app_config(server_url: str, title: str) -> dict:
+    """The web viewer's `config.json`: which server to ask, and its titles."""
+    return {
+        "name": "polar-cube",
+        "server": {"id": "polar-cube", "name": title, "url": server_url},
+        "branding": {
+            "appBarTitle": title,
+            "windowTitle": title,
+            "themeMode": "light",
+            "allowSharing": False,  # needs a state store the server does not have
+        },
+    }
+
+
+def viewer_url(server_url: str, dataset_id: str, variable: str | None = None) -> str:
+    """The viewer's address with the dataset (and variable) selected."""
+    url = f"{server_url}/viewer/?dataset={quote(dataset_id)}"
+    return url + (f"&variable={quote(variable)}" if variable else "")
+
+
+# --- reading the cube's metadata ------------------------------------------------------------
+
+
+def open_cube_metadata(
+    source: CubeSource, storage_options: dict | None = None
+) -> tuple[xr.Dataset, int]:
+    """(the published cube opened lazily from its consolidated metadata, the number of its
+    overview levels), after checking that the levels are complete (`.zlevels` present). No
+    chunk of a data variable is read.
+
+    `storage_options` are the full s3fs options (keys included) for an S3 source."""
+    import fsspec
+    import xarray as xr
+
+    from polar_cube.levels import ZLEVELS, level_count, read_record
+    from polar_cube.storage import reaching_storage
+
+    options = (storage_options if storage_options is not None else source.storage_options) or {}
+    options = options if source.is_s3 else {}
+    with reaching_storage(source.root, options):
+        fs, _ = fsspec.core.url_to_fs(source.root, **options)
+        if not fs.exists(f"{fs._strip_protocol(source.cube_url)}/.zmetadata"):
+            raise ViewError(
+                f"no published cube at {source.cube_url} (no consolidated metadata); "
+                f"build it first, or name it with --cube-id"
+            )
+        zlevels = f"{fs._strip_protocol(source.levels_url)}/{ZLEVELS}"
+        if not fs.exists(zlevels):
+            raise ViewError(
+                f"{source.levels_url}: the cube's overview levels are missing or incomplete; "
+                f"rerun the build that published {source.cube_url}"
+            )
+        record = read_record(fs.cat_file(zlevels))
+        kwargs = {"storage_options": options} if source.is_s3 else {}
+        cube = xr.open_zarr(source.cube_url, consolidated=True, chunks=None, **kwargs)
+    variables = map_variables(cube)
+    shape = cube[variables[0]].shape if variables else (cube.sizes["y"], cube.sizes["x"])
+    num_levels = record.get("num_levels")
+    if not isinstance(num_levels, int) or num_levels < 1:  # an older record: as the build does
+        num_levels = level_count(shape)
+    return cube, num_levels
+
+
+# --- map tiles (EPSG:3857, as the viewer asks for them) -------------------------------------
+
+
+def web_mercator_tile(lon: float, lat: float, zoom: int) -> tuple[int, int]:
+    """(x, y) of the web-mercator (XYZ) tile at `zoom` holding the point lon/lat."""
+    count = 2**zoom
+    lat = max(min(lat, 85.0511), -85.0511)
+    x = int((lon + 180.0) / 360.0 * count)
+    y = int((1.0 - math.asinh(math.tan(math.radians(lat))) / math.pi) / 2.0 * count)
+    return min(max(x, 0), count - 1), min(max(y, 0), count - 1)
+
+
+def cube_outline(cube: xr.Dataset, points_per_edge: int = 64) -> list[tuple[float, float]]:
+    """lon/lat points along the outer edge of the cube's grid (and its centre, first)."""
+    import numpy as np
+    import pyproj
+    from xcube.core.gridmapping import GridMapping
+
+    grid = GridMapping.from_dataset(cube)
+    x0, y0, x1, y1 = grid.xy_bbox
+    steps = np.linspace(0.0, 1.0, points_per_edge)
+    xs = np.concatenate([x0 + (x1 - x0) * steps, np.full_like(steps, x1)])
+    ys = np.concatenate([np.full_like(steps, y0), y0 + (y1 - y0) * steps])
+    xs = np.concatenate([[(x0 + x1) / 2], xs, x1 - (x1 - x0) * steps, np.full_like(steps, x0)])
+    ys = np.concatenate([[(y0 + y1) / 2], ys, np.full_like(steps, y1), y1 - (y1 - y0) * steps])
+    to_lonlat = pyproj.Transformer.from_crs(grid.crs, "EPSG:4326", always_xy=True)
+    lons, lats = to_lonlat.transform(xs, ys)
+    return list(zip(map(float, lons), map(float, lats), strict=True))
+
+
+def whole_cube_tile(cube: xr.Dataset) -> tuple[int, int, int]:
+    """(z, x, y): the deepest web-mercator tile that holds the whole cube."""
+    outline = cube_outline(cube)
+    for zoom in range(24, -1, -1):
+        if len({web_mercator_tile(lon, lat, zoom) for lon, lat in outline}) == 1:
+            return (zoom, *web_mercator_tile(*outline[0], zoom))
+    return 0, 0, 0
+
+
+def level_for_zoom(zoom: int, resolution: float, num_levels: int) -> int:
+    """The overview level xcube reads for a web-mercator tile at `zoom`."""
+    from xcube.core.tilingscheme import TilingScheme
+
+    resolutions = [resolution * 2**level for level in range(num_levels)]
+    return TilingScheme.WEB_MERCATOR.get_resolutions_level(zoom, resolutions, "m")
+
+
+def warm_up_tiles(cube: xr.Dataset, num_levels: int) -> list[tuple[int, int, int]]:
+    """(z, x, y) of one tile at the cube's centre per overview level, coarsest first."""
+    from xcube.core.gridmapping import GridMapping
+
+    resolution = float(GridMapping.from_dataset(cube).x_res)
+    lon, lat = cube_outline(cube, 2)[0]
+    tiles: dict[int, tuple[int, int, int]] = {}
+    for zoom in range(25):
+        level = level_for_zoom(zoom, resolution, num_levels)
+        tiles.setdefault(level, (zoom, *web_mercator_tile(lon, lat, zoom)))
+    return [tiles[level] for level in sorted(tiles, reverse=True)]
+
+
+def tile_url(
+    server_url: str, dataset_id: str, variable: str, tile: tuple[int, int, int], **query: str
+) -> str:
+    """The server's address of one EPSG:3857 map tile (z, x, y) of `variable`."""
+    z, x, y = tile
+    params = "&".join(f"{key}={quote(str(value))}" for key, value in query.items())
+    url = f"{server_url}/tiles/{quote(dataset_id)}/{quote(variable)}/{z}/{y}/{x}?crs=EPSG:3857"
+    return url + (f"&{params}" if params else "")
+
+
+# --- the server -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ViewerInfo:
+    """A running viewer: where it answers and what it shows."""
+
+    server_url: str
+    dataset_id: str
+    cube_url: str
+    pid: int
+    port: int
+    state_dir: Path
+
+    @property
+    def viewer_url(self) -> str:
+        return viewer_url(self.server_url, self.dataset_id)
+
+    @property
+    def log_path(self) -> Path:
+        return self.state_dir / LOG_FILE
+
+    @property
+    def config_path(self) -> Path:
+        return self.state_dir / CONFIG_FILE
+
+
+def xcube_binary() -> Path:
+    """The `xcube` executable next to this Python, else on PATH."""
+    beside = Path(sys.executable).parent / "xcube"
+    if beside.is_file():
+        return beside
+    found = shutil.which("xcube")
+    if found is None:
+        raise ViewError("no `xcube` executable found: install xcube-core")
+    return Path(found)
+
+
+def start_viewer(
+    state_dir: str | Path,
+    source: CubeSource,
+    *,
+    storage_options: dict | None = None,
+    port: int | None = None,
+    timeout_seconds: float = 120,
+    check_dataset: bool = True,
+) -> ViewerInfo:
+    """Serve `source` with `xcube serve` in the background (or return the viewer already
+    serving it from `state_dir`). `storage_options`: the full s3fs options of an S3 source
+    (its keys reach the server's environment only). `port`: default 8080; 0 picks a free
+    port; a running viewer is reused if it serves the same cube (on `port`, when given).
+
+    With `check_dataset` (the default) it waits until the server describes the dataset (so
+    wrong keys or a broken cube fail here, not in the browser) and then draws one tile per
+    overview level, one after the other (see `warm_up`)."""
+    state_dir = Path(state_dir).resolve()
+    running = _running_state(state_dir)
+    if running is not None:
+        info = _info(running, state_dir)
+        if running.get("cube_url") != source.cube_url or port not in (None, 0, info.port):
+            raise ViewError(
+                f"a viewer (pid {info.pid}) already serves {running.get('cube_url')} on port "
+                f"{info.port} from {state_dir}; stop it first (polar-cube view stop)"
+            )
+        if not processes.wait_until(lambda: _answers(info), info.pid, timeout_seconds):
+            raise ViewError(
+                f"a viewer (pid {info.pid}) runs for {state_dir} but {info.server_url} does "
+                f"not answer; stop it with `polar-cube view stop`"
+            )
+        return info
+    options = storage_options if storage_options is not None else source.storage_options
+    cube, num_levels = open_cube_metadata(source, options)
+    port = DEFAULT_PORT if port is None else port or processes.free_port_block(1, HOST)
+    if not processes.port_is_free(port, HOST):
+        raise ViewError(f"port {port} on {HOST} is in use by something else: choose another")
+    info = _launch(state_dir, source, cube, port, split_credentials(options or {})[1])
+    started = time.monotonic()
+    _wait_for_launch(info, timeout_seconds, check_dataset)
+    if check_dataset:
+        remaining = max(timeout_seconds - (time.monotonic() - started), 10)
+        _fail_unless(info, warm_up(info, cube, num_levels, remaining))
+    return info
+
+
+def warm_up(info: ViewerInfo, cube: xr.Dataset, num_levels: int, timeout: float) -> str | None:
+    """Draw one tile per overview level, one after the other; None, or what went wrong.
+
+    pandas builds an index's lookup table on first use, and not thread-safely: when the
+    viewer first asks for a dozen tiles of a level at once, xcube's threads select the time
+    step on that level's fresh time index together and some tiles fail (HTTP 500,
+    "Reindexing only valid with uniquely valued Index objects"). Done once per level here,
+    first, the later concurrent look-ups find the table built."""
+    import httpx
+
+    variables = map_variables(cube)
+    timed = [name for name in variables if "time" in cube[name].dims]
+    variable = (timed or variables)[0]
+    query = {"time": time_steps(cube)[0]} if timed else {}
+    for tile in warm_up_tiles(cube, num_levels):
+        url = tile_url(info.server_url, info.dataset_id, variable, tile, **query)
+        try:
+            response = httpx.get(url, timeout=timeout)
+        except httpx.HTTPError as error:
+            return f"{url}: {type(error).__name__}"
+        if response.status_code != 200:
+            return f"{url} answered {response.status_code}"
+    return None
+
+
+def stop_viewer(state_dir: str | Path, timeout_seconds: float = 30) -> bool:
+    """Stop the viewer by its pid (SIGTERM, then SIGKILL); True if one was running."""
+    state_dir = Path(state_dir).resolve()
+    state = processes.read_state(state_dir / STATE_FILE)
+    if state is None:
+        return False
+    running = _is_our_server(state["pid"], state_dir)
+    if running and not processes.stop_process_group(state["pid"], timeout_seconds):
+        raise ViewError(f"the viewer (pid {state['pid']}) did not exit after SIGKILL")
+    (state_dir / STATE_FILE).unlink(missing_ok=True)
+    return running
+
+
+def viewer_status(state_dir: str | Path) -> ViewerInfo | None:
+    """The running viewer, or None unless its pid is alive and its server answers."""
+    state_dir = Path(state_dir).resolve()
+    state = _running_state(state_dir)
+    if state is None:
+        return None
+    info = _info(state, state_dir)
+    return info if _answers(info) else None
+
+
+def xcube_environment(credentials: Mapping[str, str]) -> dict[str, str]:
+    """This process's environment for xcube: without any inherited AWS keys when the source
+    brings its own (the block's keys win), plus those keys."""
+    env = dict(os.environ)
+    if credentials:
+        for name in _CREDENTIAL_ENV:
+            env.pop(name, None)
+        env.pop("AWS_PROFILE", None)
+    env.update(credentials)
+    return env
+
+
+def _launch(
+    state_dir: Path, source: CubeSource, cube: xr.Dataset, port: int, credentials: dict
+) -> ViewerInfo:
+    server_url = f"http://{HOST}:{port}"
+    viewer_dir = state_dir / VIEWER_DIR
+    title = str(cube.attrs.get("title") or source.stem)
+    _write_viewer_dir(viewer_dir, viewer_app_config(server_url, title), _about(cube, source))
+    config_path = state_dir / CONFIG_FILE
+    processes.write_private_state(config_path, server_config(cube, source, viewer_dir=viewer_dir))
+    command = [
+        str(xcube_binary()),
+        "serve",
+        "--config",
+        str(config_path),
+        "--address",
+        HOST,
+        "--port",
+        str(port),
+        "-v",  # INFO: requests, datasets opened
+    ]
+    pid = processes.launch_in_background(
+        command, state_dir / LOG_FILE, env=xcube_environment(credentials)
+    )
+    state = {
+        "pid": pid,
+        "port": port,
+        "server_url": server_url,
+        "dataset_id": source.stem,
+        "cube_url": source.cube_url,
+        "started": time.time(),
+    }
+    processes.write_private_state(state_dir / STATE_FILE, state)
+    return _info(state, state_dir)
+
+
+def _write_viewer_dir(viewer_dir: Path, app_config: dict, about: str) -> None:
+    """The web viewer's configuration folder: config.json, about page, logo."""
+    from importlib.resources import files
+
+    (viewer_dir / "images").mkdir(parents=True, exist_ok=True)
+    (viewer_dir / "config.json").write_text(json.dumps(app_config, indent=2))
+    (viewer_dir / "about.en.md").write_text(about)
+    logo = files("xcube.webapi.viewer") / "dist" / "images" / "logo.png"
+    if logo.is_file():
+        (viewer_dir / "images" / "logo.png").write_bytes(logo.read_bytes())
+
+
+def _about(cube: xr.Dataset, source: CubeSource) -> str:
+    title = str(cube.attrs.get("title") or source.stem)
+    summary = " ".join(str(cube.attrs.get("summary") or "").split())
+    lines = [f"# {title}", "", summary, "", f"Served by `polar-cube view` from `{source.cube_url}`"]
+    lines += ["(map tiles from its overview levels).", ""]
+    return "\n".join(lines)
+
+
+def _wait_for_launch(info: ViewerInfo, timeout_seconds: float, check_dataset: bool) -> None:
+    """Wait until the server answers (and describes the dataset); else stop it and raise with
+    its log's tail."""
+    started = time.monotonic()
+    if not processes.wait_until(lambda: _answers(info), info.pid, timeout_seconds):
+        exited = not processes.pid_alive(info.pid)
+        what = "exited early" if exited else f"did not answer within {timeout_seconds:g} s"
+        _fail_unless(info, what, prefix="")
+    if check_dataset:
+        remaining = max(timeout_seconds - (time.monotonic() - started), 10)
+        _fail_unless(info, _dataset_problem(info, remaining))
+
+
+def _fail_unless(info: ViewerInfo, problem: str | None, prefix: str = "cannot show ") -> None:
+    """Nothing if there is no problem; else stop the server and raise with its log's tail."""
+    if problem is None:
+        return
+    what = f"{prefix}{info.cube_url}: {problem}" if prefix else problem
+    processes.stop_process_group(info.pid, 10)
+    (info.state_dir / STATE_FILE).unlink(missing_ok=True)
+    raise ViewError(
+        f"the viewer (xcube serve, {info.server_url}) {what}; last lines of {info.log_path}:\n"
+        f"{processes.log_tail(info.log_path)}"
+    )
+
+
+def _answers(info: ViewerInfo) -> bool:
+    import httpx
+
+    try:
+        return httpx.get(f"{info.server_url}/", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def _dataset_problem(info: ViewerInfo, timeout_seconds: float) -> str | None:
+    """None if the server describes the dataset, else what it said instead."""
+    import httpx
+
+    url = f"{info.server_url}/datasets/{quote(info.dataset_id)}"
+    try:
+        response = httpx.get(url, timeout=timeout_seconds)
+    except httpx.HTTPError as error:
+        return f"{url}: {type(error).__name__}"
+    if response.status_code == 200:
+        return None
+    try:
+        message = response.json().get("error", {}).get("message")
+    except ValueError:
+        message = None
+    return f"{url} answered {response.status_code}" + (f": {message}" if message else "")
+
+
+def _running_state(state_dir: Path) -> dict | None:
+    state = processes.read_state(state_dir / STATE_FILE, ("port", "server_url", "dataset_id"))
+    if state is None or not _is_our_server(state["pid"], state_dir):
+        return None
+    return state
+
+
+def _info(state: dict, state_dir: Path) -> ViewerInfo:
+    return ViewerInfo(
+        server_url=state["server_url"],
+        dataset_id=state["dataset_id"],
+        cube_url=state.get("cube_url", ""),
+        pid=int(state["pid"]),
+        port=int(state["port"]),
+        state_dir=state_dir,
+    )
+
+
+def _is_our_server(pid: int, state_dir: Path) -> bool:
+    """True if `pid` is alive and is the xcube server of this state folder."""
+    return processes.is_our_process(pid, ("xcube", "serve", str(state_dir / CONFIG_FILE)))
