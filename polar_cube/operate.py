@@ -95,12 +95,7 @@ def database_description() -> str:
 
 
 def _healthy(url: str) -> bool:
-    import httpx
-
-    try:
-        return httpx.get(f"{url}/api/health", timeout=2).status_code == 200
-    except httpx.HTTPError:
-        return False
+    return processes.answers_ok(f"{url}/api/health")
 
 
 # --- the worker ---------------------------------------------------------------------------

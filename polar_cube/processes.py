@@ -13,6 +13,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -195,6 +196,27 @@ def _descendants_except(keep: set[int]) -> list:
     except psutil.Error:
         return []
     return [process for process in descendants if process.pid not in kept]
+
+
+def executable(name: str) -> Path | None:
+    """The executable `name` next to this Python (the venv's), else on PATH, else None."""
+    import shutil
+
+    beside = Path(sys.executable).parent / name
+    if beside.is_file():
+        return beside
+    found = shutil.which(name)
+    return Path(found) if found else None
+
+
+def answers_ok(url: str, timeout: float = 2) -> bool:
+    """True if an HTTP GET of `url` answers 200 within `timeout` seconds."""
+    import httpx
+
+    try:
+        return httpx.get(url, timeout=timeout).status_code == 200
+    except httpx.HTTPError:
+        return False
 
 
 def port_is_free(port: int, host: str = LOCALHOST) -> bool:

