@@ -35,7 +35,7 @@ from bench.run import (
     shown,
     warm_download_cache,
 )
-from polar_cube.processes import free_port_block
+from polar_cube.servers.processes import free_port_block
 
 METHODS = ("local", "cluster")
 
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         prefect_port=free_port_block(1),
     )
     _prepare_prefect_environment(plan)
-    from polar_cube.mirror import serving_mirror
+    from polar_cube.sources.mirror import serving_mirror
 
     began = time.monotonic()
     walls: dict[str, list[float]] = {m: [] for m in METHODS}

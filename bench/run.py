@@ -25,7 +25,7 @@ from pathlib import Path
 from bench.layer import METHODS, layer_command, load_grid, magnetic_file, output_name
 from bench.measure import CommandFailed, Measurement, measure_command
 from bench.report import BuildRun, Results, render
-from polar_cube.processes import free_port_block
+from polar_cube.servers.processes import free_port_block
 
 REPO = Path(__file__).resolve().parents[1]
 PARTS = ("layer", "build", "scaling", "rerun")
@@ -174,7 +174,7 @@ def invocation(argv: list[str]) -> str:
 
 def ensure_standins(workdir: Path) -> Path:
     """The full-size stand-ins, made once (a marker records that they are complete)."""
-    from polar_cube.standins import make_standins
+    from polar_cube.sources.standins import make_standins
 
     folder, done = workdir / "sources-full", workdir / STANDINS_DONE
     if not done.is_file():
@@ -236,7 +236,7 @@ def _report(measured: Measurement) -> None:
 @contextmanager
 def prefect_server(workdir: Path, port: int) -> Iterator[None]:
     """Our own Prefect API server (own PREFECT_HOME, set up by `main`); stopped at the end."""
-    from polar_cube.operate import start_server, stop_server
+    from polar_cube.deployments.operate import start_server, stop_server
 
     state_dir = workdir / "prefect"
     stop_server(state_dir)  # one left by an interrupted benchmark
@@ -251,8 +251,9 @@ def prefect_server(workdir: Path, port: int) -> Iterator[None]:
 @contextmanager
 def fresh_bucket(workdir: Path) -> Iterator[None]:
     """A new SeaweedFS with an empty bucket and the blocks for it; removed afterwards."""
-    from polar_cube.s3server import running_s3_server, stop_s3_server
-    from polar_cube.storage import save_blocks
+    from polar_cube.tasks.blocks import save_blocks
+
+    from polar_cube.servers.s3server import running_s3_server, stop_s3_server
 
     state_dir = workdir / "s3"
     stop_s3_server(state_dir)  # one left by an interrupted benchmark
@@ -274,7 +275,7 @@ def fresh_bucket(workdir: Path) -> Iterator[None]:
 
 def warm_download_cache(plan: Plan, cache: Path, mirror: str) -> None:
     """Download every source through the mirror once, so the builds start after it."""
-    from polar_cube.fetch import fetch_source, needed_files
+    from polar_cube.sources.fetch import fetch_source, needed_files
     from polar_cube.spec import load_spec
 
     spec = load_spec(plan.spec_path)
@@ -346,7 +347,7 @@ def measure_build(
 
 def measure_builds(plan: Plan, sources: Path, results: Results) -> None:
     from polar_cube.grid import TargetGrid
-    from polar_cube.mirror import serving_mirror
+    from polar_cube.sources.mirror import serving_mirror
     from polar_cube.spec import load_spec
 
     spec = load_spec(plan.spec_path)
@@ -416,6 +417,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = make_parser()
     plan = make_plan(parser.parse_args(argv), parser)
     _prepare_prefect_environment(plan)
+    from polar_cube.deployments.operate import OpsError
+
     from polar_cube.errors import describe_os_error, user_errors
 
     began = time.monotonic()
@@ -425,7 +428,7 @@ def main(argv: list[str] | None = None) -> int:
         print(table, end="", flush=True)
         if plan.out:
             write_outputs(plan.out, results, table)
-    except (BenchError, CommandFailed, *user_errors()) as error:
+    except (BenchError, CommandFailed, OpsError, *user_errors()) as error:
         print(f"bench: error: {error}", file=sys.stderr)
         return 2
     except OSError as error:

@@ -1,9 +1,9 @@
 """`python -m bench.tiles`: how fast `polar-cube view` draws the cube's map tiles.
 
-Each run starts a fresh `xcube serve` for the published cube (through `polar_cube.viewer`, as
-`polar-cube view` does, but without its warm-up, so nothing is opened or read before the
-first tile), then asks it, as the viewer does (256-px EPSG:3857 PNG tiles with the variable's
-colour bar and range), for:
+Each run starts a fresh `xcube serve` for the published cube (through
+`polar_cube.servers.viewer`, as `polar-cube view` does, but without its warm-up, so nothing
+is opened or read before the first tile), then asks it, as the viewer does (256-px EPSG:3857
+PNG tiles with the variable's colour bar and range), for:
 
 1. **first tile**: the deepest tile holding the whole cube, as the server's first request
    (it opens the dataset then: cold);
@@ -121,7 +121,7 @@ class Results:
 def build_cube(args: argparse.Namespace, workdir: Path, bucket_block: str | None) -> None:
     """`polar-cube build` at --resolution into the workdir's folder or `bucket_block`."""
     from bench.run import ensure_standins
-    from polar_cube.mirror import serving_mirror
+    from polar_cube.sources.mirror import serving_mirror
 
     sources = ensure_standins(Path(args.sources))
     target = ["--output", str(workdir / "cube")]
@@ -160,9 +160,10 @@ def build_cube(args: argparse.Namespace, workdir: Path, bucket_block: str | None
 @contextmanager
 def own_bucket(workdir: Path) -> Iterator[str]:
     """A SeaweedFS of the workdir's own with a bucket and its blocks; stopped at the end."""
-    from polar_cube.processes import free_port_block
-    from polar_cube.s3server import running_s3_server
-    from polar_cube.storage import save_blocks
+    from polar_cube.tasks.blocks import save_blocks
+
+    from polar_cube.servers.processes import free_port_block
+    from polar_cube.servers.s3server import running_s3_server
 
     with running_s3_server(workdir / "s3", port=free_port_block(8), bucket=BUCKET) as server:
         save_blocks(
@@ -178,8 +179,10 @@ def own_bucket(workdir: Path) -> Iterator[str]:
 
 def cube_source(args: argparse.Namespace, bucket_block: str | None):
     """(CubeSource, full storage options or None) of the cube to serve."""
+    from polar_cube.cli.view import source_from_bucket_block
+
+    from polar_cube.servers.viewer import source_from_folder
     from polar_cube.spec import load_spec
-    from polar_cube.viewer import source_from_bucket_block, source_from_folder
 
     name = args.cube_id or load_spec(args.spec).data_id
     if bucket_block:
@@ -220,7 +223,7 @@ def measure_run(
 ) -> Run:
     import httpx
 
-    from polar_cube.viewer import start_viewer, stop_viewer, tile_url
+    from polar_cube.servers.viewer import start_viewer, stop_viewer, tile_url
 
     if args.drop_caches:
         drop_page_cache()
@@ -251,7 +254,7 @@ def measure_run(
 
 def run_benchmark(args: argparse.Namespace, argv: list[str]) -> Results:
     from bench.machine import describe_machine
-    from polar_cube.viewer import (
+    from polar_cube.servers.viewer import (
         color_mapping,
         cube_outline,
         level_for_zoom,
@@ -396,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["PREFECT_HOME"] = str(Path(args.workdir).resolve() / "prefect")
         os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
     from polar_cube.errors import describe_os_error, user_errors
-    from polar_cube.viewer import ViewError
+    from polar_cube.servers.viewer import ViewError
 
     try:
         results = run_benchmark(args, argv)

@@ -6,17 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from prefect import flow, get_run_logger
-from prefect.runtime import flow_run
-
-from flows.build_datasets import build_datasets, run_label
-from polar_cube import cube as steps
-from polar_cube.compute import dask_cluster, shares_nothing
-from polar_cube.location import StoreLocation
-from polar_cube.preflight import check_build
-from polar_cube.storage import reaching_storage
-from polar_cube.target_lock import TargetLock
-from tasks.cube import (
+from polar_cube.flows.build_datasets import build_datasets, run_label
+from polar_cube.tasks.cube import (
     merge_cube,
     patch_cube,
     publish_cube,
@@ -26,6 +17,15 @@ from tasks.cube import (
     verify_stored_cube,
     write_stac,
 )
+from prefect import flow, get_run_logger
+from prefect.runtime import flow_run
+
+from polar_cube.compute import dask_cluster, shares_nothing
+from polar_cube.cube import target as steps
+from polar_cube.location import StoreLocation
+from polar_cube.preflight import check_build
+from polar_cube.storage import reaching_storage
+from polar_cube.target_lock import TargetLock
 
 DEFAULT_OUTPUT = Path("data/cube")
 
@@ -42,7 +42,7 @@ def resolve_location(bucket_block: str | None, output_dir: str | None) -> StoreL
     """The bucket of an S3Bucket block (access checked), else a local folder."""
     if not bucket_block:
         return StoreLocation.local(output_dir or DEFAULT_OUTPUT)
-    from polar_cube.storage import bucket_location
+    from polar_cube.tasks.blocks import bucket_location
 
     return bucket_location(bucket_block)
 

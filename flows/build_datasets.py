@@ -6,22 +6,27 @@ import dataclasses
 from contextlib import nullcontext
 from pathlib import Path
 
+from polar_cube.tasks.blocks import bucket_location
+from polar_cube.tasks.datasets import (
+    convert_source,
+    resample_source,
+    stage_source_in_bucket,
+    write_dataset,
+)
+from polar_cube.tasks.download import download_source
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.runtime import flow_run
 
 from polar_cube.compute import dask_cluster
+from polar_cube.cube.merge import input_key
+from polar_cube.cube.upload import INPUTS_PREFIX
 from polar_cube.dataset import BuiltDataset, FetchedSource, dataset_is_current, dataset_path
-from polar_cube.fetch import default_cache_dir, needed_files
 from polar_cube.grid import TargetGrid
 from polar_cube.location import StoreLocation
-from polar_cube.merge import input_key
+from polar_cube.sources.fetch import default_cache_dir, needed_files
 from polar_cube.spec import CubeSpec, load_spec
-from polar_cube.storage import bucket_location
 from polar_cube.target_lock import TargetLock
-from polar_cube.upload import INPUTS_PREFIX
-from tasks.datasets import convert_source, resample_source, stage_source_in_bucket, write_dataset
-from tasks.download import download_source
 
 DEFAULT_STORE = Path("data/datasets")
 

@@ -21,8 +21,8 @@ import xarray as xr
 from polar_cube.grid import TargetGrid
 from polar_cube.location import StoreLocation
 from polar_cube.rasterize import PolygonLayer, rasterize_layer, read_polygons
-from polar_cube.readers import SourceFormatError, SourceLayer, open_source
 from polar_cube.resample import resample_layer
+from polar_cube.sources.readers import SourceFormatError, SourceLayer, open_source
 from polar_cube.spec import CubeSpec, SourceSpec, VariableSpec
 from polar_cube.zarr_store import (
     CF_CONVENTIONS,
@@ -60,7 +60,7 @@ class FetchedSource:
     folder: Path  # the download's folder, or the archive's extraction folder
     url: str
     sha256: str
-    # the same files in the bucket (`polar_cube.source_bucket`), for workers that cannot
+    # the same files in the bucket (`polar_cube.sources.staging`), for workers that cannot
     # read `folder`: the lazy layers then read from there
     staged: StoreLocation | None = None
 

@@ -60,20 +60,19 @@ def describe_os_error(error: OSError) -> str:
 def user_errors() -> tuple[type[BaseException], ...]:
     """Every error class that is reported as one line (imported here, lazily, to keep this
     module free of the heavy ones)."""
-    from polar_cube.archives import ArchiveError
-    from polar_cube.download import DownloadError
-    from polar_cube.merge import MergeError
-    from polar_cube.operate import OpsError
-    from polar_cube.patching import PatchError
-    from polar_cube.readers import SourceFormatError
-    from polar_cube.s3server import S3ServerError
-    from polar_cube.source_bucket import StagingError
+    from polar_cube.cube.merge import MergeError
+    from polar_cube.cube.patching import PatchError
+    from polar_cube.cube.upload import UploadError
+    from polar_cube.cube.verify import CubeCheckError
+    from polar_cube.servers.s3server import S3ServerError
+    from polar_cube.servers.viewer import ViewError
+    from polar_cube.sources.archives import ArchiveError
+    from polar_cube.sources.download import DownloadError
+    from polar_cube.sources.readers import SourceFormatError
+    from polar_cube.sources.staging import StagingError
     from polar_cube.spec import SpecError
     from polar_cube.storage import StorageAccessError
     from polar_cube.target_lock import TargetBusyError
-    from polar_cube.upload import UploadError
-    from polar_cube.verify import CubeCheckError
-    from polar_cube.viewer import ViewError
 
     return (
         SpecError,
@@ -84,7 +83,6 @@ def user_errors() -> tuple[type[BaseException], ...]:
         ArchiveError,
         S3ServerError,
         StorageAccessError,
-        OpsError,
         TargetError,
         TargetBusyError,
         MergeError,

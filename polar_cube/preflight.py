@@ -12,9 +12,9 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from polar_cube.cube.patching import check_patch_targets, load_patch
 from polar_cube.errors import OptionError, environment_problem
 from polar_cube.grid import TargetGrid
-from polar_cube.patching import check_patch_targets, load_patch
 from polar_cube.spec import CubeSpec, SpecError, load_spec, resolution_problem
 from polar_cube.zarr_store import GRID_MAPPING
 

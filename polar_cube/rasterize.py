@@ -15,8 +15,8 @@ from rasterio.features import rasterize
 from rasterio.transform import from_origin
 
 from polar_cube.grid import TargetGrid
-from polar_cube.readers import SourceFormatError
-from polar_cube.source_checks import check_polygons
+from polar_cube.sources.checks import check_polygons
+from polar_cube.sources.readers import SourceFormatError
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ import xarray as xr
 from pyproj import CRS, Transformer
 
 from polar_cube.grid import TargetGrid
-from polar_cube.readers import SourceFormatError, SourceLayer
+from polar_cube.sources.readers import SourceFormatError, SourceLayer
 from polar_cube.spec import ResamplingMethod, ValidCondition
 
 _MIN_WEIGHT = 1e-5  # below this the valid neighbours hardly touch the point: no data

@@ -1,4 +1,4 @@
-"""Upload, merge, patch, verify, publish and report: thin tasks over `polar_cube.cube`."""
+"""Upload, merge, patch, verify, publish and report: thin tasks over `polar_cube.cube.target`."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from polar_cube.tasks.retry import retry_if_transient
 from prefect import get_run_logger, task
 from prefect.artifacts import (
     create_link_artifact,
@@ -15,26 +16,25 @@ from prefect.artifacts import (
 )
 from prefect.cache_policies import NO_CACHE
 
-from polar_cube import cube as steps
 from polar_cube.compute import dask_compute
-from polar_cube.errors import writing_to
-from polar_cube.grid import TargetGrid
-from polar_cube.levels import levels_name
-from polar_cube.location import StoreLocation
-from polar_cube.report import make_report, saved_report
-from polar_cube.spec import CubeSpec
-from polar_cube.stac import cube_stac_item, write_stac_item
-from polar_cube.storage import reaching_storage
-from polar_cube.upload import UploadResult, upload_cube
-from polar_cube.verify import (
+from polar_cube.cube import target as steps
+from polar_cube.cube.report import make_report, saved_report
+from polar_cube.cube.stac import cube_stac_item, write_stac_item
+from polar_cube.cube.upload import UploadResult, upload_cube
+from polar_cube.cube.verify import (
     CubeCheckError,
     check_store_layout,
     stats_table_rows,
     verify_cube,
     verify_levels,
 )
+from polar_cube.errors import writing_to
+from polar_cube.grid import TargetGrid
+from polar_cube.levels import levels_name
+from polar_cube.location import StoreLocation
+from polar_cube.spec import CubeSpec
+from polar_cube.storage import reaching_storage
 from polar_cube.zarr_store import FINGERPRINT_ATTR
-from tasks.retry import retry_if_transient
 
 
 @contextmanager

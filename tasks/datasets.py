@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import xarray as xr
+from polar_cube.tasks.retry import retry_if_transient
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import task_run
@@ -16,10 +17,9 @@ from polar_cube.compute import dask_compute
 from polar_cube.errors import writing_to
 from polar_cube.grid import TargetGrid
 from polar_cube.location import StoreLocation
-from polar_cube.source_bucket import stage_source
+from polar_cube.sources.staging import stage_source
 from polar_cube.spec import CubeSpec
 from polar_cube.zarr_store import levels_path, sibling_levels
-from tasks.retry import retry_if_transient
 
 
 @task(

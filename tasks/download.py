@@ -9,7 +9,7 @@ from prefect.blocks.system import Secret
 from prefect.cache_policies import NO_CACHE
 
 from polar_cube.dataset import FetchedSource
-from polar_cube.fetch import fetch_source
+from polar_cube.sources.fetch import fetch_source
 from polar_cube.spec import SourceSpec
 
 
@@ -29,7 +29,7 @@ def download_source(
     files: list[str] | None = None,
 ) -> FetchedSource:
     """Fetch `source` into the cache; `files` are the archive members the spec reads
-    (`polar_cube.fetch.needed_files`), checked by the source format."""
+    (`polar_cube.sources.fetch.needed_files`), checked by the source format."""
     auth = load_credentials(source.credentials_block) if source.credentials_block else None
     return fetch_source(
         source, cache_dir, mirror=mirror, auth=auth, files=files, logger=get_run_logger()

@@ -28,7 +28,7 @@ def repo_spec_path() -> Path:
 @pytest.fixture(scope="session")
 def small_standins(tmp_path_factory) -> Path:
     """The `small` stand-in sources, made once per test session."""
-    from polar_cube.standins import make_standins
+    from polar_cube.sources.standins import make_standins
 
     folder = tmp_path_factory.mktemp("standins-small")
     make_standins(folder, "small")
@@ -47,7 +47,7 @@ def _stop_ephemeral_prefect_server():
 
 def free_port_block(size: int = 12) -> int:
     """A port P such that P .. P+size-1 are all free on 127.0.0.1 (for SeaweedFS)."""
-    from polar_cube.processes import free_port_block as free_ports
+    from polar_cube.servers.processes import free_port_block as free_ports
 
     return free_ports(size)
 
@@ -55,7 +55,7 @@ def free_port_block(size: int = 12) -> int:
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory):
     """A real SeaweedFS S3 server on 127.0.0.1 with a bucket, stopped by pid at the end."""
-    from polar_cube.s3server import running_s3_server
+    from polar_cube.servers.s3server import running_s3_server
 
     state = tmp_path_factory.mktemp("seaweedfs")
     with running_s3_server(state, port=free_port_block(), bucket="polar-test") as info:

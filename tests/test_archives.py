@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from polar_cube.archives import ArchiveError, UnsafeArchiveError, extract_archive
+from polar_cube.sources.archives import ArchiveError, UnsafeArchiveError, extract_archive
 
 
 def _make_tar(path: Path, members: list[tarfile.TarInfo | tuple[str, bytes]], mode="w") -> Path:

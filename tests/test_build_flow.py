@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from polar_cube.mirror import serving_mirror
+from polar_cube.sources.mirror import serving_mirror
 from polar_cube.spec import load_spec
 
 pytestmark = pytest.mark.slow
@@ -17,7 +17,7 @@ RESOLUTION = 3000.0  # divides the bbox; small stand-ins are this coarse
 
 @pytest.fixture(scope="module")
 def built(small_standins, repo_spec_path, tmp_path_factory):
-    from flows.build_datasets import build_datasets
+    from polar_cube.flows.build_datasets import build_datasets
 
     work = tmp_path_factory.mktemp("build")
     options = dict(

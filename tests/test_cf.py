@@ -33,7 +33,8 @@ import pytest
 import xarray as xr
 from osgeo import gdal
 
-from polar_cube import merge
+from polar_cube.cube import merge
+from polar_cube.cube.patching import load_patch, patch_metadata
 from polar_cube.dataset import (
     OUTPUT_LAYOUT,
     ConvertedVariable,
@@ -43,8 +44,7 @@ from polar_cube.dataset import (
 )
 from polar_cube.grid import TargetGrid
 from polar_cube.location import StoreLocation
-from polar_cube.mirror import serving_mirror
-from polar_cube.patching import load_patch, patch_metadata
+from polar_cube.sources.mirror import serving_mirror
 from polar_cube.spec import load_spec
 from polar_cube.zarr_store import (
     CF_CONVENTIONS,
@@ -350,7 +350,7 @@ def test_the_checker_finds_only_what_zarr_causes_in_a_per_dataset_cube(lake_cube
 def built(small_standins, tmp_path_factory):
     """The whole cube at 3000 m from the small stand-ins, published into a local folder by
     the build flow, and its per-dataset cubes."""
-    from flows.build_cube import build_cube
+    from polar_cube.flows.build_cube import build_cube
 
     work = tmp_path_factory.mktemp("cf-build")
     with serving_mirror(small_standins) as mirror:

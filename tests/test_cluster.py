@@ -21,10 +21,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import xarray as xr
+from polar_cube.tasks.blocks import load_bucket, save_blocks, storage_options_from_blocks
 
 import tests.test_cube_flow as cube_flow
 from polar_cube.spec import load_spec
-from polar_cube.storage import load_bucket, save_blocks, storage_options_from_blocks
 from tests.dask_key_recorder import KEYS_FILE_VARIABLE
 from tests.test_cube_flow import build_options, level_url, open_published
 
@@ -206,7 +206,7 @@ def lasting(objects: dict, spec) -> dict:
 @pytest.fixture(scope="module")
 def local_build(repo_spec_path, work, mirror, tmp_path_factory):
     """The same spec and resolution built on threads into local folders."""
-    from flows.build_cube import build_cube
+    from polar_cube.flows.build_cube import build_cube
 
     folder = tmp_path_factory.mktemp("cluster-local")
     options = build_options(repo_spec_path, work, mirror)
@@ -220,7 +220,7 @@ def local_build(repo_spec_path, work, mirror, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def cluster_build(cluster, cluster_blocks, repo_spec_path, work, mirror):
-    from flows.build_cube import build_cube
+    from polar_cube.flows.build_cube import build_cube
 
     return build_cube(**cluster_options(repo_spec_path, work, mirror, cluster.address))
 
@@ -235,7 +235,7 @@ class Rerun:
 @pytest.fixture(scope="module")
 def cluster_rerun(cluster_build, cluster, cluster_blocks, repo_spec_path, work, mirror):
     """The same cluster build again, with the bucket listed before and after it."""
-    from flows.build_cube import build_cube
+    from polar_cube.flows.build_cube import build_cube
 
     before = listing(cluster_blocks)
     again = build_cube(**cluster_options(repo_spec_path, work, mirror, cluster.address))

@@ -12,16 +12,11 @@ import time
 import numpy as np
 import pytest
 import xarray as xr
+from polar_cube.tasks.blocks import load_bucket, save_blocks, storage_options_from_blocks
 
-from polar_cube.mirror import serving_mirror
+from polar_cube.sources.mirror import serving_mirror
 from polar_cube.spec import load_spec
-from polar_cube.storage import (
-    StorageAccessError,
-    check_bucket_access,
-    load_bucket,
-    save_blocks,
-    storage_options_from_blocks,
-)
+from polar_cube.storage import StorageAccessError, check_bucket_access
 
 pytestmark = pytest.mark.slow
 RESOLUTION = 3000.0
@@ -66,7 +61,7 @@ def build_options(repo_spec_path, work, mirror):
 
 @pytest.fixture(scope="module")
 def built(repo_spec_path, work, mirror, blocks):
-    from flows.build_cube import build_cube
+    from polar_cube.flows.build_cube import build_cube
 
     return build_cube(**build_options(repo_spec_path, work, mirror))
 
@@ -95,7 +90,7 @@ def test_whole_cube_is_in_the_bucket_and_opens(built, blocks, repo_spec_path):
     stats = json.loads(fs.cat_file(f"polar-test/cubes/{spec.data_id[:-5]}.quicklooks/stats.json"))
     assert {s["name"] for s in stats} == {v.name for v in spec.variables}
     assert fs.cat_file(built.quicklooks[0].removeprefix("s3://"))[:8] == b"\x89PNG\r\n\x1a\n"
-    from polar_cube.stac import validate_stac_item
+    from polar_cube.cube.stac import validate_stac_item
 
     item = json.loads(fs.cat_file(built.stac_item.removeprefix("s3://")))
     validate_stac_item(item)
@@ -156,7 +151,7 @@ def test_wrong_credentials_are_refused_clearly(s3_server, built):
 
 
 def test_rerun_reuses_the_published_cube(built, repo_spec_path, work, mirror):
-    from flows.build_cube import build_cube
+    from polar_cube.flows.build_cube import build_cube
 
     again = build_cube(**build_options(repo_spec_path, work, mirror))
     assert again.reused and again.url == built.url  # its time is the benchmark's (rerun)
@@ -409,8 +404,7 @@ def test_cluster_build_equals_local_build(
     built, blocks, dask_cluster_processes, repo_spec_path, work, mirror, tmp_path
 ):
     from distributed import Client
-
-    from flows.build_cube import build_cube
+    from polar_cube.flows.build_cube import build_cube
 
     options = build_options(repo_spec_path, work, mirror)
     options.update(

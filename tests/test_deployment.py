@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 import xarray as xr
+from polar_cube.deployments.operate import server_status, stop_server, stop_worker, worker_status
 
-from polar_cube.mirror import serving_mirror
-from polar_cube.operate import server_status, stop_server, stop_worker, worker_status
+from polar_cube.sources.mirror import serving_mirror
 from polar_cube.spec import load_spec
 from tests.conftest import REPO, free_port_block
 
@@ -25,14 +25,15 @@ DEPLOYMENT = "build-cube/monthly"
 # The sub-commands through the same parser and error handling as `polar-cube`.
 OPS = """
 import argparse, sys
-from polar_cube.cli_ops import add_ops_commands
+from polar_cube.cli.ops import add_ops_commands
+from polar_cube.deployments.operate import OpsError
 from polar_cube.errors import user_errors
 parser = argparse.ArgumentParser(prog="polar-cube")
 add_ops_commands(parser.add_subparsers(dest="command", required=True))
 args = parser.parse_args()
 try:
     sys.exit(args.func(args))
-except user_errors() as error:
+except (*user_errors(), OpsError) as error:
     print(f"polar-cube: error: {error}", file=sys.stderr)
     sys.exit(2)
 """

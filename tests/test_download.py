@@ -20,16 +20,16 @@ from pathlib import Path
 
 import pytest
 
-from polar_cube.download import (
+from polar_cube.sources.download import (
     ATTEMPTS_ENV,
     TIMEOUT_ENV,
     DownloadError,
     download_file,
     retry_policy,
 )
-from polar_cube.fetch import fetch_source, needed_files
-from polar_cube.mirror import parse_range, serving_mirror
-from polar_cube.readers import SourceFormatError
+from polar_cube.sources.fetch import fetch_source, needed_files
+from polar_cube.sources.mirror import parse_range, serving_mirror
+from polar_cube.sources.readers import SourceFormatError
 from polar_cube.spec import load_spec
 
 PAYLOAD = random.Random(0).randbytes(300_000)
@@ -717,13 +717,13 @@ def test_prefect_task_takes_credentials_from_a_secret_block(serve, small_standin
     logs stored by the Prefect API (what the UI shows)."""
     import asyncio
 
+    from polar_cube.tasks.download import download_source
     from prefect import flow, get_client
     from prefect.blocks.system import Secret
     from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
     from prefect.logging.handlers import APILogWorker
 
     from polar_cube.spec import SourceSpec
-    from tasks.download import download_source
 
     password = "pa55-Secret-9"
     geotiff = (small_standins / MAG).read_bytes()

@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from polar_cube.mirror import MirrorServer, _MirrorHandler
+from polar_cube.sources.mirror import MirrorServer, _MirrorHandler
 from polar_cube.spec import load_spec
 from tests.conftest import REPO, free_port_block
 
@@ -86,7 +86,7 @@ def mirror(sources):
 @pytest.fixture(scope="module")
 def api(tmp_path_factory):
     """A Prefect server for the builds of this module (one start instead of one per run)."""
-    from polar_cube.operate import stop_server
+    from polar_cube.deployments.operate import stop_server
 
     root = tmp_path_factory.mktemp("faults-prefect")
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API_")}
@@ -452,7 +452,7 @@ def test_two_builds_into_one_target_one_refuses_naming_the_holder(
 
 
 def test_an_s3_server_killed_mid_upload_then_restarted(clean, tmp_path, mirror, api, data_id):
-    from polar_cube.s3server import running_s3_server, start_s3_server
+    from polar_cube.servers.s3server import running_s3_server, start_s3_server
 
     work, reference = clean
     state = tmp_path / "seaweedfs"

@@ -9,15 +9,15 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from polar_cube import cube as steps
-from polar_cube import merge
+from polar_cube.cube import merge
+from polar_cube.cube import target as steps
+from polar_cube.cube.merge import MergeError
+from polar_cube.cube.publish import copy_objects
+from polar_cube.cube.report import make_report
+from polar_cube.cube.upload import upload_cube
+from polar_cube.cube.verify import levels_problems, stored_stats, variable_stats
 from polar_cube.grid import TargetGrid
 from polar_cube.location import StoreLocation
-from polar_cube.merge import MergeError
-from polar_cube.publish import copy_objects
-from polar_cube.report import make_report
-from polar_cube.upload import upload_cube
-from polar_cube.verify import levels_problems, stored_stats, variable_stats
 from polar_cube.zarr_store import add_grid_coords, write_zarr_atomically
 from tests.test_merge import chunk_objects, refuse_chunk_codec
 from tests.test_verify import SPEC, TIMES, field

@@ -11,18 +11,18 @@ import pytest
 import xarray as xr
 from numcodecs import Blosc
 
-from polar_cube import cube as steps
-from polar_cube import merge
+from polar_cube.cube import merge
+from polar_cube.cube import target as steps
+from polar_cube.cube.merge import MergeError, merge_inputs, open_inputs
+from polar_cube.cube.publish import copy_objects, staging_key
+from polar_cube.cube.upload import upload_cube
+from polar_cube.cube.verify import check_store_layout, stored_stats, variable_stats, verify_cube
 from polar_cube.dataset import convert_source, describe_dataset, resample_layers, write_dataset
-from polar_cube.fetch import fetch_source
 from polar_cube.grid import TargetGrid
 from polar_cube.location import StoreLocation
-from polar_cube.merge import MergeError, merge_inputs, open_inputs
-from polar_cube.mirror import serving_mirror
-from polar_cube.publish import copy_objects, staging_key
+from polar_cube.sources.fetch import fetch_source
+from polar_cube.sources.mirror import serving_mirror
 from polar_cube.spec import load_spec
-from polar_cube.upload import upload_cube
-from polar_cube.verify import check_store_layout, stored_stats, variable_stats, verify_cube
 from polar_cube.zarr_store import FINGERPRINT_ATTR, encoding_for, write_zarr_atomically
 
 RESOLUTION = 3000.0

@@ -11,8 +11,8 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
-from polar_cube.download import download_file
-from polar_cube.mirror import mirror_url, parse_range, serving_mirror
+from polar_cube.sources.download import download_file
+from polar_cube.sources.mirror import mirror_url, parse_range, serving_mirror
 
 BODY = bytes(range(256)) * 40  # 10 240 bytes
 

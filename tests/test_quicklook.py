@@ -13,14 +13,14 @@ from matplotlib import colormaps
 from matplotlib.colors import BoundaryNorm
 from matplotlib.image import imread
 
-from polar_cube.grid import TargetGrid
-from polar_cube.quicklook import (
+from polar_cube.cube.quicklook import (
     colour_scale,
     display_layer,
     quicklook_png,
     thinned,
     write_quicklooks,
 )
+from polar_cube.grid import TargetGrid
 from tests.test_verify import SPEC, make_dataset
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

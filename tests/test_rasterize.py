@@ -7,7 +7,7 @@ from shapely.geometry import box
 
 from polar_cube.grid import TargetGrid
 from polar_cube.rasterize import rasterize_layer, read_polygons
-from polar_cube.readers import SourceFormatError
+from polar_cube.sources.readers import SourceFormatError
 
 STEREO_71 = "+proj=stere +lat_0=-90 +lat_ts=-71 +lon_0=0 +x_0=0 +y_0=0 +datum=WGS84 +units=m"
 CLASSES = {"Lake": 1, "Channel": 2}

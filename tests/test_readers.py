@@ -17,10 +17,10 @@ from rasterio.transform import from_origin
 from polar_cube.dataset import FetchedSource, convert_source
 from polar_cube.grid import TargetGrid
 from polar_cube.rasterize import read_polygons
-from polar_cube.readers import SourceFormatError, open_source
 from polar_cube.resample import resample_layer
+from polar_cube.sources.readers import SourceFormatError, open_source
+from polar_cube.sources.standins import write_gmt_grid
 from polar_cube.spec import load_spec
-from polar_cube.standins import write_gmt_grid
 
 
 def field(x, y):

@@ -9,7 +9,6 @@ import xarray as xr
 from pyproj import Transformer
 
 from polar_cube.grid import TargetGrid
-from polar_cube.readers import SourceLayer
 from polar_cube.resample import (
     MAX_TRANSFORM_ERROR,
     BlockResampler,
@@ -17,6 +16,7 @@ from polar_cube.resample import (
     fractional_index,
     lattice_transform,
 )
+from polar_cube.sources.readers import SourceLayer
 from polar_cube.spec import ValidCondition, load_spec
 
 # EPSG:3031 with the false easting moved by 1 mm: a different CRS, so the lattice path runs.

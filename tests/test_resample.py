@@ -11,8 +11,8 @@ from pyproj import Transformer
 from rasterio.transform import from_origin
 
 from polar_cube.grid import TargetGrid
-from polar_cube.readers import SourceLayer, open_source
 from polar_cube.resample import BlockResampler, fractional_index, resample_layer
+from polar_cube.sources.readers import SourceLayer, open_source
 from polar_cube.spec import ValidCondition
 
 gdal.UseExceptions()

@@ -13,9 +13,15 @@ import numpy as np
 import pytest
 import s3fs
 import xarray as xr
+from polar_cube.cli.s3 import add_blocks_commands, add_s3_commands
+from polar_cube.tasks.blocks import (
+    bucket_url,
+    load_bucket,
+    save_blocks,
+    storage_options_from_blocks,
+)
 
-from polar_cube.cli_s3 import add_blocks_commands, add_s3_commands
-from polar_cube.s3server import (
+from polar_cube.servers.s3server import (
     S3ServerError,
     S3ServerInfo,
     running_s3_server,
@@ -24,14 +30,7 @@ from polar_cube.s3server import (
     start_s3_server,
     stop_s3_server,
 )
-from polar_cube.storage import (
-    StorageAccessError,
-    bucket_url,
-    check_bucket_access,
-    load_bucket,
-    save_blocks,
-    storage_options_from_blocks,
-)
+from polar_cube.storage import StorageAccessError, check_bucket_access
 
 pytestmark = pytest.mark.slow
 
@@ -227,7 +226,7 @@ def test_failed_start_shows_the_log_and_leaves_nothing_running(tmp_path, monkeyp
     fake = tmp_path / "weed"
     fake.write_text(f"#!/bin/sh\nfor i in $(seq 1 30); do echo log line $i; done\n{script}\n")
     fake.chmod(0o755)
-    monkeypatch.setattr("polar_cube.s3server.weed_binary", lambda: fake)
+    monkeypatch.setattr("polar_cube.servers.s3server.weed_binary", lambda: fake)
     state_dir = tmp_path / "s3"
     with pytest.raises(S3ServerError) as caught:
         start_s3_server(state_dir, port=free_port_block(29000), timeout_seconds=1)
@@ -242,7 +241,8 @@ def test_server_outlives_its_starter_and_is_stopped_by_pid(tmp_path):
     state_dir = tmp_path / "s3"
     port = free_port_block(28000)
     starter = (
-        "import sys; from pathlib import Path; from polar_cube.s3server import start_s3_server; "
+        "import sys; from pathlib import Path; "
+        "from polar_cube.servers.s3server import start_s3_server; "
         "print(start_s3_server(Path(sys.argv[1]), port=int(sys.argv[2])).pid)"
     )
     result = subprocess.run(
@@ -332,13 +332,13 @@ def test_merge_and_publish_copy_chunk_objects_server_side(
     sources; the published chunks are the inputs' bytes; the cube equals the decoding merge."""
     import dataclasses
 
-    from polar_cube import cube as steps
+    from polar_cube.cube import target as steps
+    from polar_cube.cube.merge import merge_inputs, open_inputs
+    from polar_cube.cube.publish import chunk_sources_key
+    from polar_cube.cube.upload import remote_files, upload_cube
     from polar_cube.grid import TargetGrid
     from polar_cube.location import StoreLocation
-    from polar_cube.merge import merge_inputs, open_inputs
-    from polar_cube.publish import chunk_sources_key
     from polar_cube.spec import load_spec
-    from polar_cube.upload import remote_files, upload_cube
     from tests.test_merge import (
         CHUNK_SIZE,
         build_inputs,

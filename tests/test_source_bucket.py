@@ -11,8 +11,8 @@ import xarray as xr
 
 from polar_cube.dataset import FetchedSource, convert_source
 from polar_cube.location import StoreLocation
-from polar_cube.readers import open_source
-from polar_cube.source_bucket import MANIFEST, source_files, stage_source
+from polar_cube.sources.readers import open_source
+from polar_cube.sources.staging import MANIFEST, source_files, stage_source
 from polar_cube.spec import load_spec
 from polar_cube.zarr_store import (
     sibling_levels,

@@ -13,16 +13,16 @@ import pytest
 import xarray as xr
 from pyproj import Transformer
 
-from polar_cube.grid import TargetGrid
-from polar_cube.merge import _geographic_bounds
-from polar_cube.spec import load_spec
-from polar_cube.stac import (
+from polar_cube.cube.merge import _geographic_bounds
+from polar_cube.cube.stac import (
     StacError,
     cube_stac_item,
     item_problems,
     validate_stac_item,
     write_stac_item,
 )
+from polar_cube.grid import TargetGrid
+from polar_cube.spec import load_spec
 from polar_cube.zarr_store import add_grid_coords, write_zarr_atomically
 
 SPEC = load_spec(Path(__file__).resolve().parents[1] / "cube.geojson")

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import rasterio
 
-from polar_cube.standins import CUBE_BBOX, make_standins, write_gmt_grid
+from polar_cube.sources.standins import CUBE_BBOX, make_standins, write_gmt_grid
 
 GMT_FILES = [
     f"{km}km_{name}.nc"

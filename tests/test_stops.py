@@ -14,10 +14,10 @@ from pathlib import Path
 
 import psutil
 import pytest
-
-from polar_cube import processes
 from polar_cube.cli import main
-from polar_cube.mirror import serving_mirror
+
+from polar_cube.servers import processes
+from polar_cube.sources.mirror import serving_mirror
 
 REPO = Path(__file__).resolve().parents[1]
 UNDER_WAY = "Beginning subflow run"  # the parent flow runs and the datasets subflow started
@@ -268,7 +268,7 @@ def test_doctor_removes_state_files_whose_process_is_gone(tmp_path, capsys):
 
 STOP_CHILDREN_SCRIPT = """
 import json, subprocess, sys
-from polar_cube import processes
+from polar_cube.servers import processes
 sleeper = [sys.executable, "-c", "import time; time.sleep(120)"]
 child = subprocess.Popen(sleeper)
 background = processes.launch_in_background(sleeper, sys.argv[1])

@@ -5,9 +5,9 @@ removed, and an interrupted upload never taken for a complete one."""
 import pytest
 import xarray as xr
 
-from polar_cube import upload
+from polar_cube.cube import upload
+from polar_cube.cube.upload import is_metadata, local_files, upload_cube, write_batches
 from polar_cube.location import StoreLocation
-from polar_cube.upload import is_metadata, local_files, upload_cube, write_batches
 from polar_cube.zarr_store import levels_path, stored_fingerprint, write_zarr_atomically
 from tests.test_zarr_store import GRID, dataset
 

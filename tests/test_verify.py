@@ -12,9 +12,7 @@ import pandas as pd
 import pytest
 import xarray as xr
 
-from polar_cube.grid import TargetGrid
-from polar_cube.spec import load_spec
-from polar_cube.verify import (
+from polar_cube.cube.verify import (
     CubeCheckError,
     VariableStats,
     check_store_layout,
@@ -25,6 +23,8 @@ from polar_cube.verify import (
     variable_stats,
     verify_cube,
 )
+from polar_cube.grid import TargetGrid
+from polar_cube.spec import load_spec
 from polar_cube.zarr_store import add_grid_coords, write_zarr_atomically
 
 SPEC = load_spec(Path(__file__).resolve().parents[1] / "cube.geojson")

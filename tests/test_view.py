@@ -30,7 +30,7 @@ import pandas as pd
 import pytest
 import xarray as xr
 
-from polar_cube.viewer import (
+from polar_cube.servers.viewer import (
     CubeSource,
     ViewError,
     color_mapping,
@@ -435,7 +435,7 @@ def save_viewer_screenshot(
 
 @pytest.fixture(scope="module")
 def bucket_options(s3_server):
-    from polar_cube.storage import load_bucket, save_blocks, storage_options_from_blocks
+    from polar_cube.tasks.blocks import load_bucket, save_blocks, storage_options_from_blocks
 
     save_blocks(
         bucket_block=BUCKET_BLOCK,
@@ -452,8 +452,9 @@ def bucket_options(s3_server):
 @pytest.fixture(scope="module")
 def published(bucket_options, small_standins, repo_spec_path, tmp_path_factory):
     """The cube at 3000 m, built with its levels into <bucket>/view/; opened (metadata)."""
-    from flows.build_cube import build_cube
-    from polar_cube.mirror import serving_mirror
+    from polar_cube.flows.build_cube import build_cube
+
+    from polar_cube.sources.mirror import serving_mirror
 
     work = tmp_path_factory.mktemp("view-build")
     with serving_mirror(small_standins) as mirror:
@@ -698,8 +699,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--zoom-out", type=int, default=1, help="steps out from its extent")
     parser.add_argument("--out", default=str(REPO / "docs" / "viewer.png"))
     args = parser.parse_args(argv)
+    from polar_cube.cli.view import source_from_bucket_block
+
     from polar_cube.spec import load_spec
-    from polar_cube.viewer import source_from_bucket_block
 
     name = args.cube_id or load_spec(args.spec).data_id
     if args.bucket_block:

@@ -17,11 +17,11 @@ import pytest
 import xarray as xr
 from numcodecs import Blosc
 
+from polar_cube.cube.verify import stored_stats, variable_stats
 from polar_cube.grid import TargetGrid
 from polar_cube.levels import halve, level_axis
 from polar_cube.spec import load_spec
 from polar_cube.stats import STATS_ATTR
-from polar_cube.verify import stored_stats, variable_stats
 from polar_cube.zarr_store import add_grid_coords, write_zarr_atomically
 from tests.conftest import REPO
 

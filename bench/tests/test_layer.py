@@ -7,7 +7,7 @@ import xarray as xr
 
 from bench.layer import METHODS, layer_command, output_name
 from bench.measure import measure_command
-from polar_cube.standins import make_standins
+from polar_cube.sources.standins import make_standins
 
 REPO_SPEC = "cube.geojson"
 

@@ -76,7 +76,7 @@ def _add_state_dir(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_s3_start(args: argparse.Namespace) -> int:
-    from polar_cube.s3server import start_s3_server
+    from polar_cube.servers.s3server import start_s3_server
 
     state_dir = Path(args.state_dir)
     info = start_s3_server(state_dir, port=args.port, bucket=args.bucket)
@@ -88,7 +88,7 @@ def cmd_s3_start(args: argparse.Namespace) -> int:
 
 
 def cmd_s3_stop(args: argparse.Namespace) -> int:
-    from polar_cube.s3server import stop_s3_server
+    from polar_cube.servers.s3server import stop_s3_server
 
     if stop_s3_server(Path(args.state_dir)):
         print(f"stopped the S3 server of {args.state_dir}")
@@ -98,7 +98,7 @@ def cmd_s3_stop(args: argparse.Namespace) -> int:
 
 
 def cmd_s3_status(args: argparse.Namespace) -> int:
-    from polar_cube.s3server import s3_server_status
+    from polar_cube.servers.s3server import s3_server_status
 
     info = s3_server_status(Path(args.state_dir))
     if info is None:
@@ -109,7 +109,7 @@ def cmd_s3_status(args: argparse.Namespace) -> int:
 
 
 def cmd_s3_credentials(args: argparse.Namespace) -> int:
-    from polar_cube.s3server import S3ServerError, s3_server_status, write_aws_profile
+    from polar_cube.servers.s3server import S3ServerError, s3_server_status, write_aws_profile
 
     info = s3_server_status(Path(args.state_dir))
     if info is None:
@@ -178,7 +178,7 @@ def add_blocks_commands(commands: argparse._SubParsersAction) -> None:
 
 
 def cmd_blocks_create(args: argparse.Namespace) -> int:
-    from polar_cube.storage import bucket_url, load_bucket, save_blocks
+    from polar_cube.tasks.blocks import bucket_url, load_bucket, save_blocks
 
     values = block_values(args)
     if not args.no_check:
@@ -260,7 +260,7 @@ def block_values(args: argparse.Namespace) -> dict[str, str | None]:
 
 def _server_values(state_dir: str) -> dict[str, str]:
     """Endpoint and keys of the local S3 server running for `state_dir`."""
-    from polar_cube.s3server import s3_server_status
+    from polar_cube.servers.s3server import s3_server_status
     from polar_cube.storage import StorageAccessError
 
     info = s3_server_status(Path(state_dir))
@@ -291,7 +291,7 @@ def snippet_storage_options(bucket_block: str | None, local_server=None) -> tupl
     profile only if it already holds the bucket block's keys for its endpoint, else they rely on
     the standard AWS chain (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE, ~/.aws).
     """
-    from polar_cube.s3server import aws_profile_for
+    from polar_cube.servers.s3server import aws_profile_for
 
     notes: list[str] = []
     profile = None
@@ -323,7 +323,7 @@ def snippet_storage_options(bucket_block: str | None, local_server=None) -> tupl
 
 def _write_local_profile(server) -> tuple[str | None, str]:
     """Write AWS profile polar-cube-local for the demo's server: (its name or None, a note)."""
-    from polar_cube.s3server import LOCAL_PROFILE, AwsProfileError, write_aws_profile
+    from polar_cube.servers.s3server import LOCAL_PROFILE, AwsProfileError, write_aws_profile
 
     try:
         files = write_aws_profile(server, LOCAL_PROFILE)
@@ -355,7 +355,7 @@ def _block_endpoint_and_key(
     bucket_block: str | None,
 ) -> tuple[str | None, str | None, str | None]:
     """The endpoint and access key of an S3Bucket block, and what went wrong reading it."""
-    from polar_cube.storage import load_bucket, storage_options_from_blocks
+    from polar_cube.tasks.blocks import load_bucket, storage_options_from_blocks
 
     if not bucket_block:
         return None, None, None

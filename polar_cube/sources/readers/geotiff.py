@@ -9,8 +9,8 @@ import rasterio
 import rioxarray
 from pyproj import CRS
 
-from polar_cube.readers import SourceFormatError, SourceLayer
-from polar_cube.source_checks import check_geotiff
+from polar_cube.sources.checks import check_geotiff
+from polar_cube.sources.readers import SourceFormatError, SourceLayer
 
 if TYPE_CHECKING:
     from polar_cube.location import StoreLocation

@@ -28,8 +28,8 @@ import rasterio
 from rasterio.windows import Window
 from xarray.backends.netCDF4_ import NETCDF4_PYTHON_LOCK
 
-from polar_cube.download import SNIFF_BYTES, body_kind, body_start
-from polar_cube.readers import SourceFormatError
+from polar_cube.sources.download import SNIFF_BYTES, body_kind, body_start
+from polar_cube.sources.readers import SourceFormatError
 
 _HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 _NC_TYPE_SIZES = {1: 1, 2: 1, 3: 2, 4: 4, 5: 4, 6: 8, 7: 1, 8: 2, 9: 4, 10: 8, 11: 8}

@@ -8,8 +8,8 @@ import netCDF4
 import numpy as np
 import xarray as xr
 
-from polar_cube.readers import SourceFormatError, SourceLayer
-from polar_cube.source_checks import NETCDF_LOCK, check_netcdf
+from polar_cube.sources.checks import NETCDF_LOCK, check_netcdf
+from polar_cube.sources.readers import SourceFormatError, SourceLayer
 
 _REQUIRED = ("x_range", "y_range", "spacing", "dimension", "z")
 

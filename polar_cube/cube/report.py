@@ -13,12 +13,12 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 
-from polar_cube import cube as steps
+from polar_cube.cube import target as steps
+from polar_cube.cube.patching import PATCH_ATTR
+from polar_cube.cube.quicklook import write_quicklooks
+from polar_cube.cube.verify import VariableStats, stats_markdown, stored_stats
 from polar_cube.location import StoreLocation
-from polar_cube.patching import PATCH_ATTR
-from polar_cube.quicklook import write_quicklooks
 from polar_cube.spec import CubeSpec
-from polar_cube.verify import VariableStats, stats_markdown, stored_stats
 from polar_cube.zarr_store import FINGERPRINT_ATTR
 
 RECORD = "report.json"

@@ -1,4 +1,4 @@
-"""`polar-cube server|pool|deploy|worker|run`: the command line of `polar_cube.operate`;
+"""`polar-cube server|pool|deploy|worker|run`: the command line of `polar_cube.deployments.operate`;
 `polar-cube doctor`: what stopped or killed commands left behind.
 
 Scheduled cube builds on a Prefect server; nothing secret is ever printed.
@@ -10,7 +10,7 @@ import argparse
 import json
 from pathlib import Path
 
-from polar_cube.operate import (
+from polar_cube.deployments.operate import (
     DEFAULT_CRON,
     DEFAULT_DEPLOYMENT,
     DEFAULT_PARAMETERS,
@@ -264,7 +264,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    from polar_cube.doctor import find_leftovers
+    from polar_cube.cli.doctor import find_leftovers
 
     findings = find_leftovers(Path(args.s3_state_dir), Path(args.state_dir))
     for finding in findings:

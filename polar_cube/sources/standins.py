@@ -187,7 +187,7 @@ def write_gmt_grid(
         raise ValueError(f"z shape {z.shape} != (ny, nx) {tuple(expected)} implied by ranges")
     with netCDF4.Dataset(path, "w", format="NETCDF3_CLASSIC") as ds:
         ds.title = title
-        ds.source = "polar_cube.standins (synthetic stand-in)"
+        ds.source = "polar_cube.sources.standins (synthetic stand-in)"
         ds.createDimension("side", 2)
         ds.createDimension("xysize", z.size)
         for name, values in (

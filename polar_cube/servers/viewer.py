@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
-from polar_cube import processes
+from polar_cube.servers import processes
 
 if TYPE_CHECKING:
     import xarray as xr
@@ -111,17 +111,6 @@ def split_credentials(storage_options: Mapping[str, Any]) -> tuple[dict, dict[st
 def source_from_folder(folder: str | Path, cube_name: str) -> CubeSource:
     """A cube published into a local folder (`polar-cube build --output FOLDER`)."""
     return CubeSource(str(Path(folder).resolve()), cube_name)
-
-
-def source_from_bucket_block(bucket_block: str, cube_name: str) -> tuple[CubeSource, dict]:
-    """A cube in the bucket of a prefect-aws S3Bucket block: (the source without secrets, the
-    full s3fs options with the keys, for reading the metadata in this process)."""
-    from polar_cube.storage import bucket_url, load_bucket, storage_options_from_blocks
-
-    bucket = load_bucket(bucket_block)
-    options = storage_options_from_blocks(bucket)
-    public, _ = split_credentials(options)
-    return CubeSource(bucket_url(bucket), cube_name, public), options
 
 
 # --- configuration (pure) -------------------------------------------------------------------

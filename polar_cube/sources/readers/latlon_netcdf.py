@@ -8,8 +8,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import xarray as xr
 
-from polar_cube.readers import SourceFormatError, SourceLayer
-from polar_cube.source_checks import check_netcdf
+from polar_cube.sources.checks import check_netcdf
+from polar_cube.sources.readers import SourceFormatError, SourceLayer
 
 if TYPE_CHECKING:
     from polar_cube.location import StoreLocation

@@ -25,6 +25,9 @@ import xarray as xr
 import zarr
 from pyproj import CRS
 
+from polar_cube.cube.publish import chunk_sources_key, copy_objects
+from polar_cube.cube.stac import outline_lonlat
+from polar_cube.cube.upload import INPUTS_PREFIX, remote_files
 from polar_cube.dataset import software_version
 from polar_cube.grid import TargetGrid
 from polar_cube.levels import (
@@ -44,10 +47,7 @@ from polar_cube.levels import (
     read_record,
 )
 from polar_cube.location import StoreLocation
-from polar_cube.publish import chunk_sources_key, copy_objects
 from polar_cube.spec import CubeSpec
-from polar_cube.stac import outline_lonlat
-from polar_cube.upload import INPUTS_PREFIX, remote_files
 from polar_cube.zarr_store import _COMPRESSOR as CUBE_COMPRESSOR
 from polar_cube.zarr_store import (
     CF_CONVENTIONS,

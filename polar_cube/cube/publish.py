@@ -25,9 +25,9 @@ from pathlib import Path
 
 from fsspec.asyn import sync
 
+from polar_cube.cube.upload import is_metadata, metadata_order, remote_files
 from polar_cube.levels import ZLEVELS
 from polar_cube.location import StoreLocation
-from polar_cube.upload import is_metadata, metadata_order, remote_files
 from polar_cube.zarr_store import replace_directory
 
 STAGING_PREFIX = ".staging"

@@ -1,7 +1,7 @@
 """`polar-cube view [start|stop|status]`: the published cube in xcube's web viewer.
 
 Thin: picks the cube (a bucket block or a local folder, the spec's data id) and calls
-`polar_cube.viewer`. Nothing secret is printed: the S3 keys go to the server's environment.
+`polar_cube.servers.viewer`. Nothing secret is printed: the S3 keys go to the server's environment.
 """
 
 from __future__ import annotations
@@ -9,7 +9,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from polar_cube.viewer import DEFAULT_PORT, DEFAULT_STATE_DIR
+from polar_cube.servers.viewer import (
+    DEFAULT_PORT,
+    DEFAULT_STATE_DIR,
+    CubeSource,
+    split_credentials,
+)
 
 DEFAULT_CUBE_DIR = "data/cube"
 
@@ -70,7 +75,7 @@ def cmd_view(args: argparse.Namespace) -> int:
 
 
 def _start(args: argparse.Namespace) -> int:
-    from polar_cube.viewer import source_from_bucket_block, source_from_folder, start_viewer
+    from polar_cube.servers.viewer import source_from_folder, start_viewer
 
     cube_name = args.cube_id or _spec_data_id(args.spec)
     if args.bucket_block:
@@ -92,7 +97,7 @@ def _start(args: argparse.Namespace) -> int:
 
 
 def _stop(args: argparse.Namespace) -> int:
-    from polar_cube.viewer import stop_viewer
+    from polar_cube.servers.viewer import stop_viewer
 
     if stop_viewer(Path(args.state_dir)):
         print(f"stopped the viewer of {args.state_dir}")
@@ -102,7 +107,7 @@ def _stop(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from polar_cube.viewer import viewer_status
+    from polar_cube.servers.viewer import viewer_status
 
     info = viewer_status(Path(args.state_dir))
     if info is None:
@@ -117,3 +122,14 @@ def _spec_data_id(spec_path: str) -> str:
     from polar_cube.spec import load_spec
 
     return load_spec(spec_path).data_id
+
+
+def source_from_bucket_block(bucket_block: str, cube_name: str) -> tuple[CubeSource, dict]:
+    """A cube in the bucket of a prefect-aws S3Bucket block: (the source without secrets, the
+    full s3fs options with the keys, for reading the metadata in this process)."""
+    from polar_cube.tasks.blocks import bucket_url, load_bucket, storage_options_from_blocks
+
+    bucket = load_bucket(bucket_block)
+    options = storage_options_from_blocks(bucket)
+    public, _ = split_credentials(options)
+    return CubeSource(bucket_url(bucket), cube_name, public), options

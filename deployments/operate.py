@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from polar_cube import processes
+from polar_cube.servers import processes
 
 DEFAULT_PORT = 4200
 DEFAULT_POOL = "polar-cube"

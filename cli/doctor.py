@@ -7,7 +7,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from polar_cube import lifecycle, operate, processes, s3server
+from polar_cube.cli import lifecycle
+from polar_cube.deployments import operate
+
+from polar_cube.servers import processes, s3server
 
 
 @dataclass(frozen=True)

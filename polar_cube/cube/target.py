@@ -22,26 +22,26 @@ from pathlib import Path
 import xarray as xr
 import zarr
 
-from polar_cube.grid import TargetGrid
-from polar_cube.levels import FINGERPRINT_KEY, ZLEVELS, level_name, levels_name
-from polar_cube.location import StoreLocation
-from polar_cube.merge import (
+from polar_cube.cube.merge import (
     copy_merged_cube,
     copy_merged_levels,
     cube_fingerprint,
     open_inputs,
     read_levels_record,
 )
-from polar_cube.patching import PATCH_ATTR, apply_patch, patch_digest, patch_metadata
-from polar_cube.publish import (
+from polar_cube.cube.patching import PATCH_ATTR, apply_patch, patch_digest, patch_metadata
+from polar_cube.cube.publish import (
     chunk_sources_key,
     publish,
     remove_stale_staging,
     staging_key,
     withdraw,
 )
+from polar_cube.cube.verify import CubeCheckError
+from polar_cube.grid import TargetGrid
+from polar_cube.levels import FINGERPRINT_KEY, ZLEVELS, level_name, levels_name
+from polar_cube.location import StoreLocation
 from polar_cube.spec import CubeSpec
-from polar_cube.verify import CubeCheckError
 from polar_cube.zarr_store import FINGERPRINT_ATTR, stored_attrs
 
 

@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from polar_cube import processes
+from polar_cube.servers import processes
 
 HOST = processes.LOCALHOST
 ACTIONS = ["Admin", "Read", "Write", "List", "Tagging"]

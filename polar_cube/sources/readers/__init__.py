@@ -43,9 +43,9 @@ Reader = Callable[[Path, "str | None", str, "StoreLocation | None"], SourceLayer
 
 
 def reader_for(source_format: str) -> Reader:
-    from polar_cube.readers.geotiff import read_geotiff
-    from polar_cube.readers.gmt_netcdf import read_gmt_netcdf
-    from polar_cube.readers.latlon_netcdf import read_latlon_netcdf
+    from polar_cube.sources.readers.geotiff import read_geotiff
+    from polar_cube.sources.readers.gmt_netcdf import read_gmt_netcdf
+    from polar_cube.sources.readers.latlon_netcdf import read_latlon_netcdf
 
     readers: dict[str, Reader] = {
         "gmt_netcdf": read_gmt_netcdf,

@@ -69,7 +69,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         folders=folders,
     )
     if args.datasets_only:
-        from flows.build_datasets import build_datasets
+        from polar_cube.flows.build_datasets import build_datasets
 
         _print_datasets(
             build_datasets(
@@ -83,7 +83,7 @@ def cmd_build(args: argparse.Namespace) -> int:
             )
         )
         return 0
-    from flows.build_cube import build_cube
+    from polar_cube.flows.build_cube import build_cube
 
     built = build_cube(
         spec_path=args.spec,
@@ -159,7 +159,7 @@ def _print_cube(url: str, bucket_block: str | None, local_server=None) -> None:
     print(f"the cube is at {url}")
     options, notes = None, []
     if url.startswith("s3://"):
-        from polar_cube.cli_s3 import snippet_storage_options
+        from polar_cube.cli.s3 import snippet_storage_options
 
         options, notes = snippet_storage_options(bucket_block, local_server)
     for note in notes:
@@ -173,13 +173,13 @@ def _print_cube(url: str, bucket_block: str | None, local_server=None) -> None:
     if bucket_block:
         print(
             "operators, in the project's python, through the Prefect block: from "
-            "polar_cube.storage import load_bucket, storage_options_from_blocks; "
+            "polar_cube.tasks.blocks import load_bucket, storage_options_from_blocks; "
             f"storage_options = storage_options_from_blocks(load_bucket({bucket_block!r}))"
         )
 
 
 def cmd_sources_make(args: argparse.Namespace) -> int:
-    from polar_cube.standins import make_standins
+    from polar_cube.sources.standins import make_standins
 
     for path in make_standins(Path(args.out_dir), args.scale):
         print(f"{path}  {path.stat().st_size / 1e6:.1f} MB")
@@ -187,7 +187,7 @@ def cmd_sources_make(args: argparse.Namespace) -> int:
 
 
 def cmd_sources_serve(args: argparse.Namespace) -> int:
-    from polar_cube.mirror import serve_mirror_forever
+    from polar_cube.sources.mirror import serve_mirror_forever
 
     serve_mirror_forever(Path(args.out_dir), args.port)
     return 0
@@ -196,12 +196,13 @@ def cmd_sources_serve(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     """Offline demo: stand-in sources on a local HTTP mirror, a local S3 server with blocks,
     the whole cube built at a reduced resolution into the bucket."""
-    from flows.build_cube import build_cube
-    from polar_cube.mirror import serving_mirror
+    from polar_cube.flows.build_cube import build_cube
+    from polar_cube.tasks.blocks import save_blocks
+
     from polar_cube.preflight import check_build
-    from polar_cube.s3server import start_s3_server
-    from polar_cube.standins import make_standins
-    from polar_cube.storage import save_blocks
+    from polar_cube.servers.s3server import start_s3_server
+    from polar_cube.sources.mirror import serving_mirror
+    from polar_cube.sources.standins import make_standins
 
     workdir = Path(args.workdir)
     check_build(args.spec, resolution=args.resolution, folders={"--workdir": workdir})
@@ -246,9 +247,9 @@ def cmd_spec_check(args: argparse.Namespace) -> int:
 
 
 def make_parser() -> argparse.ArgumentParser:
-    from polar_cube.cli_ops import add_ops_commands
-    from polar_cube.cli_s3 import add_blocks_commands, add_s3_commands
-    from polar_cube.cli_view import add_view_command
+    from polar_cube.cli.ops import add_ops_commands
+    from polar_cube.cli.s3 import add_blocks_commands, add_s3_commands
+    from polar_cube.cli.view import add_view_command
 
     parser = argparse.ArgumentParser(
         prog="polar-cube", description="Build the Polar Data Cube (Prefect flows)."
@@ -303,16 +304,18 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import flows  # noqa: F401  (Prefect's defaults for this project, before Prefect is used)
+    import polar_cube.flows  # noqa: F401  (Prefect's defaults for this project, before Prefect is used)
 
     args = make_parser().parse_args(argv)
+    from polar_cube.cli.lifecycle import command_lifecycle
+    from polar_cube.deployments.operate import OpsError
+
     from polar_cube.errors import describe_os_error, user_errors
-    from polar_cube.lifecycle import command_lifecycle
 
     try:
         with command_lifecycle(args.command):
             return args.func(args)
-    except user_errors() as error:
+    except (*user_errors(), OpsError) as error:
         print(f"polar-cube: error: {error}", file=sys.stderr)
         return 2
     except OSError as error:  # met outside the steps that name their target

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
 
-from polar_cube import processes
+from polar_cube.servers import processes
 
 BUILD_COMMANDS = frozenset({"build", "demo"})  # stopped at once by SIGTERM / Ctrl-C
 PREFECT_COMMANDS = BUILD_COMMANDS | {"blocks"}  # may start a temporary Prefect server

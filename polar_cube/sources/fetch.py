@@ -13,12 +13,12 @@ from pathlib import Path
 
 import platformdirs
 
-from polar_cube.archives import MARKER_NAME, ArchiveError, check_archive, extract_archive
 from polar_cube.dataset import FetchedSource
-from polar_cube.download import DownloadResult, discard_download, download_file, redact_url
-from polar_cube.mirror import mirror_url
-from polar_cube.readers import SourceFormatError
-from polar_cube.source_checks import check_file
+from polar_cube.sources.archives import MARKER_NAME, ArchiveError, check_archive, extract_archive
+from polar_cube.sources.checks import check_file
+from polar_cube.sources.download import DownloadResult, discard_download, download_file, redact_url
+from polar_cube.sources.mirror import mirror_url
+from polar_cube.sources.readers import SourceFormatError
 from polar_cube.spec import CubeSpec, SourceSpec
 
 # Archive members checked when the caller does not say which files the spec reads.
