@@ -61,7 +61,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     folders = {"--cache": args.cache, "--store": args.store or "data/datasets"}
     if not args.datasets_only and not args.bucket_block:
         folders["--output"] = args.output or "data/cube"
-    check_build(
+    checked = check_build(
         args.spec,
         resolution=args.resolution,
         only=args.only,
@@ -73,9 +73,9 @@ def cmd_build(args: argparse.Namespace) -> int:
 
         _print_datasets(
             build_datasets(
-                spec_path=args.spec,
+                spec=checked.spec,
+                grid=checked.grid,
                 only=args.only,
-                resolution=args.resolution,
                 source_mirror=args.source_mirror,
                 cache_dir=args.cache,
                 store_dir=args.store,
@@ -180,8 +180,9 @@ def _print_cube(url: str, bucket_block: str | None, local_server=None) -> None:
 
 def cmd_sources_make(args: argparse.Namespace) -> int:
     from polar_cube.sources.standins import make_standins
+    from polar_cube.spec import load_spec
 
-    for path in make_standins(Path(args.out_dir), args.scale):
+    for path in make_standins(Path(args.out_dir), args.scale, load_spec(args.spec)):
         print(f"{path}  {path.stat().st_size / 1e6:.1f} MB")
     return 0
 
@@ -203,12 +204,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from polar_cube.servers.s3server import start_s3_server
     from polar_cube.sources.mirror import serving_mirror
     from polar_cube.sources.standins import make_standins
+    from polar_cube.spec import load_spec
 
     workdir = Path(args.workdir)
     check_build(args.spec, resolution=args.resolution, folders={"--workdir": workdir})
     sources_dir = workdir / f"sources-{args.scale}"
     print(f"making {args.scale} stand-in sources in {sources_dir} ...", flush=True)
-    make_standins(sources_dir, args.scale)
+    make_standins(sources_dir, args.scale, load_spec(args.spec))
     server = start_s3_server(Path(args.s3_state_dir), port=args.s3_port, bucket=args.bucket)
     print(f"local S3 server at {server.endpoint_url} (stop it: polar-cube s3 stop)", flush=True)
     save_blocks(
@@ -280,7 +282,10 @@ def make_parser() -> argparse.ArgumentParser:
     sources = commands.add_parser("sources", help="stand-in sources").add_subparsers(
         dest="sources_command", required=True
     )
-    make = sources.add_parser("make", help="write realistic stand-ins of every source file")
+    make = sources.add_parser(
+        "make", help="write realistic stand-ins of every source file of the spec"
+    )
+    make.add_argument("--spec", default="cube.geojson", help="cube spec (default ./cube.geojson)")
     make.add_argument("--scale", choices=["small", "full"], default="small")
     make.add_argument("out_dir", metavar="OUT_DIR")
     make.set_defaults(func=cmd_sources_make)

@@ -51,7 +51,8 @@ def _run_name() -> str:
     params = flow_run.parameters
     target = params.get("bucket_block") or "local-folder"
     on_dask = "-on-dask" if params.get("dask_address") else ""
-    return f"cube-{run_label(params)}-to-{target}{on_dask}"
+    label = run_label(params.get("spec_path"), params.get("resolution"))
+    return f"cube-{label}-to-{target}{on_dask}"
 
 
 @flow(name="build-cube", flow_run_name=_run_name, log_prints=True)
@@ -93,9 +94,9 @@ def build_cube(
         dask_cluster(dask_address) as address,
     ):
         built = build_datasets(
-            spec_path=spec_path,
+            spec=spec,
+            grid=grid,
             only=only,
-            resolution=resolution,
             source_mirror=source_mirror,
             cache_dir=cache_dir,
             store_dir=datasets_dir,
@@ -109,8 +110,7 @@ def build_cube(
         for upload in uploads:
             upload.result()
 
-        fingerprint = steps.current_fingerprint(location, spec, grid)
-        reused = steps.is_published(location, spec, fingerprint, patch)
+        reused = steps.cube_is_current(location, spec, grid, patch)
         if reused:
             logger.info("%s is already current; nothing to rebuild", location.url(spec.data_id))
         else:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -18,10 +17,9 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.runtime import flow_run
 
+from polar_cube import dataset as ds
 from polar_cube.compute import dask_cluster
-from polar_cube.cube.merge import input_key
 from polar_cube.cube.upload import INPUTS_PREFIX
-from polar_cube.dataset import BuiltDataset, FetchedSource, dataset_is_current, dataset_path
 from polar_cube.grid import TargetGrid
 from polar_cube.location import StoreLocation
 from polar_cube.sources.fetch import default_cache_dir, needed_files
@@ -31,38 +29,43 @@ from polar_cube.target_lock import TargetLock
 DEFAULT_STORE = Path("data/datasets")
 
 
-def run_label(params: dict) -> str:
-    """`<cube id>-<resolution>m`: what the UI shows for a run of these parameters."""
-    spec_path = params.get("spec_path") or "cube.geojson"
+def run_label(spec: CubeSpec | dict | str | None, resolution: float | None = None) -> str:
+    """`<cube id>-<resolution>m`: what the UI shows for a run (given the spec, its JSON as
+    Prefect keeps a flow's parameters, or the path to it)."""
     try:
-        spec = load_spec(spec_path)
-        cube_id, resolution = spec.data_id.removesuffix(".zarr"), spec.spatial_res[0]
+        if isinstance(spec, str | None):
+            spec = load_spec(spec or "cube.geojson")
+        if isinstance(spec, dict):
+            spec = CubeSpec.model_validate(spec)
+        cube_id, spec_resolution = spec.data_id.removesuffix(".zarr"), spec.spatial_res[0]
     except Exception:  # the run itself reports a bad spec; the name must not fail first
-        cube_id, resolution = Path(spec_path).stem, None
-    resolution = params.get("resolution") or resolution
-    return f"{cube_id}-{resolution:g}m" if resolution else cube_id
+        return "cube"
+    resolution = resolution or spec_resolution
+    return f"{cube_id}-{resolution:g}m"
 
 
 def _run_name() -> str:
-    only = flow_run.parameters.get("only")
-    name = f"datasets-{run_label(flow_run.parameters)}"
+    params = flow_run.parameters
+    grid, only = params.get("grid"), params.get("only")
+    resolution = grid.resolution if isinstance(grid, TargetGrid) else (grid or {}).get("resolution")
+    name = f"datasets-{run_label(params.get('spec'), resolution)}"
     return name + (f"-only-{'-'.join(only)}" if only else "")
 
 
 @flow(name="build-datasets", flow_run_name=_run_name, log_prints=True)
 def build_datasets(
-    spec_path: str = "cube.geojson",
+    spec: CubeSpec,
+    grid: TargetGrid,
     only: list[str] | None = None,
-    resolution: float | None = None,
     source_mirror: str | None = None,
     cache_dir: str | None = None,
     store_dir: str | None = None,
     dask_address: str | None = None,
     bucket_block: str | None = None,
     write_into_bucket: bool = False,
-) -> list[BuiltDataset]:
+) -> list[ds.BuiltDataset]:
     """Download every needed source at once, then build the per-dataset cubes one by one
-    (one at a time keeps memory bounded; each write is parallel over chunks).
+    (one at a time keeps memory bounded; each write is parallel over chunks), on `grid`.
 
     With `bucket_block` every source is also staged into the bucket's `sources/<id>/`
     (alongside the builds, which read the local cache). With `write_into_bucket` too, for a
@@ -71,8 +74,6 @@ def build_datasets(
     `build-cube`, holds the bucket's lock): nothing they read or write is on this disk.
     """
     logger = get_run_logger()
-    spec = load_spec(spec_path)
-    grid = TargetGrid.from_spec(spec, resolution)
     store = Path(store_dir) if store_dir else DEFAULT_STORE
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
     sources = spec.select_sources(only)
@@ -113,23 +114,21 @@ def build_datasets(
 
 def _build_one(
     spec: CubeSpec,
-    fetched: FetchedSource,
+    fetched: ds.FetchedSource,
     grid: TargetGrid,
     store: Path,
     dask_address: str | None,
     bucket: StoreLocation | None,
-) -> BuiltDataset:
+) -> ds.BuiltDataset:
     """Convert, resample and write one source's cube unless an identical one exists (in the
     local store, or in the bucket's `inputs/`)."""
     source_id = fetched.source.id
-    target = bucket.child(input_key(source_id)) if bucket else dataset_path(store, source_id)
-    shown = target.root if bucket else str(target)
-    names = [v.name for v in spec.variables_of(source_id)]
-    built = BuiltDataset(source_id, shown, names, reused=True, in_bucket=bucket is not None)
-    if dataset_is_current(target, spec, fetched, grid):
-        get_run_logger().info("%s is up to date; reusing it", shown)
-        return built
+    target = ds.dataset_target(source_id, store, bucket)
+    if ds.dataset_is_current(target, spec, fetched, grid):
+        kept = ds.built_dataset(spec, source_id, target, reused=True)
+        get_run_logger().info("%s is up to date; reusing it", kept.path)
+        return kept
     converted = convert_source(spec, fetched)
     dataset = resample_source(spec, fetched, converted, grid)
     write_dataset(dataset, target, grid, dask_address)
-    return dataclasses.replace(built, reused=False)
+    return ds.built_dataset(spec, source_id, target, reused=False)

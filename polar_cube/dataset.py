@@ -18,6 +18,7 @@ from pathlib import Path
 import pandas as pd
 import xarray as xr
 
+from polar_cube.cube.upload import input_key
 from polar_cube.grid import TargetGrid
 from polar_cube.location import StoreLocation
 from polar_cube.rasterize import PolygonLayer, rasterize_layer, read_polygons
@@ -219,6 +220,28 @@ class BuiltDataset:
 
 def dataset_path(store: Path, source_id: str) -> Path:
     return Path(store) / f"{source_id}.zarr"
+
+
+def dataset_target(
+    source_id: str, store: Path, bucket: StoreLocation | None = None
+) -> Path | StoreLocation:
+    """Where a source's cube is written: the local store, or straight into the bucket's
+    `inputs/<id>.zarr` (for workers that share nothing with this machine but the bucket)."""
+    return bucket.child(input_key(source_id)) if bucket else dataset_path(store, source_id)
+
+
+def built_dataset(
+    spec: CubeSpec, source_id: str, target: Path | StoreLocation, *, reused: bool
+) -> BuiltDataset:
+    """What a build of `source_id` into `target` made (or found current and kept)."""
+    in_bucket = isinstance(target, StoreLocation)
+    return BuiltDataset(
+        source_id,
+        target.root if in_bucket else str(target),
+        [v.name for v in spec.variables_of(source_id)],
+        reused=reused,
+        in_bucket=in_bucket,
+    )
 
 
 def dataset_is_current(

@@ -18,7 +18,7 @@ from prefect.cache_policies import NO_CACHE
 
 from polar_cube.compute import dask_compute
 from polar_cube.cube import target as steps
-from polar_cube.cube.report import make_report, saved_report
+from polar_cube.cube.report import current_report
 from polar_cube.cube.stac import cube_stac_item, write_stac_item
 from polar_cube.cube.upload import UploadResult, upload_cube
 from polar_cube.cube.verify import (
@@ -172,10 +172,8 @@ def report_cube(location: StoreLocation, spec: CubeSpec) -> list[str]:
     cube (reused when they already describe the published cube). The statistics come from
     the cube's metadata, the quicklooks from its overview levels."""
     folder = location.url(steps.quicklooks_key(spec))
-    report = saved_report(location, spec)
-    if report is None:
-        with _writing(location, folder):
-            report = make_report(location, spec)
+    with _writing(location, folder):
+        report = current_report(location, spec)
     stats, quicklooks, summary = report.stats, report.quicklooks, report.summary
     create_table_artifact(
         key="polar-cube-coverage",

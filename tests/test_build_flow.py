@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import xarray as xr
 
+from polar_cube.grid import TargetGrid
 from polar_cube.sources.mirror import serving_mirror
 from polar_cube.spec import load_spec
 
@@ -20,9 +21,10 @@ def built(small_standins, repo_spec_path, tmp_path_factory):
     from polar_cube.flows.build_datasets import build_datasets
 
     work = tmp_path_factory.mktemp("build")
+    spec = load_spec(repo_spec_path)
     options = dict(
-        spec_path=str(repo_spec_path),
-        resolution=RESOLUTION,
+        spec=spec,
+        grid=TargetGrid.from_spec(spec, RESOLUTION),
         cache_dir=str(work / "cache"),
         store_dir=str(work / "datasets"),
     )

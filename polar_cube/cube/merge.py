@@ -27,7 +27,7 @@ from pyproj import CRS
 
 from polar_cube.cube.publish import chunk_sources_key, copy_objects
 from polar_cube.cube.stac import outline_lonlat
-from polar_cube.cube.upload import INPUTS_PREFIX, remote_files
+from polar_cube.cube.upload import INPUTS_PREFIX, input_key, remote_files
 from polar_cube.dataset import software_version
 from polar_cube.grid import TargetGrid
 from polar_cube.levels import (
@@ -68,10 +68,6 @@ COPY_BATCH = 256  # chunk objects per copy call
 
 class MergeError(ValueError):
     """Inputs that cannot be merged; the message names the input and what differs."""
-
-
-def input_key(source_id: str) -> str:
-    return f"{INPUTS_PREFIX}/{source_id}.zarr"
 
 
 def input_levels_key(source_id: str) -> str:

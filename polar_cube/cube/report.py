@@ -39,6 +39,12 @@ def published_identity(location: StoreLocation, spec: CubeSpec) -> dict:
     return {"fingerprint": attrs.get(FINGERPRINT_ATTR), "patch": attrs.get(PATCH_ATTR)}
 
 
+def current_report(location: StoreLocation, spec: CubeSpec) -> CubeReport:
+    """The report of the cube published now: the saved one if it still describes it, else
+    a new one (see `make_report`)."""
+    return saved_report(location, spec) or make_report(location, spec)
+
+
 def saved_report(location: StoreLocation, spec: CubeSpec) -> CubeReport | None:
     """The saved report, if it describes the cube published now."""
     folder = steps.quicklooks_key(spec)

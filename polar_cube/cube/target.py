@@ -117,6 +117,12 @@ def is_published(location: StoreLocation, spec: CubeSpec, fingerprint: str, patc
     )
 
 
+def cube_is_current(location: StoreLocation, spec: CubeSpec, grid: TargetGrid, patch: dict) -> bool:
+    """The published cube and its levels are what merging the current inputs and patching
+    them with `patch` would make: nothing to merge or publish."""
+    return is_published(location, spec, current_fingerprint(location, spec, grid), patch)
+
+
 def stage_merged_cube(location: StoreLocation, spec: CubeSpec, grid: TargetGrid) -> StagedCube:
     """Merge the inputs and their overview levels into staging names (reusing identical
     complete ones) by copying their stored chunk objects, never decoding them."""

@@ -23,6 +23,11 @@ _SENDING = threading.Lock()
 INPUTS_PREFIX = "inputs"
 
 
+def input_key(source_id: str) -> str:
+    """Where a source's per-dataset cube is kept in the target: `inputs/<id>.zarr`."""
+    return f"{INPUTS_PREFIX}/{source_id}.zarr"
+
+
 class UploadError(RuntimeError):
     """What arrived differs from what was sent; the message names the cube and the files."""
 
