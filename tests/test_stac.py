@@ -14,13 +14,8 @@ import xarray as xr
 from pyproj import Transformer
 
 from polar_cube.cube.merge import _geographic_bounds
-from polar_cube.cube.stac import (
-    StacError,
-    cube_stac_item,
-    item_problems,
-    validate_stac_item,
-    write_stac_item,
-)
+from polar_cube.cube.stac import StacError, cube_stac_item, validate_stac_item, write_stac_item
+from polar_cube.cube.stac_schemas import SchemasMissing, default_dir
 from polar_cube.grid import TargetGrid
 from polar_cube.spec import load_spec
 from polar_cube.zarr_store import add_grid_coords, write_zarr_atomically
@@ -66,12 +61,36 @@ def no_network(monkeypatch):
 
     monkeypatch.setattr(socket.socket, "connect", refuse)
     monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
 
 
-def test_the_item_validates_offline(item, no_network):
-    validate_stac_item(item)
-    assert item_problems(item) == []
+def test_the_item_validates_offline_against_its_three_schemas(item, no_network):
+    global_validator = pystac.validation.RegisteredValidator._validator
+    assert validate_stac_item(item) == [
+        "https://schemas.stacspec.org/v1.1.0/item-spec/json-schema/item.json",
+        "https://stac-extensions.github.io/projection/v2.0.0/schema.json",
+        "https://stac-extensions.github.io/datacube/v2.2.0/schema.json",
+    ]
     assert item["stac_version"] == "1.1.0" and item["type"] == "Feature"
+    assert pystac.validation.RegisteredValidator._validator is global_validator  # untouched
+
+
+def test_without_the_schemas_validation_fails_naming_the_fetch_command(item, tmp_path):
+    with pytest.raises(SchemasMissing) as caught:
+        validate_stac_item(item, schema_dir=tmp_path / "nowhere")
+    message = str(caught.value)
+    assert str(tmp_path / "nowhere") in message
+    assert f"-m polar_cube.cube.stac_schemas {tmp_path / 'nowhere'}" in message
+    assert "\n" not in message
+
+
+def test_an_item_that_is_not_json_is_refused(item):
+    with pytest.raises(StacError, match="is not JSON: Object of type set"):
+        validate_stac_item({**item, "links": {"a"}})
+
+
+def test_the_default_schema_folder_is_in_the_environment():
+    assert (default_dir() / "sources.json").is_file(), "run: python -m polar_cube.cube.stac_schemas"
 
 
 def test_identity_time_and_descriptive_properties(item):
@@ -230,52 +249,70 @@ def _drop(path):
 
 BROKEN = {
     "missing id": (_drop(["id"]), "id: 'id' is a required property"),
-    "bbox order": (_swap_bbox, "bbox: south"),
-    "bbox not containing the geometry": (_shift_west, "bbox: does not contain geometry point"),
+    "bbox order": (_swap_bbox, "bbox: not [W, S, E, N] in lon/lat with W <= E"),
+    "bbox not containing the geometry": (_shift_west, "bbox: does not contain the geometry"),
     "variable without unit": (
         _drop(["properties", "cube:variables", "thw_70", "unit"]),
         "properties.cube:variables.thw_70.unit: missing",
     ),
-    "geometry type": (_set(["geometry", "type"], "Pointy"), "geometry.type: 'Pointy' is not"),
+    "geometry type": (
+        _set(["geometry", "type"], "Pointy"),
+        "geometry.type: 'Pointy' is not one of ['Point', 'LineString', 'Polygon',",
+    ),
     "geometry coordinates": (
         _set(["geometry", "type"], "Point"),
-        "geometry.coordinates: not valid coordinates for a GeoJSON Point",
+        "geometry.coordinates: [[[",
     ),
     "no start_datetime": (
         _drop(["properties", "start_datetime"]),
         "properties.start_datetime: 'start_datetime' is a required property",
     ),
     "license with spaces": (_set(["properties", "license"], "my license"), "properties.license:"),
-    "asset without href": (_drop(["assets", "zarr", "href"]), "assets.zarr.href:"),
+    "asset without href": (
+        _drop(["assets", "zarr", "href"]),
+        "assets.zarr.href: 'href' is a required property",
+    ),
     "shape not matching transform": (
         _set(["properties", "proj:shape"], [100, 100]),
         "properties.proj:transform: ",
     ),
-    "proj:code not a code": (_set(["properties", "proj:code"], 3031), "properties.proj:code:"),
-    "unknown variable dimension": (
-        _set(["properties", "cube:variables", "ice_thickness", "dimensions"], ["y", "lon"]),
-        "properties.cube:variables.ice_thickness.dimensions: ['lon'] not in cube:dimensions",
+    "proj:code an integer": (
+        _set(["properties", "proj:code"], 3031),
+        "properties.proj:code: 3031 is not of type 'string', 'null'",
+    ),
+    "proj:shape with a string": (
+        _set(["properties", "proj:shape"], [651, "707"]),
+        "properties.proj:shape[1]: '707' is not of type 'integer'",
+    ),
+    "dimension without type": (
+        _drop(["properties", "cube:dimensions", "x", "type"]),
+        "properties.cube:dimensions.x.type: 'type' is a required property",
     ),
     "spatial dimension without axis": (
         _drop(["properties", "cube:dimensions", "x", "axis"]),
-        "properties.cube:dimensions.x.axis:",
+        "properties.cube:dimensions.x.axis: 'axis' is a required property",
     ),
-    "bad time value": (
-        _set(["properties", "cube:dimensions", "time", "values"], ["yesterday"]),
-        "properties.cube:dimensions.time.values:",
+    "variable type": (
+        _set(["properties", "cube:variables", "thw_70", "type"], "measurement"),
+        "properties.cube:variables.thw_70.type: 'measurement' is not 'data' or 'auxiliary'",
+    ),
+    "unknown variable dimension": (
+        _set(["properties", "cube:variables", "ice_thickness", "dimensions"], ["y", "lon"]),
+        "properties.cube:variables.ice_thickness.dimensions: ['lon'] not in cube:dimensions",
     ),
     "undeclared projection extension": (
         lambda item: item["stac_extensions"].remove(
             "https://stac-extensions.github.io/projection/v2.0.0/schema.json"
         ),
-        "properties.proj:bbox: used but the projection extension is not in stac_extensions",
+        "properties.proj:bbox: used but https://stac-extensions.github.io/projection/v2.0.0/",
     ),
     "extension unknown offline": (
         lambda item: item["stac_extensions"].append(
             "https://stac-extensions.github.io/eo/v1.1.0/schema.json"
         ),
-        "stac_extensions: https://stac-extensions.github.io/eo/v1.1.0/schema.json cannot",
+        "stac_extensions: no offline schema for https://stac-extensions.github.io/eo/v1.1.0/",
     ),
+    "stac_version": (_set(["stac_version"], "1.0.0"), "stac_version: '1.1.0' was expected"),
 }
 
 
@@ -289,6 +326,7 @@ def test_broken_items_fail_naming_the_field(item, case, no_network):
     lines = str(caught.value).splitlines()
     assert lines[0].startswith("STAC item ")
     assert any(line.strip().startswith(expected) for line in lines[1:]), lines
+    assert all(len(line) < 300 for line in lines), lines
 
 
 def test_write_to_a_new_local_folder(item, tmp_path):
