@@ -178,11 +178,20 @@ def _print_cube(url: str, bucket_block: str | None, local_server=None) -> None:
         )
 
 
-def cmd_sources_make(args: argparse.Namespace) -> int:
+def make_spec_standins(spec_path: str, out_dir: Path, scale: str) -> list[Path]:
+    """Stand-ins of every source of the spec at `spec_path` (errors name the file)."""
     from polar_cube.sources.standins import make_standins
-    from polar_cube.spec import load_spec
+    from polar_cube.spec import SpecError, load_spec
 
-    for path in make_standins(Path(args.out_dir), args.scale, load_spec(args.spec)):
+    spec = load_spec(spec_path)
+    try:
+        return make_standins(out_dir, scale, spec)
+    except SpecError as error:
+        raise SpecError(f"{spec_path}: {error}") from None
+
+
+def cmd_sources_make(args: argparse.Namespace) -> int:
+    for path in make_spec_standins(args.spec, Path(args.out_dir), args.scale):
         print(f"{path}  {path.stat().st_size / 1e6:.1f} MB")
     return 0
 
@@ -203,14 +212,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from polar_cube.preflight import check_build
     from polar_cube.servers.s3server import start_s3_server
     from polar_cube.sources.mirror import serving_mirror
-    from polar_cube.sources.standins import make_standins
-    from polar_cube.spec import load_spec
 
     workdir = Path(args.workdir)
     check_build(args.spec, resolution=args.resolution, folders={"--workdir": workdir})
     sources_dir = workdir / f"sources-{args.scale}"
     print(f"making {args.scale} stand-in sources in {sources_dir} ...", flush=True)
-    make_standins(sources_dir, args.scale, load_spec(args.spec))
+    make_spec_standins(args.spec, sources_dir, args.scale)
     server = start_s3_server(Path(args.s3_state_dir), port=args.s3_port, bucket=args.bucket)
     print(f"local S3 server at {server.endpoint_url} (stop it: polar-cube s3 stop)", flush=True)
     save_blocks(

@@ -15,13 +15,16 @@ import operator
 import re
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
+    Discriminator,
     Field,
+    Tag,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -32,6 +35,8 @@ from pyproj.exceptions import CRSError
 
 SourceFormat = Literal["gmt_netcdf", "geotiff", "latlon_netcdf", "polygons"]
 ResamplingMethod = Literal["linear", "nearest"]
+Scale = Literal["small", "full"]  # stand-in sizes: `small` for tests, `full` the real size
+SCALES: tuple[Scale, ...] = ("small", "full")
 
 _COMPARISONS: dict[str, Callable[[Any, Any], Any]] = {
     ">=": operator.ge,
@@ -72,6 +77,105 @@ class ValidCondition(_Strict):
         return _COMPARISONS[self.op](values, self.threshold)
 
 
+def _check_bounds(value: tuple[float, float, float, float]) -> tuple[float, float, float, float]:
+    xmin, ymin, xmax, ymax = value
+    if not (xmin < xmax and ymin < ymax):
+        raise ValueError("must be [xmin, ymin, xmax, ymax] with min < max")
+    return value
+
+
+def _check_per_scale(value: dict[Scale, Any]) -> dict[Scale, Any]:
+    missing = [scale for scale in SCALES if scale not in value]
+    if missing:
+        raise ValueError(f"needs a value for each scale: missing {', '.join(missing)}")
+    if any(not v > 0 for v in value.values()):
+        raise ValueError("values must be positive")
+    return value
+
+
+Bounds = Annotated[tuple[float, float, float, float], AfterValidator(_check_bounds)]
+
+
+class GridStandin(_Strict):
+    """A synthetic raster stand-in (geotiff, gmt_netcdf, latlon_netcdf): a smooth random
+    field on a regular grid in the source's CRS, the same bytes on every run."""
+
+    bounds: Bounds = Field(
+        description="xmin, ymin, xmax, ymax in the source CRS (degrees for latlon_netcdf)"
+    )
+    pixel_size: Annotated[dict[Scale, float], AfterValidator(_check_per_scale)] = Field(
+        description="cell size per scale (small, full)"
+    )
+    values: tuple[float, float] = Field(description="every value lies within [low, high]")
+    wavelengths: tuple[float, float] = Field(
+        description="shortest and longest feature size, in the CRS's units"
+    )
+    valid_fraction: float = Field(
+        default=1.0, gt=0, le=1, description="about this share of cells has data, the rest NaN"
+    )
+    registration: Literal["pixel", "gridline"] = Field(
+        default="pixel", description="gmt_netcdf: node_offset 1 (pixel) or 0 (gridline)"
+    )
+    seed: int = 0
+
+    @field_validator("values")
+    @classmethod
+    def _check_values(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not value[0] < value[1]:
+            raise ValueError("must be [low, high] with low < high")
+        return value
+
+    @field_validator("wavelengths")
+    @classmethod
+    def _check_wavelengths(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not 0 < value[0] <= value[1]:
+            raise ValueError("must be [shortest, longest] with 0 < shortest <= longest")
+        return value
+
+    @model_validator(mode="after")
+    def _check_cells(self) -> GridStandin:
+        xmin, ymin, xmax, ymax = self.bounds
+        for scale, size in self.pixel_size.items():
+            for extent in (xmax - xmin, ymax - ymin):
+                if abs(extent / size - round(extent / size)) > 1e-6:
+                    raise ValueError(
+                        f"pixel_size.{scale} {size:.10g} does not divide the bounds' extent "
+                        f"{extent:.10g} into whole cells"
+                    )
+        return self
+
+
+class PolygonStandin(_Strict):
+    """A synthetic polygons stand-in: irregular blobs scattered over `bounds`, each given one
+    of its variables' `classes` at random."""
+
+    bounds: Bounds = Field(description="xmin, ymin, xmax, ymax in the source CRS")
+    count: Annotated[dict[Scale, int], AfterValidator(_check_per_scale)] = Field(
+        description="number of polygons per scale (small, full)"
+    )
+    diameters: tuple[float, float] = Field(description="smallest and largest diameter")
+    seed: int = 0
+
+    @field_validator("diameters")
+    @classmethod
+    def _check_diameters(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not 0 < value[0] <= value[1]:
+            raise ValueError("must be [smallest, largest] with 0 < smallest <= largest")
+        return value
+
+
+def _standin_kind(value: Any) -> str:
+    """Which stand-in a description is: one with `count` is made of polygons."""
+    fields = value if isinstance(value, dict) else vars(value)
+    return "polygons" if "count" in fields else "grid"
+
+
+Standin = Annotated[
+    Annotated[GridStandin, Tag("grid")] | Annotated[PolygonStandin, Tag("polygons")],
+    Discriminator(_standin_kind),
+]
+
+
 class SourceSpec(_Strict):
     """One downloadable source: where it is, how it is packed, what format it is in."""
 
@@ -89,6 +193,9 @@ class SourceSpec(_Strict):
     license: str | None = None
     references: list[str] = []
     acknowledgement: str | None = None
+    # How `polar-cube sources make` writes a stand-in of this source (sources without one
+    # need a built-in writer). Not part of the data's recipe: left out of fingerprints.
+    standin: Standin | None = Field(default=None, exclude=True)
 
     @field_validator("id")
     @classmethod
@@ -111,6 +218,20 @@ class SourceSpec(_Strict):
     def _check_sha256(cls, value: str | None) -> str | None:
         if value is not None and not re.fullmatch(r"[0-9a-f]{64}", value):
             raise ValueError("must be 64 lower-case hex digits")
+        return value
+
+    @field_validator("standin")
+    @classmethod
+    def _check_standin(cls, value: Any, info: ValidationInfo) -> Any:
+        source_format = info.data.get("source_format")
+        if value is None or source_format is None:
+            return value
+        polygons = source_format == "polygons"
+        if polygons != isinstance(value, PolygonStandin):
+            needs = "count, diameters" if polygons else "pixel_size, values, wavelengths"
+            raise ValueError(f"a {source_format} stand-in needs {needs}")
+        if source_format != "gmt_netcdf" and getattr(value, "registration", "pixel") != "pixel":
+            raise ValueError("registration: only gmt_netcdf grids have a choice")
         return value
 
     @property
@@ -208,10 +329,7 @@ class CubeSpec(_Strict):
     @field_validator("spatial_bbox")
     @classmethod
     def _check_bbox(cls, value: tuple[float, float, float, float]) -> tuple:
-        xmin, ymin, xmax, ymax = value
-        if not (xmin < xmax and ymin < ymax):
-            raise ValueError("must be [xmin, ymin, xmax, ymax] with min < max")
-        return value
+        return _check_bounds(value)
 
     @field_validator("spatial_res")
     @classmethod
@@ -237,6 +355,9 @@ class CubeSpec(_Strict):
                     f"(known: {', '.join(sources)})"
                 )
             _check_recipe(variable, source)
+        for source in self.sources:
+            if source.standin is not None:
+                _check_standin_files(source, self.variables_of(source.id))
         return self
 
     def source(self, source_id: str) -> SourceSpec:
@@ -304,6 +425,32 @@ def _check_recipe(variable: VariableSpec, source: SourceSpec) -> None:
         raise ValueError(f"{where}: 'source_variable' names the netCDF variable to read")
 
 
+def _check_standin_files(source: SourceSpec, variables: list[VariableSpec]) -> None:
+    """The files a stand-in is made of (those its variables read) must be writable as such."""
+    where = f"source {source.id!r} (standin)"
+    files = sorted({f for v in variables for f in v.files_by_time.values()})
+    if source.compression_format is None and files not in ([], [source.file_name]):
+        raise ValueError(
+            f"{where}: without an archive the variables read the download itself, "
+            f"{source.file_name!r}, not {', '.join(map(repr, files))}"
+        )
+    if source.source_format == "polygons":
+        for name in files:
+            if not name.lower().endswith((".shp", ".geojson")):
+                raise ValueError(f"{where}: {name!r}: polygon stand-ins are .shp or .geojson")
+            if name.lower().endswith(".shp") and source.compression_format is None:
+                raise ValueError(f"{where}: a shapefile comes with .shx and .dbf: use an archive")
+    if source.source_format == "gmt_netcdf":
+        for variable in variables:
+            if variable.source_variable not in (None, "z"):
+                raise ValueError(f"{where}: {variable.name}: a GMT grid stand-in holds only 'z'")
+    if source.source_format == "geotiff":
+        for variable in variables:
+            band = variable.source_variable
+            if band is not None and not (band.isdigit() and int(band) >= 1):
+                raise ValueError(f"{where}: {variable.name}: a GeoTIFF band is a number >= 1")
+
+
 def load_spec(path: str | Path) -> CubeSpec:
     """Read and validate cube.geojson; raise SpecError naming the file and each bad field."""
     path = Path(path)
@@ -339,7 +486,7 @@ def _field_path(loc: tuple, properties: Any) -> str:
             label = str(key)
             try:
                 node = node[key]
-                name = node.get("name") or node.get("id") if isinstance(node, dict) else None
+                name = node.get("id") or node.get("name") if isinstance(node, dict) else None
                 label = f"{key}:{name}" if name else label
             except (IndexError, KeyError, TypeError):
                 node = None

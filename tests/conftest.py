@@ -1,6 +1,7 @@
 """Test set-up: a private Prefect home and a quiet, patient ephemeral Prefect API."""
 
 import os
+import sys
 import tempfile
 
 # Must be set before prefect is imported anywhere.
@@ -18,6 +19,12 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def layer_count(spec) -> int:
+    """The cube's 2-D layers (so its quicklooks and statistics rows): one per static
+    variable, one per time step of each time-stepped variable."""
+    return sum(len(variable.files_by_time) for variable in spec.variables)
 
 
 @pytest.fixture(scope="session")
@@ -39,9 +46,10 @@ def small_standins(tmp_path_factory) -> Path:
 def _stop_ephemeral_prefect_server():
     """Stop Prefect's temporary API server while pytest's output streams are still open."""
     yield
-    from prefect.server.api.server import SubprocessASGIServer
-
-    for server in list(SubprocessASGIServer._instances.values()):
+    server_module = sys.modules.get("prefect.server.api.server")
+    if server_module is None:  # never imported: no server was started (and importing costs ~4 s)
+        return
+    for server in list(server_module.SubprocessASGIServer._instances.values()):
         server.stop()
 
 

@@ -17,6 +17,7 @@ from polar_cube.tasks.blocks import load_bucket, save_blocks, storage_options_fr
 from polar_cube.sources.mirror import serving_mirror
 from polar_cube.spec import load_spec
 from polar_cube.storage import StorageAccessError, check_bucket_access
+from tests.conftest import layer_count
 
 pytestmark = pytest.mark.slow
 RESOLUTION = 3000.0
@@ -83,7 +84,7 @@ def test_whole_cube_is_in_the_bucket_and_opens(built, blocks, repo_spec_path):
     assert cube.attrs["processing_software"].startswith("polar-datacube")  # generated
     assert cube.thw_70.attrs["color_bar_name"] == "GnBu"
     assert "spatial_ref" not in cube.variables
-    assert len(built.quicklooks) == 17
+    assert len(built.quicklooks) == layer_count(spec)
     import fsspec
 
     fs = fsspec.filesystem("s3", **blocks)

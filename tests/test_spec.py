@@ -152,3 +152,74 @@ def test_conditions():
         True,
         True,
     ]
+
+
+GRID_STANDIN = {
+    "bounds": [-2000000, -1000000, -1000000, 0],
+    "pixel_size": {"small": 5000, "full": 500},
+    "values": [-100, 100],
+    "wavelengths": [10000, 200000],
+}
+POLYGON_STANDIN = {"bounds": [-2000000, -1000000, -1000000, 0], "count": {"small": 5, "full": 50}}
+
+
+def source(document, source_id):
+    return next(s for s in document["properties"]["sources"] if s["id"] == source_id)
+
+
+def test_a_standin_description_is_no_part_of_the_recipe(tmp_path, spec_document, repo_spec_path):
+    source(spec_document, "magnetic_anomaly")["standin"] = GRID_STANDIN
+    spec = load_spec(write(tmp_path, spec_document))
+    magnetic = spec.source("magnetic_anomaly")
+    assert magnetic.standin.pixel_size == {"small": 5000, "full": 500}
+    assert magnetic.standin.valid_fraction == 1 and magnetic.standin.registration == "pixel"
+    assert spec.model_dump() == load_spec(repo_spec_path).model_dump()  # what fingerprints hash
+
+
+@pytest.mark.parametrize(
+    ("source_id", "standin", "expected"),
+    [
+        ("magnetic_anomaly", {**GRID_STANDIN, "values": [1, 1]}, "standin.grid.values: must be"),
+        ("magnetic_anomaly", {**GRID_STANDIN, "wavelengths": [0, 9]}, "0 < shortest"),
+        ("magnetic_anomaly", {**GRID_STANDIN, "pixel_size": {"small": 5000}}, "missing full"),
+        (
+            "magnetic_anomaly",
+            {**GRID_STANDIN, "pixel_size": {"small": 3000, "full": 500}},
+            "pixel_size.small 3000 does not divide the bounds' extent 1000000",
+        ),
+        ("magnetic_anomaly", {**GRID_STANDIN, "registration": "gridline"}, "only gmt_netcdf"),
+        ("magnetic_anomaly", {**GRID_STANDIN, "colour": "red"}, "standin.grid.colour"),
+        (
+            "magnetic_anomaly",
+            {**POLYGON_STANDIN, "diameters": [10, 100]},
+            "a geotiff stand-in needs pixel_size, values, wavelengths",
+        ),
+        (
+            "supraglacial_lakes_wais",
+            GRID_STANDIN,
+            "a polygons stand-in needs count, diameters",
+        ),
+        (
+            "supraglacial_lakes_wais",
+            {**POLYGON_STANDIN, "diameters": [100, 10]},
+            "standin.polygons.diameters: must be [smallest, largest]",
+        ),
+    ],
+)
+def test_invalid_standins_name_the_problem(tmp_path, spec_document, source_id, standin, expected):
+    source(spec_document, source_id)["standin"] = standin
+    with pytest.raises(SpecError) as raised:
+        load_spec(write(tmp_path, spec_document))
+    message = str(raised.value)
+    assert f":{source_id}].standin" in message and expected in message
+
+
+def test_a_standin_must_fit_the_files_its_variables_read(tmp_path, spec_document):
+    source(spec_document, "magnetic_anomaly")["standin"] = GRID_STANDIN
+    variable(spec_document, "magnetic_anomaly")["source_file"] = "other.tif"
+    with pytest.raises(SpecError) as raised:
+        load_spec(write(tmp_path, spec_document))
+    assert (
+        "source 'magnetic_anomaly' (standin): without an archive the variables read the "
+        "download itself, 'ASE_MagneticCompilation_Dziadeketal_250m.tif', not 'other.tif'"
+    ) in str(raised.value)

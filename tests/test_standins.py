@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import shutil
 import subprocess
 import tarfile
@@ -16,7 +17,11 @@ import numpy as np
 import pytest
 import rasterio
 
+from polar_cube.dataset import convert_source
+from polar_cube.sources.fetch import fetch_source
+from polar_cube.sources.mirror import serving_mirror
 from polar_cube.sources.standins import CUBE_BBOX, make_standins, write_gmt_grid
+from polar_cube.spec import load_spec
 
 GMT_FILES = [
     f"{km}km_{name}.nc"
@@ -235,3 +240,197 @@ def test_deterministic(standins, tmp_path):
     again = {p.name: p for p in make_standins(tmp_path, "small")}
     for name, path in standins.items():
         assert _digest(path.read_bytes()) == _digest(again[name].read_bytes()), name
+
+
+# --- described stand-ins: one per format, from spec entries alone ------------------------
+DESCRIBED_SOURCES = [
+    {
+        "id": "demo_stack",
+        "name": "two-band GeoTIFFs per year in a tar",
+        "download_url": "https://example.org/demo/stack.tar",
+        "compression_format": "tar",
+        "source_format": "geotiff",
+        "source_crs": "EPSG:3031",
+        "standin": {
+            "bounds": [-1600000, -800000, -1200000, -400000],
+            "pixel_size": {"small": 10000, "full": 1000},
+            "values": [0, 5],
+            "wavelengths": [30000, 200000],
+        },
+    },
+    {
+        "id": "demo_gmt",
+        "name": "a gridline-registered GMT grid",
+        "download_url": "https://example.org/demo/grid.nc",
+        "source_format": "gmt_netcdf",
+        "source_crs": "EPSG:3031",
+        "standin": {
+            "bounds": [-2400000, -1400000, -900000, 300000],
+            "pixel_size": {"small": 50000, "full": 10000},
+            "values": [-30, -5],
+            "wavelengths": [100000, 800000],
+            "registration": "gridline",
+            "valid_fraction": 0.7,
+        },
+    },
+    {
+        "id": "demo_latlon",
+        "name": "two variables on lat/lon axes",
+        "download_url": "https://example.org/demo/latlon.nc",
+        "source_format": "latlon_netcdf",
+        "source_crs": "EPSG:4326",
+        "standin": {
+            "bounds": [-140, -82, -70, -64],
+            "pixel_size": {"small": 0.5, "full": 0.1},
+            "values": [10, 90],
+            "wavelengths": [2, 30],
+        },
+    },
+    {
+        "id": "demo_shapes",
+        "name": "a shapefile in a zip",
+        "download_url": "https://example.org/demo/shapes.zip",
+        "compression_format": "zip",
+        "source_format": "polygons",
+        "source_crs": "EPSG:3031",
+        "standin": {
+            "bounds": [-1800000, -1000000, -1000000, -200000],
+            "count": {"small": 40, "full": 4000},
+            "diameters": [5000, 60000],
+            "seed": 3,
+        },
+    },
+    {
+        "id": "demo_geojson",
+        "name": "a GeoJSON file",
+        "download_url": "https://example.org/demo/areas.geojson",
+        "source_format": "polygons",
+        "source_crs": "EPSG:3031",
+        "standin": {
+            "bounds": [-2000000, -900000, -1500000, -400000],
+            "count": {"small": 25, "full": 250},
+            "diameters": [10000, 40000],
+        },
+    },
+]
+
+
+def _variable(name: str, source: str, **recipe) -> dict:
+    base = {"name": name, "long_name": name, "units": "1", "dims": ["y", "x"], "source": source}
+    return base | recipe
+
+
+DESCRIBED_VARIABLES = [
+    _variable(
+        "stack_band_2",
+        "demo_stack",
+        dims=["time", "y", "x"],
+        source_files_by_time={"2013-01-01": "a/2013.tif", "2017-01-01": "a/2017.tif"},
+        source_variable="2",
+        resampling="linear",
+    ),
+    _variable("gmt_z", "demo_gmt", source_file="grid.nc", resampling="linear"),
+    _variable(
+        "lat_a", "demo_latlon", source_file="latlon.nc", source_variable="a", resampling="linear"
+    ),
+    _variable(
+        "lat_b", "demo_latlon", source_file="latlon.nc", source_variable="b", resampling="nearest"
+    ),
+    _variable(
+        "shapes",
+        "demo_shapes",
+        source_file="shapes/shapes.shp",
+        source_variable="kind",
+        classes={"big": 1, "small": 2},
+        background=0,
+    ),
+    _variable(
+        "areas",
+        "demo_geojson",
+        source_file="areas.geojson",
+        source_variable="type",
+        classes={"x": 1},
+    ),
+]
+
+
+@pytest.fixture(scope="module")
+def described_spec(repo_spec_path, tmp_path_factory):
+    document = json.loads(repo_spec_path.read_text())
+    document["properties"]["sources"] = DESCRIBED_SOURCES
+    document["properties"]["variables"] = DESCRIBED_VARIABLES
+    path = tmp_path_factory.mktemp("described") / "cube.geojson"
+    path.write_text(json.dumps(document))
+    return load_spec(path)
+
+
+@pytest.fixture(scope="module")
+def described(described_spec, tmp_path_factory):
+    """{source id: its converted variables}, downloaded from the mirror as a build does."""
+    folder = tmp_path_factory.mktemp("described-standins")
+    paths = make_standins(folder, "small", described_spec)
+    assert [p.name for p in paths] == [s.file_name for s in described_spec.sources]
+    converted = {}
+    with serving_mirror(folder) as mirror:
+        for source in described_spec.sources:
+            fetched = fetch_source(source, folder / "cache", mirror=mirror)
+            converted[source.id] = {
+                c.variable.name: c.layers for c in convert_source(described_spec, fetched)
+            }
+    return folder, converted
+
+
+def test_described_standins_are_deterministic(described, described_spec, tmp_path):
+    folder, _ = described
+    for path in make_standins(tmp_path, "small", described_spec):
+        assert _digest(path.read_bytes()) == _digest((folder / path.name).read_bytes()), path.name
+
+
+def test_described_geotiffs_in_a_tar(described, described_spec):
+    folder, converted = described
+    with tarfile.open(folder / "stack.tar") as tar:
+        assert tar.getnames() == ["a/2013.tif", "a/2017.tif"]
+    layers = converted["demo_stack"]["stack_band_2"]
+    assert [str(t) for t in layers] == ["2013-01-01", "2017-01-01"]
+    first, second = (layer.data.values for layer in layers.values())
+    assert first.shape == (40, 40) and not np.array_equal(first, second)  # a field per year
+    assert 0 <= first.min() < first.max() <= 5 and np.isfinite(first).all()
+    x = layers[min(layers)].data["x"].values
+    assert x[0] == -1600000 + 5000 and x[-1] == -1200000 - 5000
+
+
+def test_described_gmt_grid_has_gridline_nodes(described):
+    _, converted = described
+    (layer,) = converted["demo_gmt"]["gmt_z"].values()
+    x, y = layer.data["x"].values, layer.data["y"].values
+    assert (x[0], x[-1], y[0], y[-1]) == (-2400000, -900000, -1400000, 300000)
+    assert "gridline registration" in layer.description
+    values = layer.data.values
+    assert 0.5 < np.isfinite(values).mean() < 0.9  # valid_fraction 0.7
+    assert -30 <= np.nanmin(values) < np.nanmax(values) <= -5
+
+
+def test_described_latlon_netcdf_holds_each_variable(described):
+    _, converted = described
+    (a,) = converted["demo_latlon"]["lat_a"].values()
+    (b,) = converted["demo_latlon"]["lat_b"].values()
+    assert a.data.shape == b.data.shape == (36, 140)
+    assert (np.diff(a.data["y"].values) > 0).all() and a.data["y"].values[0] == -81.75
+    assert not np.array_equal(a.data.values, b.data.values)
+    assert 10 <= float(a.data.min()) < float(a.data.max()) <= 90
+
+
+def test_described_polygons_carry_the_recipe_classes(described, described_spec):
+    folder, converted = described
+    with zipfile.ZipFile(folder / "shapes.zip") as archive:
+        assert sorted(archive.namelist()) == [
+            f"shapes/shapes.{ext}" for ext in ("cpg", "dbf", "prj", "shp", "shx")
+        ]
+    (shapes,) = converted["demo_shapes"]["shapes"].values()
+    assert len(shapes.frame) == 40 and set(shapes.frame["code"]) == {1, 2}
+    assert shapes.frame.is_valid.all()
+    xmin, ymin, xmax, ymax = shapes.frame.total_bounds
+    assert -1800000 <= xmin and xmax <= -1000000 and -1000000 <= ymin and ymax <= -200000
+    (areas,) = converted["demo_geojson"]["areas"].values()
+    assert len(areas.frame) == 25 and set(areas.frame["code"]) == {1}
+    assert areas.frame.crs.to_epsg() == 3031

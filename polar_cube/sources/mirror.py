@@ -168,14 +168,15 @@ def serve_mirror_forever(
 
 def mirror_url(url: str, mirror: str) -> str:
     """Map a source URL (http(s), file:// or a plain path) onto the mirror by its file name."""
-    name = _file_name(str(url))
+    name = served_file_name(str(url))
     if not name:
         raise ValueError(f"cannot map {url!r} onto a mirror: it has no file name")
     return mirror.rstrip("/") + "/" + quote(name, safe="")
 
 
-def _file_name(url: str) -> str:
-    """The last path segment, percent-decoded for URLs, literal for plain paths."""
+def served_file_name(url: str) -> str:
+    """The file a mirror serves for `url`: its last path segment, percent-decoded for URLs,
+    literal for plain paths."""
     parts = urlsplit(url)
     if parts.scheme.lower() in ("http", "https", "file"):
         return unquote(parts.path.rstrip("/").rsplit("/", 1)[-1])

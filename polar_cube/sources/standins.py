@@ -1,11 +1,17 @@
-"""Deterministic stand-ins for the Polar Data Cube's ten source downloads.
+"""Deterministic stand-ins for the Polar Data Cube's source downloads.
 
 The real files cannot be downloaded here, so :func:`make_standins` writes files with the real
 names, formats and archive layouts and with plausible values (see /work/shared/SOURCES.md).
 Every value is a deterministic function of the seed constants below and of (x, y), so each
 run writes the same bytes. Scales: ``small`` (seconds, for tests) and ``full`` (real sizes).
 
-Files (flat in ``out_dir``):
+A source whose spec entry has a ``standin`` description (`polar_cube.spec.GridStandin`,
+`PolygonStandin`) gets a generic stand-in of its format (:func:`write_described_standin`):
+the files its variables read, inside the spec's archive type, under the download's name.
+No code is needed for a new source. The ten real sources keep their hand-made writers
+(:data:`REALISTIC_WRITERS`, by download file name).
+
+Files of the ten real sources (flat in ``out_dir``):
 
 - ``{200,300}km_Dziadek_etal_CurieDepth_Results.nc``, ``{200,300}km_GHF_windowCenters.nc``,
   ``{200,300}km_GHF_uncertainty.nc``: GMT classic ("cf") netCDF grids, NETCDF3_CLASSIC, first
@@ -43,8 +49,9 @@ import io
 import tarfile
 import tempfile
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Literal
+from statistics import NormalDist
 
 import geopandas as gpd
 import netCDF4
@@ -57,11 +64,22 @@ from rasterio.transform import Affine
 from rasterio.windows import Window
 from scipy import ndimage
 
-Scale = Literal["small", "full"]
+from polar_cube.sources.mirror import served_file_name
+from polar_cube.spec import (
+    SCALES,
+    CubeSpec,
+    GridStandin,
+    PolygonStandin,
+    Scale,
+    SourceSpec,
+    SpecError,
+    VariableSpec,
+)
 
 CUBE_BBOX = (-2602500.0, -1626000.0, -649500.0, 495000.0)  # xmin, ymin, xmax, ymax
 EPSG_3031 = "EPSG:3031"
 FIXED_TIME = (2022, 1, 10, 0, 0, 0)  # timestamp stamped into every archive member
+FIXED_MTIME = 1641772800  # the same, as a tar member's mtime
 GMT_SPACING = {"full": 10000.0, "small": 20000.0}
 MAG_PIXEL = {"full": 250.0, "small": 3000.0}
 MAG_BLOCK_ROWS = 512
@@ -349,7 +367,7 @@ def write_thwaites_tar(path: Path) -> Path:
             for year, size, shift in ((2013, 0.78, (0.0, 0.0)), (2017, 0.62, (1500.0, -2000.0))):
                 data = _mask_tif_bytes(_lake_mask(bounds, 400 + 10 * i, size, shift), bounds)
                 info = tarfile.TarInfo(f"Thw{lake}_{year}_mask.tif")
-                info.size, info.mtime, info.mode = len(data), 1641772800, 0o644
+                info.size, info.mtime, info.mode = len(data), FIXED_MTIME, 0o644
                 tar.addfile(info, io.BytesIO(data))
     return path
 
@@ -372,17 +390,20 @@ def _lake_polygons(rng: np.random.Generator, n: int) -> list[shapely.Polygon]:
     for k in which:
         x0, y0 = _cluster_point(rng, LAKE_CLUSTERS[k])
         diameter = np.exp(rng.uniform(np.log(50.0), np.log(3000.0)))
-        n_vert = int(np.clip(diameter / 40.0, 8, 40))
-        t = np.linspace(0.0, 2 * np.pi, n_vert, endpoint=False)
-        r = (1.0 + 0.6 * rng.uniform() * np.cos(t) ** 2) * rng.uniform(0.9, 1.1, n_vert)
-        for harmonic in range(2, 6):  # radius stays > 0: the blob is star-shaped, so valid
-            r += rng.uniform(0.0, 0.3 / harmonic) * np.cos(harmonic * t + rng.uniform(0, 7))
-        r *= diameter / 2 / r.max()
-        turn = rng.uniform(0, np.pi)
-        polygons.append(
-            shapely.Polygon(np.c_[x0 + r * np.cos(t + turn), y0 + r * np.sin(t + turn)])
-        )
+        polygons.append(_blob(rng, x0, y0, diameter))
     return polygons
+
+
+def _blob(rng: np.random.Generator, x0: float, y0: float, diameter: float) -> shapely.Polygon:
+    """An irregular star-shaped (hence valid) polygon of `diameter` centred on (x0, y0)."""
+    n_vert = int(np.clip(diameter / 40.0, 8, 40))
+    t = np.linspace(0.0, 2 * np.pi, n_vert, endpoint=False)
+    r = (1.0 + 0.6 * rng.uniform() * np.cos(t) ** 2) * rng.uniform(0.9, 1.1, n_vert)
+    for harmonic in range(2, 6):  # radius stays > 0
+        r += rng.uniform(0.0, 0.3 / harmonic) * np.cos(harmonic * t + rng.uniform(0, 7))
+    r *= diameter / 2 / r.max()
+    turn = rng.uniform(0, np.pi)
+    return shapely.Polygon(np.c_[x0 + r * np.cos(t + turn), y0 + r * np.sin(t + turn)])
 
 
 def _channel_polygons(rng: np.random.Generator, n: int) -> list[shapely.Polygon]:
@@ -443,6 +464,13 @@ def _kml(frame: gpd.GeoDataFrame) -> str:
     )
 
 
+def _fixed_date_dbf(dbf: Path) -> bytes:
+    """The .dbf's bytes with its "last update" date set to FIXED_TIME's (it is today's)."""
+    data = bytearray(dbf.read_bytes())
+    data[1:4] = bytes([FIXED_TIME[0] - 1900, FIXED_TIME[1], FIXED_TIME[2]])
+    return bytes(data)
+
+
 def write_wais_zip(path: Path, scale: Scale) -> Path:
     """Corr et al. (2022) zip: shapefile set, GeoJSON and KMZ under ``WAIS_Max_Extent/``."""
     frame = _wais_frame(scale)
@@ -450,10 +478,8 @@ def write_wais_zip(path: Path, scale: Scale) -> Path:
     with tempfile.TemporaryDirectory() as tmp:
         shp = Path(tmp) / f"{stem}.shp"
         frame.to_file(shp, driver="ESRI Shapefile", engine="pyogrio", encoding="UTF-8")
-        dbf = bytearray(shp.with_suffix(".dbf").read_bytes())
-        dbf[1:4] = bytes([FIXED_TIME[0] - 1900, FIXED_TIME[1], FIXED_TIME[2]])  # update date
         members = {f"{stem}{ext}": shp.with_suffix(ext).read_bytes() for ext in (".shp", ".shx")}
-        members[f"{stem}.dbf"] = bytes(dbf)
+        members[f"{stem}.dbf"] = _fixed_date_dbf(shp.with_suffix(".dbf"))
         members[f"{stem}.prj"] = WAIS_PRJ.encode()
         members[f"{stem}.cpg"] = b"UTF-8"
         geojson = Path(tmp) / f"{stem}.geojson"
@@ -523,18 +549,256 @@ def write_smos_nc(path: Path) -> Path:
     return path
 
 
+# --------------------------------------------------------------------------- described stand-ins
+GRID_BLOCK_ROWS = 512  # GeoTIFF stand-ins are computed and written in blocks of rows
+
+
+def files_read(spec: CubeSpec, source: SourceSpec) -> dict[str, list[VariableSpec]]:
+    """{file inside the download: the variables reading it}, in file-name order."""
+    readers: dict[str, list[VariableSpec]] = {}
+    for variable in spec.variables_of(source.id):
+        for name in variable.files_by_time.values():
+            readers.setdefault(name, []).append(variable)
+    return dict(sorted(readers.items()))
+
+
+def described_field(
+    x: np.ndarray, y: np.ndarray, standin: GridStandin, seed: int, mask_seed: int
+) -> np.ndarray:
+    """float32 values within ``standin.values`` at cell centres x (columns), y (rows), NaN
+    outside a smooth footprint covering about ``standin.valid_fraction`` of the cells."""
+    low, high = standin.values
+    field = smooth_field(x, y, seed=seed, wavelengths=standin.wavelengths)
+    values = low + (high - low) * (0.5 + 0.5 * np.tanh(field))
+    if standin.valid_fraction < 1:
+        longest = standin.wavelengths[1]
+        footprint = smooth_field(x, y, seed=mask_seed, wavelengths=(longest / 2, 2 * longest))
+        values[footprint > NormalDist().inv_cdf(standin.valid_fraction)] = np.nan
+    return values.astype(np.float32)
+
+
+def _grid_axes(
+    standin: GridStandin, scale: Scale, gridline: bool = False
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """x (west to east) and y (north to south) of the cell centres, or of the nodes on the
+    bounds for a gridline-registered grid; and the cell size."""
+    xmin, ymin, xmax, ymax = standin.bounds
+    size = standin.pixel_size[scale]
+    inset = 0.0 if gridline else size / 2
+    nx = round((xmax - xmin) / size) + gridline
+    ny = round((ymax - ymin) / size) + gridline
+    return xmin + inset + size * np.arange(nx), ymax - inset - size * np.arange(ny), size
+
+
+def _write_described_geotiff(
+    path: Path, standin: GridStandin, scale: Scale, crs: str, seeds: list[int], mask_seed: int
+) -> None:
+    """A tiled float32 GeoTIFF, one band per seed, NaN as nodata, written in row blocks."""
+    x, y, size = _grid_axes(standin, scale)
+    profile = dict(
+        driver="GTiff",
+        width=x.size,
+        height=y.size,
+        count=len(seeds),
+        dtype="float32",
+        crs=crs,
+        transform=Affine(size, 0.0, standin.bounds[0], 0.0, -size, standin.bounds[3]),
+        nodata=np.nan,
+        tiled=True,
+        blockxsize=256,
+        blockysize=256,
+    )
+    with rasterio.open(path, "w", **profile) as dst:
+        for row in range(0, y.size, GRID_BLOCK_ROWS):
+            rows = y[row : row + GRID_BLOCK_ROWS]
+            window = Window(0, row, x.size, rows.size)
+            for band, seed in enumerate(seeds, start=1):
+                dst.write(described_field(x, rows, standin, seed, mask_seed), band, window=window)
+
+
+def _write_described_gmt(
+    path: Path, standin: GridStandin, scale: Scale, seed: int, mask_seed: int, units: str
+) -> None:
+    gridline = standin.registration == "gridline"
+    x, y, size = _grid_axes(standin, scale, gridline)
+    xmin, ymin, xmax, ymax = standin.bounds
+    write_gmt_grid(
+        path,
+        described_field(x, y, standin, seed, mask_seed),
+        x_range=(xmin, xmax),
+        y_range=(ymin, ymax),
+        spacing=(size, size),
+        node_offset=0 if gridline else 1,
+        title=f"{path.stem} (synthetic stand-in)",
+        z_units=units,
+    )
+
+
+def _write_described_latlon(
+    path: Path, standin: GridStandin, scale: Scale, layers: dict[str, tuple[int, str]], mask: int
+) -> None:
+    """netCDF-4 with ascending 1-D lat/lon axes and one float32 variable per `layers` entry
+    ({name: (seed, units)})."""
+    lon, lat_north_first, _ = _grid_axes(standin, scale)
+    lat = lat_north_first[::-1].copy()
+    with netCDF4.Dataset(path, "w", format="NETCDF4") as ds:
+        ds.title = f"{path.stem} (synthetic stand-in)"
+        ds.Conventions = "CF-1.8"
+        for name, values, units in (("lat", lat, "degrees_north"), ("lon", lon, "degrees_east")):
+            ds.createDimension(name, values.size)
+            var = ds.createVariable(name, "f8", (name,))
+            var.units, var.standard_name = units, "latitude" if name == "lat" else "longitude"
+            var[:] = values
+        for name, (seed, units) in layers.items():
+            var = ds.createVariable(name, "f4", ("lat", "lon"), fill_value=np.float32(np.nan))
+            var.units = units
+            var[:] = described_field(lon, lat, standin, seed, mask)
+
+
+def _described_polygons(
+    standin: PolygonStandin, scale: Scale, variables: list[VariableSpec], seed: int, crs: str
+) -> gpd.GeoDataFrame:
+    """Blobs scattered over the bounds; each variable's attribute gets one of its classes."""
+    rng = np.random.default_rng(seed)
+    xmin, ymin, xmax, ymax = standin.bounds
+    small, large = standin.diameters
+    count = standin.count[scale]
+    margin_x, margin_y = (min(large / 2, (hi - lo) / 2) for lo, hi in ((xmin, xmax), (ymin, ymax)))
+    x0 = rng.uniform(xmin + margin_x, xmax - margin_x, count)
+    y0 = rng.uniform(ymin + margin_y, ymax - margin_y, count)
+    diameters = np.exp(rng.uniform(np.log(small), np.log(large), count))
+    geometries = [_blob(rng, x, y, d) for x, y, d in zip(x0, y0, diameters, strict=True)]
+    columns: dict[str, object] = {"ID": np.arange(1, count + 1, dtype=np.int32)}
+    for variable in variables:
+        columns[variable.source_variable] = rng.choice(sorted(variable.classes), count)
+    return gpd.GeoDataFrame(columns, geometry=geometries, crs=crs)
+
+
+def _write_described_polygons(path: Path, frame: gpd.GeoDataFrame) -> list[Path]:
+    """A shapefile set (.shp .shx .dbf .prj .cpg) or a GeoJSON file; return the files."""
+    if path.suffix.lower() == ".geojson":
+        frame.to_file(path, driver="GeoJSON", engine="pyogrio")
+        return [path]
+    frame.to_file(path, driver="ESRI Shapefile", engine="pyogrio", encoding="UTF-8")
+    path.with_suffix(".dbf").write_bytes(_fixed_date_dbf(path.with_suffix(".dbf")))
+    return sorted(p for p in path.parent.glob(f"{path.stem}.*") if p.is_file())
+
+
+def _write_described_file(
+    path: Path,
+    source: SourceSpec,
+    variables: list[VariableSpec],
+    scale: Scale,
+    seed: int,
+) -> list[Path]:
+    """One file of a described source (each layer seeded from `seed`); return the files
+    written (a shapefile is several)."""
+    standin = source.standin
+    if isinstance(standin, PolygonStandin):
+        frame = _described_polygons(standin, scale, variables, seed, source.source_crs)
+        return _write_described_polygons(path, frame)
+    assert isinstance(standin, GridStandin)
+    mask_seed = seed + 99  # one footprint shared by the file's layers
+    if source.source_format == "geotiff":
+        bands = max(int(v.source_variable or 1) for v in variables)
+        seeds = [seed + band for band in range(bands)]
+        _write_described_geotiff(path, standin, scale, source.source_crs, seeds, mask_seed)
+    elif source.source_format == "gmt_netcdf":
+        _write_described_gmt(path, standin, scale, seed, mask_seed, variables[0].units)
+    else:
+        names = sorted({v.source_variable: v.units for v in variables}.items())
+        layers = {name: (seed + k, units) for k, (name, units) in enumerate(names)}
+        _write_described_latlon(path, standin, scale, layers, mask_seed)
+    return [path]
+
+
+def write_described_standin(
+    spec: CubeSpec, source: SourceSpec, out_dir: Path, scale: Scale
+) -> Path:
+    """The download of `source` from its spec `standin` description: the files its variables
+    read (each time step its own field), packed into its tar or zip when it has one, written
+    as ``out_dir / <the download URL's file name>``."""
+    if source.standin is None:
+        raise SpecError(f"source {source.id!r}: has no 'standin' description")
+    target = out_dir / served_file_name(source.download_url)
+    readers = files_read(spec, source)
+    if not readers:
+        raise SpecError(f"source {source.id!r}: no variable reads it, so no stand-in is made")
+    if source.compression_format is None:
+        variables = next(iter(readers.values()))
+        _write_described_file(target, source, variables, scale, source.standin.seed)
+        return target
+    with tempfile.TemporaryDirectory() as tmp:
+        members: dict[str, bytes] = {}
+        for number, (name, variables) in enumerate(readers.items()):
+            path = Path(tmp) / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            seed = source.standin.seed + 1000 * number
+            for written in _write_described_file(path, source, variables, scale, seed):
+                members[written.relative_to(tmp).as_posix()] = written.read_bytes()
+    if source.compression_format == "zip":
+        target.write_bytes(_zip_bytes(dict(sorted(members.items()))))
+    else:
+        _write_tar(target, members)
+    return target
+
+
+def _write_tar(path: Path, members: dict[str, bytes]) -> None:
+    """A deterministic tar (fixed timestamps, sorted members)."""
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, data in sorted(members.items()):
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime, info.mode = len(data), FIXED_MTIME, 0o644
+            tar.addfile(info, io.BytesIO(data))
+
+
 # --------------------------------------------------------------------------- entry point
-def make_standins(out_dir: Path, scale: Scale = "small") -> list[Path]:
-    """Write every stand-in source file into out_dir (flat: the 10 download files); return
-    their paths. Idempotent: overwrites."""
-    if scale not in ("small", "full"):
+GHF_FILES = tuple(
+    f"{km}km_{name}.nc"
+    for km in (200, 300)
+    for name in ("Dziadek_etal_CurieDepth_Results", "GHF_windowCenters", "GHF_uncertainty")
+)
+MAGNETIC_FILE = "ASE_MagneticCompilation_Dziadeketal_250m.tif"
+THWAITES_FILE = "Malczyk_etal_2020_data_v2.tar"
+WAIS_FILE = "WAIS_Max_Extent.zip"
+SMOS_FILE = "SMOS_IceThickness_2015_300.nc"
+RealisticWriter = Callable[[Path, Scale], list[Path]]
+# The ten real sources' hand-made writers, by download file name (one writer makes all six
+# GMT grids): sources with these file names and no `standin` description get them.
+REALISTIC_WRITERS: dict[str, RealisticWriter] = {
+    **{name: write_ghf_grids for name in GHF_FILES},
+    MAGNETIC_FILE: lambda out, scale: [write_magnetic_tif(out / MAGNETIC_FILE, scale)],
+    THWAITES_FILE: lambda out, scale: [write_thwaites_tar(out / THWAITES_FILE)],
+    WAIS_FILE: lambda out, scale: [write_wais_zip(out / WAIS_FILE, scale)],
+    SMOS_FILE: lambda out, scale: [write_smos_nc(out / SMOS_FILE)],
+}
+
+
+def make_standins(
+    out_dir: Path, scale: Scale = "small", spec: CubeSpec | None = None
+) -> list[Path]:
+    """Write a stand-in of every source download into out_dir (flat, each under its download
+    URL's file name, as the mirror serves them); return their paths. Without `spec`: the ten
+    real sources. A source with a `standin` description gets a described stand-in, one
+    without it the realistic writer of its file name. Idempotent: overwrites."""
+    if scale not in SCALES:
         raise ValueError(f"scale must be 'small' or 'full', not {scale!r}")
+    sources = [] if spec is None else spec.sources
+    described = [s for s in sources if s.standin is not None]
+    realistic = [s for s in sources if s.standin is None]
+    missing = [s.id for s in realistic if served_file_name(s.download_url) not in REALISTIC_WRITERS]
+    if missing:
+        raise SpecError(
+            f"no stand-in for source(s) {', '.join(missing)}: describe one in the source's "
+            "'standin' entry (see docs/adding-a-source.md)"
+        )
+    if spec is None:
+        writers = dict.fromkeys(REALISTIC_WRITERS.values())
+    else:
+        names = [served_file_name(s.download_url) for s in realistic]
+        writers = dict.fromkeys(REALISTIC_WRITERS[name] for name in names)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    return [
-        *write_ghf_grids(out_dir, scale),
-        write_magnetic_tif(out_dir / "ASE_MagneticCompilation_Dziadeketal_250m.tif", scale),
-        write_thwaites_tar(out_dir / "Malczyk_etal_2020_data_v2.tar"),
-        write_wais_zip(out_dir / "WAIS_Max_Extent.zip", scale),
-        write_smos_nc(out_dir / "SMOS_IceThickness_2015_300.nc"),
-    ]
+    paths = [path for writer in writers for path in writer(out_dir, scale)]
+    paths += [write_described_standin(spec, s, out_dir, scale) for s in described]
+    return list(dict.fromkeys(paths))
