@@ -7,6 +7,7 @@ import errno
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 
 class OptionError(ValueError):
@@ -49,6 +50,18 @@ def writing_to(where: str | os.PathLike) -> Iterator[None]:
             f" ({error.filename})" if error.filename and str(error.filename) != str(where) else ""
         )
         raise TargetError(f"{where}: cannot write: {problem}{detail}") from None
+
+
+def read_input_file(path: Path, what: str, error: type[Exception]) -> str:
+    """The text of a file the user named (`what`: "spec file", …); one that is missing or
+    cannot be read raises `error` naming it."""
+    try:
+        return path.read_text()
+    except FileNotFoundError:
+        raise error(f"{path}: {what} not found") from None
+    except (OSError, UnicodeDecodeError) as problem:
+        detail = problem.strerror if isinstance(problem, OSError) else "not a text file"
+        raise error(f"{path}: cannot read the {what}: {detail}") from None
 
 
 def describe_os_error(error: OSError) -> str:

@@ -33,6 +33,8 @@ from pydantic import (
 from pyproj import CRS
 from pyproj.exceptions import CRSError
 
+from polar_cube.errors import read_input_file
+
 SourceFormat = Literal["gmt_netcdf", "geotiff", "latlon_netcdf", "polygons"]
 ResamplingMethod = Literal["linear", "nearest"]
 Scale = Literal["small", "full"]  # stand-in sizes: `small` for tests, `full` the real size
@@ -455,9 +457,7 @@ def load_spec(path: str | Path) -> CubeSpec:
     """Read and validate cube.geojson; raise SpecError naming the file and each bad field."""
     path = Path(path)
     try:
-        document = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise SpecError(f"{path}: spec file not found") from None
+        document = json.loads(read_input_file(path, "spec file", SpecError))
     except json.JSONDecodeError as error:
         raise SpecError(f"{path}: not valid JSON: {error}") from None
     if not isinstance(document, dict) or document.get("type") != "Feature":

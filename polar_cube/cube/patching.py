@@ -15,6 +15,7 @@ import xarray as xr
 import yaml
 
 from polar_cube.dataset import software_version
+from polar_cube.errors import read_input_file
 from polar_cube.location import StoreLocation
 from polar_cube.zarr_store import NCZARR_ATTR, VALUE_TYPED_ATTRS, typed_attrs
 
@@ -33,9 +34,7 @@ def load_patch(path: str | Path) -> dict[str, dict[str, Any]]:
 
     path = Path(path)
     try:
-        document = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise PatchError(f"{path}: patch file not found") from None
+        document = yaml.safe_load(read_input_file(path, "patch file", PatchError))
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
