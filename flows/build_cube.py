@@ -114,7 +114,7 @@ def build_cube(
         if reused:
             logger.info("%s is already current; nothing to rebuild", location.url(spec.data_id))
         else:
-            staged = merge_cube(location, spec, grid, address)
+            staged = merge_cube(location, spec, grid, patch, address)
             patch_cube(location, spec, staged, patch, patch_path)
             verify_staged_cube(location, staged, spec, grid)
             publish_cube(location, spec, staged)

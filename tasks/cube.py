@@ -74,11 +74,15 @@ def upload_dataset(cube: Path, location: StoreLocation) -> UploadResult:
     cache_policy=NO_CACHE,
 )
 def merge_cube(
-    location: StoreLocation, spec: CubeSpec, grid: TargetGrid, dask_address: str | None = None
+    location: StoreLocation,
+    spec: CubeSpec,
+    grid: TargetGrid,
+    patch: dict,
+    dask_address: str | None = None,
 ) -> steps.StagedCube:
     started = time.monotonic()
     with _writing(location, location.url(".staging")), dask_compute(dask_address):
-        staged = steps.stage_merged_cube(location, spec, grid)
+        staged = steps.stage_merged_cube(location, spec, grid, patch)
     get_run_logger().info(
         "%s and %s %s in %.1f s",
         location.url(staged.key),

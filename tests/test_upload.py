@@ -87,3 +87,49 @@ def test_a_cube_without_consolidated_metadata_is_refused(cube, tmp_path):
     (cube / ".zmetadata").unlink()
     with pytest.raises(upload.UploadError, match=r"lakes.zarr: not a complete cube"):
         upload_cube(cube, StoreLocation.local(tmp_path / "store"))
+
+
+def test_files_arrive_levels_first_chunks_before_metadata_and_markers_last(
+    cube, tmp_path, monkeypatch
+):
+    store = tmp_path / "store"
+    remote, remote_levels = uploaded(store)
+    real_replace, arrived = upload.replace_file, []
+
+    def recording(source, target):
+        real_replace(source, target)
+        arrived.append(target)
+
+    monkeypatch.setattr(upload, "replace_file", recording)
+    upload_cube(cube, StoreLocation.local(store))
+    levels = [
+        p.relative_to(remote_levels).as_posix() for p in arrived if remote_levels in p.parents
+    ]
+    cube_files = [p.relative_to(remote).as_posix() for p in arrived if remote in p.parents]
+    assert arrived == [remote_levels / k for k in levels] + [remote / k for k in cube_files]
+    for keys, marker in ((levels, ".zlevels"), (cube_files, ".zmetadata")):
+        assert keys[-1] == marker
+        kinds = [is_metadata(k) for k in keys]
+        assert kinds == sorted(kinds)  # every chunk (False) before any metadata (True)
+    assert not all(is_metadata(k) for k in cube_files)
+    assert sorted(levels) == sorted(local_files(levels_path(cube)))
+    assert sorted(cube_files) == sorted(local_files(cube))
+
+
+def test_damaged_remote_levels_are_sent_again_even_when_the_cube_is_the_same(cube, tmp_path):
+    store = StoreLocation.local(tmp_path / "store")
+    upload_cube(cube, store)
+    remote, remote_levels = uploaded(tmp_path / "store")
+    chunk = next(p for p in sorted(remote_levels.rglob("*")) if p.is_file() and p.name[0] != ".")
+    chunk.unlink()
+    cube_files = {p: p.stat().st_mtime_ns for p in remote.rglob("*")}
+    assert not upload_cube(cube, store).skipped
+    assert local_files(remote_levels) == local_files(levels_path(cube))
+    assert {p: p.stat().st_mtime_ns for p in remote.rglob("*")} == cube_files  # cube kept
+
+
+def test_local_levels_without_their_marker_are_refused(cube, tmp_path):
+    (levels_path(cube) / ".zlevels").unlink()
+    with pytest.raises(upload.UploadError, match=r"lakes.levels: not complete overview levels"):
+        upload_cube(cube, StoreLocation.local(tmp_path / "store"))
+    assert not (tmp_path / "store").exists()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import glob
 import json
 import os
 import shutil
@@ -94,7 +95,9 @@ def staging_key(final_key: str, fingerprint: str) -> str:
 def publish(location: StoreLocation, staged_key: str, final_key: str) -> str:
     """Move the staged cube (or levels folder) to `final_key`; returns the published URL."""
     if location.is_local:
-        replace_directory(Path(location.path(staged_key)), Path(location.path(final_key)))
+        final = Path(location.path(final_key))
+        replace_directory(Path(location.path(staged_key)), final)
+        _remove_swap_leftovers(final)
         return location.url(final_key)
     fs = location.fs
     source, target = location.path(staged_key), location.path(final_key)
@@ -146,8 +149,16 @@ def withdraw(location: StoreLocation, key: str) -> None:
             hidden = folder.with_name(f".{folder.name}.old-{uuid.uuid4().hex[:8]}")
             folder.rename(hidden)
             shutil.rmtree(hidden, ignore_errors=True)
+        _remove_swap_leftovers(folder)
         return
     _hide(location, key, remote_files(location, key))
+
+
+def _remove_swap_leftovers(folder: Path) -> None:
+    """Remove the hidden old versions (`.<name>.old-*`) of a local `folder` that a publish or
+    withdrawal killed between its rename and the removal left behind."""
+    for leftover in folder.parent.glob(f"{glob.escape(f'.{folder.name}')}.old-*"):
+        shutil.rmtree(leftover, ignore_errors=True)
 
 
 def _hide(location: StoreLocation, key: str, stored: dict[str, int]) -> list[str]:

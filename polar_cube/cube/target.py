@@ -123,16 +123,26 @@ def cube_is_current(location: StoreLocation, spec: CubeSpec, grid: TargetGrid, p
     return is_published(location, spec, current_fingerprint(location, spec, grid), patch)
 
 
-def stage_merged_cube(location: StoreLocation, spec: CubeSpec, grid: TargetGrid) -> StagedCube:
+def stage_merged_cube(
+    location: StoreLocation, spec: CubeSpec, grid: TargetGrid, patch: dict | None = None
+) -> StagedCube:
     """Merge the inputs and their overview levels into staging names (reusing identical
-    complete ones) by copying their stored chunk objects, never decoding them."""
+    complete ones) by copying their stored chunk objects, never decoding them.
+
+    `patch`: the patch the staged cube is about to get. A staged cube that an interrupted
+    run patched with another one is merged again: a patch sets and deletes attributes, it
+    cannot take back what an earlier patch set.
+    """
     inputs = open_inputs(location, spec)
     fingerprint = cube_fingerprint(spec, grid, inputs)
     key = staging_key(spec.data_id, fingerprint)
     staged_levels = staging_key(levels_key(spec), fingerprint)
     remove_stale_staging(location, spec.data_id, keep=key)
     remove_stale_staging(location, levels_key(spec), keep=staged_levels)
-    cube_reused = zarr_attrs(location, key).get(FINGERPRINT_ATTR) == fingerprint
+    attrs = zarr_attrs(location, key)
+    cube_reused = attrs.get(FINGERPRINT_ATTR) == fingerprint and (
+        patch is None or attrs.get(PATCH_ATTR) in (None, patch_digest(patch))
+    )
     if not cube_reused:
         if location.exists(key):
             location.fs.rm(location.path(key), recursive=True)  # an interrupted write
