@@ -16,6 +16,11 @@ its exact position (`lattice_transform`).
 
 Downsampling (a target coarser than the source, e.g. a quick 1 km run from 250 m) samples
 points: GDAL instead widens its kernel there. At the cube's 100 m every source is coarser.
+
+Hand-written rather than rioxarray's `reproject` or odc-geo: those warp through GDAL on a
+whole array (or need the source in a GDAL-readable file per chunk), where this one is a
+dask graph reading only each chunk's source window, also from non-uniform netCDF axes and
+GMT grids, in bounded memory, and it agrees with gdalwarp (`tests/test_reprojection.py`).
 """
 
 from __future__ import annotations
