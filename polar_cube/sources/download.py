@@ -4,8 +4,8 @@ This is the only retry layer: a failed attempt is resumed with a Range request.
 
 Hand-written on httpx rather than fsspec's HTTP filesystem or pooch: neither resumes a
 broken transfer with Range requests (checking the server's Content-Range against the
-resume offset), bounds each attempt by a stall timeout, or checks size and sha256 before a
-file counts as downloaded, which is what keeps bad bytes out of the cache.
+resume offset) nor bounds each attempt by a stall timeout. A file counts as downloaded only
+with the expected size and sha256: that is what keeps bad bytes out of the cache.
 """
 
 from __future__ import annotations
