@@ -251,9 +251,8 @@ def prefect_server(workdir: Path, port: int) -> Iterator[None]:
 @contextmanager
 def fresh_bucket(workdir: Path) -> Iterator[None]:
     """A new SeaweedFS with an empty bucket and the blocks for it; removed afterwards."""
-    from polar_cube.tasks.blocks import save_blocks
-
     from polar_cube.servers.s3server import running_s3_server, stop_s3_server
+    from polar_cube.tasks.blocks import save_blocks
 
     state_dir = workdir / "s3"
     stop_s3_server(state_dir)  # one left by an interrupted benchmark
@@ -418,7 +417,6 @@ def main(argv: list[str] | None = None) -> int:
     plan = make_plan(parser.parse_args(argv), parser)
     _prepare_prefect_environment(plan)
     from polar_cube.deployments.operate import OpsError
-
     from polar_cube.errors import describe_os_error, user_errors
 
     began = time.monotonic()

@@ -160,10 +160,9 @@ def build_cube(args: argparse.Namespace, workdir: Path, bucket_block: str | None
 @contextmanager
 def own_bucket(workdir: Path) -> Iterator[str]:
     """A SeaweedFS of the workdir's own with a bucket and its blocks; stopped at the end."""
-    from polar_cube.tasks.blocks import save_blocks
-
     from polar_cube.servers.processes import free_port_block
     from polar_cube.servers.s3server import running_s3_server
+    from polar_cube.tasks.blocks import save_blocks
 
     with running_s3_server(workdir / "s3", port=free_port_block(8), bucket=BUCKET) as server:
         save_blocks(
@@ -180,7 +179,6 @@ def own_bucket(workdir: Path) -> Iterator[str]:
 def cube_source(args: argparse.Namespace, bucket_block: str | None):
     """(CubeSource, full storage options or None) of the cube to serve."""
     from polar_cube.cli.view import source_from_bucket_block
-
     from polar_cube.servers.viewer import source_from_folder
     from polar_cube.spec import load_spec
 

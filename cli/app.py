@@ -207,11 +207,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """Offline demo: stand-in sources on a local HTTP mirror, a local S3 server with blocks,
     the whole cube built at a reduced resolution into the bucket."""
     from polar_cube.flows.build_cube import build_cube
-    from polar_cube.tasks.blocks import save_blocks
-
     from polar_cube.preflight import check_build
     from polar_cube.servers.s3server import start_s3_server
     from polar_cube.sources.mirror import serving_mirror
+    from polar_cube.tasks.blocks import save_blocks
 
     workdir = Path(args.workdir)
     check_build(args.spec, resolution=args.resolution, folders={"--workdir": workdir})
@@ -321,7 +320,6 @@ def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
     from polar_cube.cli.lifecycle import command_lifecycle
     from polar_cube.deployments.operate import OpsError
-
     from polar_cube.errors import describe_os_error, user_errors
 
     try:

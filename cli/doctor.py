@@ -9,7 +9,6 @@ from pathlib import Path
 
 from polar_cube.cli import lifecycle
 from polar_cube.deployments import operate
-
 from polar_cube.servers import processes, s3server
 
 

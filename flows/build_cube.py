@@ -6,7 +6,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from prefect import flow, get_run_logger
+from prefect.runtime import flow_run
+
+from polar_cube.compute import dask_cluster, shares_nothing
+from polar_cube.cube import target as steps
 from polar_cube.flows.build_datasets import build_datasets, run_label
+from polar_cube.location import StoreLocation
+from polar_cube.preflight import check_build
+from polar_cube.storage import reaching_storage
+from polar_cube.target_lock import TargetLock
 from polar_cube.tasks.cube import (
     merge_cube,
     patch_cube,
@@ -17,15 +26,6 @@ from polar_cube.tasks.cube import (
     verify_stored_cube,
     write_stac,
 )
-from prefect import flow, get_run_logger
-from prefect.runtime import flow_run
-
-from polar_cube.compute import dask_cluster, shares_nothing
-from polar_cube.cube import target as steps
-from polar_cube.location import StoreLocation
-from polar_cube.preflight import check_build
-from polar_cube.storage import reaching_storage
-from polar_cube.target_lock import TargetLock
 
 DEFAULT_OUTPUT = Path("data/cube")
 

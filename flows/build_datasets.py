@@ -5,14 +5,6 @@ from __future__ import annotations
 from contextlib import nullcontext
 from pathlib import Path
 
-from polar_cube.tasks.blocks import bucket_location
-from polar_cube.tasks.datasets import (
-    convert_source,
-    resample_source,
-    stage_source_in_bucket,
-    write_dataset,
-)
-from polar_cube.tasks.download import download_source
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.runtime import flow_run
@@ -25,6 +17,14 @@ from polar_cube.location import StoreLocation
 from polar_cube.sources.fetch import default_cache_dir, needed_files
 from polar_cube.spec import CubeSpec, load_spec
 from polar_cube.target_lock import TargetLock
+from polar_cube.tasks.blocks import bucket_location
+from polar_cube.tasks.datasets import (
+    convert_source,
+    resample_source,
+    stage_source_in_bucket,
+    write_dataset,
+)
+from polar_cube.tasks.download import download_source
 
 DEFAULT_STORE = Path("data/datasets")
 

@@ -7,7 +7,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from polar_cube.tasks.retry import retry_if_transient
 from prefect import get_run_logger, task
 from prefect.artifacts import (
     create_link_artifact,
@@ -34,6 +33,7 @@ from polar_cube.levels import levels_name
 from polar_cube.location import StoreLocation
 from polar_cube.spec import CubeSpec
 from polar_cube.storage import reaching_storage
+from polar_cube.tasks.retry import retry_if_transient
 from polar_cube.zarr_store import FINGERPRINT_ATTR
 
 

@@ -7,7 +7,6 @@ import time
 from pathlib import Path
 
 import xarray as xr
-from polar_cube.tasks.retry import retry_if_transient
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import task_run
@@ -19,6 +18,7 @@ from polar_cube.grid import TargetGrid
 from polar_cube.location import StoreLocation
 from polar_cube.sources.staging import stage_source
 from polar_cube.spec import CubeSpec
+from polar_cube.tasks.retry import retry_if_transient
 from polar_cube.zarr_store import levels_path, sibling_levels
 
 

@@ -66,5 +66,7 @@ def s3_server(tmp_path_factory):
     from polar_cube.servers.s3server import running_s3_server
 
     state = tmp_path_factory.mktemp("seaweedfs")
-    with running_s3_server(state, port=free_port_block(), bucket="polar-test") as info:
+    with running_s3_server(
+        state, port=free_port_block(), bucket="polar-test", stop_timeout_seconds=2
+    ) as info:
         yield info

@@ -21,10 +21,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import xarray as xr
-from polar_cube.tasks.blocks import load_bucket, save_blocks, storage_options_from_blocks
 
 import tests.test_cube_flow as cube_flow
 from polar_cube.spec import load_spec
+from polar_cube.tasks.blocks import load_bucket, save_blocks, storage_options_from_blocks
 from tests.dask_key_recorder import KEYS_FILE_VARIABLE
 from tests.test_cube_flow import build_options, level_url, open_published
 

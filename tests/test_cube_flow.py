@@ -12,11 +12,11 @@ import time
 import numpy as np
 import pytest
 import xarray as xr
-from polar_cube.tasks.blocks import load_bucket, save_blocks, storage_options_from_blocks
 
 from polar_cube.sources.mirror import serving_mirror
 from polar_cube.spec import load_spec
 from polar_cube.storage import StorageAccessError, check_bucket_access
+from polar_cube.tasks.blocks import load_bucket, save_blocks, storage_options_from_blocks
 from tests.conftest import layer_count
 
 pytestmark = pytest.mark.slow
@@ -405,6 +405,7 @@ def test_cluster_build_equals_local_build(
     built, blocks, dask_cluster_processes, repo_spec_path, work, mirror, tmp_path
 ):
     from distributed import Client
+
     from polar_cube.flows.build_cube import build_cube
 
     options = build_options(repo_spec_path, work, mirror)

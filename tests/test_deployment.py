@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 import xarray as xr
-from polar_cube.deployments.operate import server_status, stop_server, stop_worker, worker_status
 
+from polar_cube.deployments.operate import server_status, stop_server, stop_worker, worker_status
 from polar_cube.sources.mirror import serving_mirror
 from polar_cube.spec import load_spec
 from tests.conftest import REPO, free_port_block

@@ -717,13 +717,13 @@ def test_prefect_task_takes_credentials_from_a_secret_block(serve, small_standin
     logs stored by the Prefect API (what the UI shows)."""
     import asyncio
 
-    from polar_cube.tasks.download import download_source
     from prefect import flow, get_client
     from prefect.blocks.system import Secret
     from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
     from prefect.logging.handlers import APILogWorker
 
     from polar_cube.spec import SourceSpec
+    from polar_cube.tasks.download import download_source
 
     password = "pa55-Secret-9"
     geotiff = (small_standins / MAG).read_bytes()

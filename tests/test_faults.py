@@ -457,7 +457,7 @@ def test_an_s3_server_killed_mid_upload_then_restarted(clean, tmp_path, mirror, 
     work, reference = clean
     state = tmp_path / "seaweedfs"
     port = free_port_block()
-    with running_s3_server(state, port=port, bucket="faults") as server:
+    with running_s3_server(state, port=port, bucket="faults", stop_timeout_seconds=2) as server:
         blocks = polar_cube(
             "blocks",
             "create",

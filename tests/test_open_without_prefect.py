@@ -14,8 +14,8 @@ from pathlib import Path
 
 import botocore.session
 import pytest
-from polar_cube.cli.app import _print_cube
 
+from polar_cube.cli.app import _print_cube
 from polar_cube.servers.s3server import (
     LOCAL_PROFILE,
     AwsProfileError,

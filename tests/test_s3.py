@@ -13,14 +13,8 @@ import numpy as np
 import pytest
 import s3fs
 import xarray as xr
-from polar_cube.cli.s3 import add_blocks_commands, add_s3_commands
-from polar_cube.tasks.blocks import (
-    bucket_url,
-    load_bucket,
-    save_blocks,
-    storage_options_from_blocks,
-)
 
+from polar_cube.cli.s3 import add_blocks_commands, add_s3_commands
 from polar_cube.servers.s3server import (
     S3ServerError,
     S3ServerInfo,
@@ -31,6 +25,12 @@ from polar_cube.servers.s3server import (
     stop_s3_server,
 )
 from polar_cube.storage import StorageAccessError, check_bucket_access
+from polar_cube.tasks.blocks import (
+    bucket_url,
+    load_bucket,
+    save_blocks,
+    storage_options_from_blocks,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -69,7 +69,10 @@ def free_port_block(start: int) -> int:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     with running_s3_server(
-        tmp_path_factory.mktemp("s3"), port=free_port_block(21000), bucket=BUCKET
+        tmp_path_factory.mktemp("s3"),
+        port=free_port_block(21000),
+        bucket=BUCKET,
+        stop_timeout_seconds=2,
     ) as info:
         yield info
 

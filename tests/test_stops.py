@@ -14,8 +14,8 @@ from pathlib import Path
 
 import psutil
 import pytest
-from polar_cube.cli import main
 
+from polar_cube.cli import main
 from polar_cube.servers import processes
 from polar_cube.sources.mirror import serving_mirror
 

@@ -453,7 +453,6 @@ def bucket_options(s3_server):
 def published(bucket_options, small_standins, repo_spec_path, tmp_path_factory):
     """The cube at 3000 m, built with its levels into <bucket>/view/; opened (metadata)."""
     from polar_cube.flows.build_cube import build_cube
-
     from polar_cube.sources.mirror import serving_mirror
 
     work = tmp_path_factory.mktemp("view-build")
@@ -700,7 +699,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(REPO / "docs" / "viewer.png"))
     args = parser.parse_args(argv)
     from polar_cube.cli.view import source_from_bucket_block
-
     from polar_cube.spec import load_spec
 
     name = args.cube_id or load_spec(args.spec).data_id

@@ -65,6 +65,8 @@ def start_s3_server(
     timeout_seconds: float = 90,
 ) -> S3ServerInfo:
     """Start the server (or return the one already running there); create `bucket` if given."""
+    if bucket:
+        check_bucket_name(bucket)  # before starting anything
     state_dir = Path(state_dir).resolve()
     state = _read_state(state_dir)
     if state and _is_our_server(state["pid"], state_dir):
@@ -114,12 +116,35 @@ def s3_server_status(state_dir: Path) -> S3ServerInfo | None:
 
 
 @contextmanager
-def running_s3_server(state_dir: Path, **kwargs) -> Iterator[S3ServerInfo]:
-    """Start a server, yield its info, and always stop it (for tests and scripts)."""
+def running_s3_server(
+    state_dir: Path, *, stop_timeout_seconds: float = 30, **kwargs
+) -> Iterator[S3ServerInfo]:
+    """Start a server, yield its info, and always stop it (for tests and scripts).
+
+    A throwaway server can be given a short `stop_timeout_seconds`: SeaweedFS's filer waits
+    15 s for the S3 gateway's open metadata stream before it stops on SIGTERM.
+    """
     try:
         yield start_s3_server(state_dir, **kwargs)
     finally:
-        stop_s3_server(state_dir)
+        stop_s3_server(state_dir, timeout_seconds=stop_timeout_seconds)
+
+
+_BUCKET_NAME = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+
+
+def check_bucket_name(bucket: str) -> None:
+    """S3's bucket naming rules: 3-63 lowercase letters, digits, dots and hyphens, starting
+    and ending with a letter or digit, no two dots in a row and no IP address."""
+    if (
+        not _BUCKET_NAME.fullmatch(bucket)
+        or ".." in bucket
+        or re.fullmatch(r"\d+\.\d+\.\d+\.\d+", bucket)
+    ):
+        raise S3ServerError(
+            f"bucket name {bucket!r}: S3 needs 3-63 lowercase letters, digits, dots and "
+            "hyphens, starting and ending with a letter or digit"
+        )
 
 
 def create_bucket(info: S3ServerInfo, bucket: str) -> None:
