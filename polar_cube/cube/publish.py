@@ -145,10 +145,8 @@ def withdraw(location: StoreLocation, key: str) -> None:
     removed (renamed away first), an object store's metadata deleted, marker first."""
     if location.is_local:
         folder = Path(location.path(key))
-        if folder.exists():
-            hidden = folder.with_name(f".{folder.name}.old-{uuid.uuid4().hex[:8]}")
-            folder.rename(hidden)
-            shutil.rmtree(hidden, ignore_errors=True)
+        if folder.exists():  # renamed away first: never half-removed under its name
+            folder.rename(folder.with_name(f".{folder.name}.old-{uuid.uuid4().hex[:8]}"))
         _remove_swap_leftovers(folder)
         return
     _hide(location, key, remote_files(location, key))
@@ -185,8 +183,8 @@ def remove_stale_staging(location: StoreLocation, final_key: str, keep: str) -> 
     prefix = location.path(STAGING_PREFIX)
     if not location.fs.exists(prefix):
         return
+    kept = keep.rsplit("/", 1)[-1]
     for path in location.fs.ls(prefix, detail=False):
         name = path.rstrip("/").rsplit("/", 1)[-1]
-        kept = keep.rsplit("/", 1)[-1]
         if name.startswith(f"{final_key}.") and name not in (kept, chunk_sources_key(kept)):
             location.fs.rm(path, recursive=True)
