@@ -64,6 +64,7 @@ class FetchedSource:
     # the same files in the bucket (`polar_cube.sources.staging`), for workers that cannot
     # read `folder`: the lazy layers then read from there
     staged: StoreLocation | None = None
+    downloaded: bool = False  # fetched by this run (False: reused from the cache)
 
 
 def software_version() -> str:

@@ -680,7 +680,9 @@ def test_file_cached_as_complete_by_an_earlier_version_is_fetched_again(
     logger = logging.getLogger("test.fetch")
     with serving_mirror(served) as mirror:
         url = f"{mirror}/{name}"
-        record = {"url": url, "size": 20_000, "sha256": hashlib.sha256(cached.read_bytes())}
+        identity = spec.source("geothermal_heat_flow_200km").download_url
+        record = {"identity": identity, "url": url, "size": 20_000}
+        record["sha256"] = hashlib.sha256(cached.read_bytes())
         record["sha256"] = record["sha256"].hexdigest()
         cached.with_name(name + ".meta.json").write_text(json.dumps(record))
         fetched = fetch(spec, "geothermal_heat_flow_200km", cache, mirror, logger=logger)
@@ -690,6 +692,27 @@ def test_file_cached_as_complete_by_an_earlier_version_is_fetched_again(
     assert any("is truncated" in m and "fetching again" in m for m in messages)
     assert sum(m.startswith("reusing") for m in messages) == 1
     assert again.sha256 == hashlib.sha256((served / name).read_bytes()).hexdigest()
+
+
+def test_a_mirror_on_another_address_reuses_every_cached_file(spec, small_standins, tmp_path):
+    """Issue 18: the cache is keyed by what a source is, not by the mirror's host:port."""
+    cache = tmp_path / "cache"
+    ids = ["geothermal_heat_flow_200km", "subglacial_lakes_thwaites", "magnetic_anomaly"]
+    with serving_mirror(small_standins) as first:
+        fetched = {i: fetch(spec, i, cache, first) for i in ids}
+    assert all(f.downloaded for f in fetched.values())
+    with serving_mirror(small_standins) as second:
+        assert second != first
+        again = {i: fetch(spec, i, cache, second) for i in ids}
+    assert not any(f.downloaded for f in again.values())
+    assert {i: f.sha256 for i, f in again.items()} == {i: f.sha256 for i, f in fetched.items()}
+    # the spec's own URL is the key: the same file name at another source URL is fetched
+    magnetic = spec.source("magnetic_anomaly")
+    moved = magnetic.model_copy(
+        update={"download_url": f"https://example.org/elsewhere/{magnetic.file_name}"}
+    )
+    with serving_mirror(small_standins) as third:
+        assert fetch_source(moved, cache, mirror=third).downloaded
 
 
 def test_damaged_extraction_of_a_cached_archive_is_fetched_again(

@@ -132,6 +132,7 @@ class _Job:
     """Everything one download needs, with credentials kept out of anything printable."""
 
     url: str  # without userinfo; safe to log and to hand to httpx
+    identity: str  # what the file is (the source's own URL), whichever mirror serves it
     where: str  # "label: url" prefix for messages
     dest: Path
     part: Path
@@ -169,6 +170,7 @@ def download_file(
     auth: tuple[str, str] | None = None,
     validate: Validator | None = None,
     binary: bool = True,
+    identity: str | None = None,
     attempts: int | None = None,
     backoff_seconds: float = DEFAULT_BACKOFF_SECONDS,
     timeout_seconds: float | None = None,
@@ -180,8 +182,9 @@ def download_file(
     HTML page (nor text or empty, when `binary`), and passes `validate(path, name)`, which
     raises ValueError (e.g. SourceFormatError, ArchiveError) for a file that is not usable.
     Only then is it moved to `dest` and its record `<dest>.meta.json` written; anything that
-    fails is deleted. A cached `dest` is reused only if its record names this `url` and it
-    still passes these checks; otherwise it is deleted and fetched again.
+    fails is deleted. A cached `dest` is reused only if its record names the same `identity`
+    (what the file is: the source's own URL, whichever mirror serves it; default `url`) and
+    it still passes these checks; otherwise it is deleted and fetched again.
 
     Retrying (see `retry_policy`): `attempts` requests in all, each resuming from where the
     last stopped, pausing 1, 2, 4 ... s (x `backoff_seconds`) between them. A refused
@@ -196,6 +199,7 @@ def download_file(
     scheme = urlsplit(url).scheme.lower()
     job = _Job(
         url=safe_url,
+        identity=redact_url(identity) if identity else safe_url,
         where=f"{label}: {safe_url}" if label else safe_url,
         dest=dest,
         part=dest.with_name(dest.name + ".part"),
@@ -323,8 +327,9 @@ def _reuse_cached(job: _Job) -> DownloadResult | None:
         return None
     if job.sha256 is not None and job.sha256 != digest:
         return None
-    if meta.get("url") != job.url:
-        job.log("%s: the cached copy came from %s; fetching again", job.where, meta.get("url"))
+    cached_identity = meta.get("identity", meta.get("url"))
+    if cached_identity != job.identity:
+        job.log("%s: the cached copy is of %s; fetching again", job.where, cached_identity)
         discard_download(job.dest)
         return None
     try:
@@ -334,7 +339,13 @@ def _reuse_cached(job: _Job) -> DownloadResult | None:
         job.log("cached copy is not usable (%s); fetching again", exc, level=logging.WARNING)
         discard_download(job.dest)
         return None
-    job.log("reusing %s (%d bytes, already downloaded from %s)", job.dest, size, job.url)
+    job.log(
+        "reusing %s (%d bytes, sha256 %s…, downloaded from %s)",
+        job.dest,
+        size,
+        digest[:12],
+        meta.get("url"),
+    )
     return DownloadResult(path=job.dest, url=job.url, size=size, sha256=digest, reused=True)
 
 
@@ -352,6 +363,7 @@ def _finish(job: _Job, size: int, digest: str) -> DownloadResult:
         raise
     os.replace(job.part, job.dest)
     record = {
+        "identity": job.identity,
         "url": job.url,
         "size": size,
         "sha256": digest,

@@ -89,6 +89,7 @@ def fetch_source(
             auth=auth,
             validate=validate,
             binary=fmt is not None or source.source_format != "polygons",
+            identity=source.download_url,  # a mirror on another address reuses the cache
             logger=logger,
         )
 
@@ -109,7 +110,11 @@ def fetch_source(
             except _BadArchiveContent as again:
                 raise again.error from None
     return FetchedSource(
-        source=source, folder=folder, url=source.download_url, sha256=result.sha256
+        source=source,
+        folder=folder,
+        url=source.download_url,
+        sha256=result.sha256,
+        downloaded=not result.reused,
     )
 
 
