@@ -30,18 +30,17 @@ DEFAULT_STORE = Path("data/datasets")
 
 
 def run_label(spec: CubeSpec | dict | str | None, resolution: float | None = None) -> str:
-    """`<cube id>-<resolution>m`: what the UI shows for a run (given the spec, its JSON as
-    Prefect keeps a flow's parameters, or the path to it)."""
+    """The cube's name at that resolution without `.zarr` (`polar-1km-…`): what the UI shows
+    for a run (given the spec, its JSON as Prefect keeps a flow's parameters, or the path
+    to it)."""
     try:
         if isinstance(spec, str | None):
             spec = load_spec(spec or "cube.geojson")
         if isinstance(spec, dict):
             spec = CubeSpec.model_validate(spec)
-        cube_id, spec_resolution = spec.data_id.removesuffix(".zarr"), spec.spatial_res[0]
+        return spec.at_resolution(resolution).data_id.removesuffix(".zarr")
     except Exception:  # the run itself reports a bad spec; the name must not fail first
         return "cube"
-    resolution = resolution or spec_resolution
-    return f"{cube_id}-{resolution:g}m"
 
 
 def _run_name() -> str:

@@ -46,7 +46,8 @@ def check_build(
                 f"--resolution {resolution:g}: {problem}; the bbox is properties.spatial_bbox "
                 f"of {spec_path}"
             )
-    grid = TargetGrid.from_spec(spec, resolution)
+    spec = spec.at_resolution(resolution)  # its name says the resolution
+    grid = TargetGrid.from_spec(spec)
     try:
         spec.select_sources(only)
     except SpecError as error:

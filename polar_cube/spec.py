@@ -381,6 +381,35 @@ class CubeSpec(_Strict):
         needed = {known[n].source for n in variable_names}
         return [s for s in self.sources if s.id in needed]
 
+    def at_resolution(self, resolution: float | None) -> CubeSpec:
+        """This spec on a grid of `resolution` metres (None: its own), its `data_id` naming
+        that resolution, so that cubes of different resolutions never share a name:
+        `polar-100m-…` at 1000 m becomes `polar-1km-…` (a name without the spec's own
+        resolution label gets `-1km` before `.zarr`)."""
+        own = self.spatial_res[0]
+        if resolution is None or float(resolution) == own:
+            return self
+        label, own_label = resolution_label(resolution), resolution_label(own)
+        stem, dot, suffix = self.data_id.rpartition(".")
+        if not dot:
+            stem, suffix = self.data_id, ""
+        parts = stem.split("-")
+        if own_label in parts:
+            parts[parts.index(own_label)] = label
+        else:
+            parts.append(label)
+        data_id = "-".join(parts) + (f".{suffix}" if dot else "")
+        return self.model_copy(
+            update={"data_id": data_id, "spatial_res": (float(resolution), float(resolution))}
+        )
+
+
+def resolution_label(metres: float) -> str:
+    """How a cube name says its resolution: `100m`, `250m`, `1km`, `3km`, `1500m`."""
+    if metres >= 1000 and float(metres) % 1000 == 0:
+        return f"{float(metres) / 1000:g}km"
+    return f"{float(metres):g}m"
+
 
 def resolution_problem(resolution: float, bbox: tuple[float, float, float, float]) -> str | None:
     """Why `resolution` (metres) cannot be the grid's cell size over `bbox`, or None."""

@@ -170,12 +170,14 @@ def test_the_page_builds_a_cube_with_the_new_source(tmp_path):
     assert sorted(p.name for p in (tmp_path / "datasets").glob("*.zarr")) == sorted(
         f"{s.id}.zarr" for s in spec.sources
     )
-    cube = xr.open_zarr(tmp_path / "cube" / spec.data_id, consolidated=True)
+    cube = xr.open_zarr(
+        tmp_path / "cube" / spec.at_resolution(RESOLUTION).data_id, consolidated=True
+    )
     assert set(cube.data_vars) - {"crs"} == {v.name for v in spec.variables}
     data = cube[variable.name]
     check_layer(data, source, variable, standin_values(standins / source.file_name), grid)
     assert data.attrs["color_bar_name"] == "terrain"  # from the page's patch.yaml lines
     assert data.attrs["source"] == source.download_url
-    quicklooks = tmp_path / "cube" / f"{spec.data_id.removesuffix('.zarr')}.quicklooks"
+    quicklooks = tmp_path / "cube" / f"{spec.at_resolution(RESOLUTION).data_id[:-5]}.quicklooks"
     assert len(list(quicklooks.glob("*.png"))) == layer_count(spec)
     assert (quicklooks / f"{variable.name}.png").is_file()

@@ -85,7 +85,7 @@ def test_flow_runs_are_recorded_by_the_prefect_api(built):
     import asyncio
 
     names = asyncio.run(flow_run_names())
-    assert ("datasets-polar-100m-1x2048x2048-v1.1.0-3000m", "COMPLETED") in names
+    assert ("datasets-polar-3km-1x2048x2048-v1.1.0", "COMPLETED") in names
 
 
 def test_cli_only_one_variable_and_a_missing_source(small_standins, repo_spec_path, tmp_path):

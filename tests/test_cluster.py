@@ -26,7 +26,7 @@ import tests.test_cube_flow as cube_flow
 from polar_cube.spec import load_spec
 from polar_cube.tasks.blocks import load_bucket, save_blocks, storage_options_from_blocks
 from tests.dask_key_recorder import KEYS_FILE_VARIABLE
-from tests.test_cube_flow import build_options, level_url, open_published
+from tests.test_cube_flow import RESOLUTION, build_options, level_url, open_published
 
 pytestmark = pytest.mark.slow
 
@@ -288,7 +288,7 @@ def test_per_dataset_cubes_are_written_into_the_bucket_only(
     cluster_build, cluster_blocks, repo_spec_path, work
 ):
     fs = s3(cluster_blocks)
-    spec = load_spec(repo_spec_path)
+    spec = load_spec(repo_spec_path).at_resolution(RESOLUTION)
     for source in spec.select_sources(None):
         for name in (f"{source.id}.zarr", f"{source.id}.levels"):
             assert fs.find(f"{BUCKET_FOLDER}/inputs/{name}"), name
@@ -299,7 +299,10 @@ def test_per_dataset_cubes_are_written_into_the_bucket_only(
 def test_the_published_cube_equals_a_local_build(
     cluster_build, local_build, cluster_blocks, repo_spec_path
 ):
-    assert cluster_build.url == f"s3://{BUCKET_FOLDER}/{load_spec(repo_spec_path).data_id}"
+    assert (
+        cluster_build.url
+        == f"s3://{BUCKET_FOLDER}/{load_spec(repo_spec_path).at_resolution(RESOLUTION).data_id}"
+    )
     variables = [v.name for v in load_spec(repo_spec_path).variables]
     cluster_cube = open_published(cluster_build.url, cluster_blocks)
     local_cube = xr.open_zarr(local_build.url, consolidated=True)
@@ -314,7 +317,7 @@ def test_the_published_cube_equals_a_local_build(
 
 
 def test_a_rerun_on_the_cluster_reuses_everything(cluster_rerun, cluster_build, repo_spec_path):
-    spec = load_spec(repo_spec_path)
+    spec = load_spec(repo_spec_path).at_resolution(RESOLUTION)
     assert cluster_rerun.built.reused and cluster_rerun.built.url == cluster_build.url
     before, after = lasting(cluster_rerun.before, spec), lasting(cluster_rerun.after, spec)
     for part in ("sources", "inputs", spec.data_id):

@@ -72,7 +72,7 @@ def open_published(url, options):
 
 
 def test_whole_cube_is_in_the_bucket_and_opens(built, blocks, repo_spec_path):
-    spec = load_spec(repo_spec_path)
+    spec = load_spec(repo_spec_path).at_resolution(RESOLUTION)
     assert built.url == f"s3://polar-test/cubes/{spec.data_id}"
     cube = open_published(built.url, blocks)
     for variable in spec.variables:
@@ -101,7 +101,7 @@ def test_whole_cube_is_in_the_bucket_and_opens(built, blocks, repo_spec_path):
 def test_xcube_opens_the_published_levels_in_the_bucket(built, blocks, repo_spec_path):
     from xcube.core.store import new_data_store
 
-    spec = load_spec(repo_spec_path)
+    spec = load_spec(repo_spec_path).at_resolution(RESOLUTION)
     stem = spec.data_id.removesuffix(".zarr")
     store = new_data_store("s3", root="polar-test/cubes", storage_options=blocks)
     levels = store.open_data(f"{stem}.levels", data_type="mldataset")

@@ -160,7 +160,7 @@ def test_run_completes_and_the_cube_is_in_the_bucket(finished_run, s3_server, re
         "secret": s3_server.secret_key,
         "client_kwargs": {"endpoint_url": s3_server.endpoint_url, "region_name": "us-east-1"},
     }
-    url = f"s3://polar-test/{FOLDER}/{spec.data_id}"
+    url = f"s3://polar-test/{FOLDER}/{spec.at_resolution(3000).data_id}"
     cube = xr.open_zarr(url, consolidated=True, storage_options=options)
     assert {v.name for v in spec.variables} <= set(cube.data_vars)
     assert cube.attrs["title"] == "Polar Data Cube v1.1.0"

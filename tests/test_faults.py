@@ -173,7 +173,7 @@ def cube_values(path: Path | str, options=None) -> dict[str, np.ndarray]:
 
 @pytest.fixture(scope="module")
 def data_id() -> str:
-    return load_spec(SPEC).data_id
+    return load_spec(SPEC).at_resolution(float(RESOLUTION)).data_id
 
 
 @pytest.fixture(scope="module")

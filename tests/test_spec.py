@@ -4,7 +4,7 @@ import json
 import pytest
 
 from polar_cube.grid import TargetGrid
-from polar_cube.spec import SpecError, ValidCondition, load_spec
+from polar_cube.spec import SpecError, ValidCondition, load_spec, resolution_label
 
 
 @pytest.fixture()
@@ -223,3 +223,20 @@ def test_a_standin_must_fit_the_files_its_variables_read(tmp_path, spec_document
         "source 'magnetic_anomaly' (standin): without an archive the variables read the "
         "download itself, 'ASE_MagneticCompilation_Dziadeketal_250m.tif', not 'other.tif'"
     ) in str(raised.value)
+
+
+def test_a_cube_name_says_its_resolution(repo_spec_path):
+    """Issue 18: builds at other resolutions never share the published name."""
+    spec = load_spec(repo_spec_path)
+    assert spec.at_resolution(None) is spec and spec.at_resolution(100) is spec
+    names = {r: spec.at_resolution(r).data_id for r in (250, 1000, 1500, 3000)}
+    assert names == {
+        250: "polar-250m-1x2048x2048-v1.1.0.zarr",
+        1000: "polar-1km-1x2048x2048-v1.1.0.zarr",
+        1500: "polar-1500m-1x2048x2048-v1.1.0.zarr",
+        3000: "polar-3km-1x2048x2048-v1.1.0.zarr",
+    }
+    assert spec.at_resolution(1000).spatial_res == (1000.0, 1000.0)
+    plain = spec.model_copy(update={"data_id": "my-cube.zarr"})
+    assert plain.at_resolution(3000).data_id == "my-cube-3km.zarr"
+    assert resolution_label(100) == "100m" and resolution_label(2000) == "2km"
