@@ -16,12 +16,15 @@ from polar_cube.deployments.operate import (
     DEFAULT_PARAMETERS,
     DEFAULT_POOL,
     DEFAULT_PORT,
+    DEMO_DEPLOYMENT,
+    DEMO_RESOLUTION,
     ENTRYPOINT,
     FLOW_NAME,
     REPO_ROOT,
     OpsError,
     create_pool,
     database_description,
+    demo_parameters,
     deploy_build,
     server_status,
     start_server,
@@ -36,6 +39,8 @@ from polar_cube.deployments.operate import (
 
 DEFAULT_STATE_DIR = "data/prefect"
 DEFAULT_S3_STATE_DIR = "data/s3"
+DEFAULT_MIRROR_STATE_DIR = "data/mirror"
+DEFAULT_DEMO_WORKDIR = "data/demo"
 
 
 def add_ops_commands(commands: argparse._SubParsersAction) -> None:
@@ -100,7 +105,36 @@ def _add_deploy_command(commands: argparse._SubParsersAction) -> None:
             f"{json.dumps(DEFAULT_PARAMETERS)} (the spec's resolution)."
         ),
     )
-    deploy.add_argument("--name", default=DEFAULT_DEPLOYMENT)
+    deploy.add_argument(
+        "--name", help=f"default {DEFAULT_DEPLOYMENT!r}, with --demo {DEMO_DEPLOYMENT!r}"
+    )
+    deploy.add_argument(
+        "--demo",
+        action="store_true",
+        help=(
+            "a deployment that runs with no internet: sources from the stand-in mirror "
+            "(`polar-cube sources start`), cache and per-dataset cubes in --workdir, at "
+            "--resolution"
+        ),
+    )
+    deploy.add_argument(
+        "--resolution",
+        type=float,
+        metavar="M",
+        help=f"metres (default: the spec's; with --demo {DEMO_RESOLUTION:g})",
+    )
+    deploy.add_argument(
+        "--mirror-state-dir",
+        default=DEFAULT_MIRROR_STATE_DIR,
+        metavar="DIR",
+        help=f"with --demo: of `polar-cube sources start` (default {DEFAULT_MIRROR_STATE_DIR})",
+    )
+    deploy.add_argument(
+        "--workdir",
+        default=DEFAULT_DEMO_WORKDIR,
+        metavar="DIR",
+        help=f"with --demo: download cache and per-dataset cubes (default {DEFAULT_DEMO_WORKDIR})",
+    )
     deploy.add_argument("--pool", default=DEFAULT_POOL)
     deploy.add_argument("--cron", default=DEFAULT_CRON, help=f"UTC (default {DEFAULT_CRON!r})")
     deploy.add_argument("--paused", action="store_true", help="deploy with its schedule paused")
@@ -206,14 +240,21 @@ def cmd_pool_create(args: argparse.Namespace) -> int:
 
 
 def cmd_deploy(args: argparse.Namespace) -> int:
+    name = args.name or (DEMO_DEPLOYMENT if args.demo else DEFAULT_DEPLOYMENT)
+    parameters = {}
+    if args.demo:
+        resolution = args.resolution or DEMO_RESOLUTION
+        parameters = demo_parameters(Path(args.mirror_state_dir), Path(args.workdir), resolution)
+    elif args.resolution:
+        parameters = {"resolution": args.resolution}
     deployment = deploy_build(
-        name=args.name,
+        name=name,
         pool=args.pool,
         cron=args.cron,
         paused=args.paused,
-        parameters=parse_params(args.param),
+        parameters=parameters | parse_params(args.param),
     )
-    full_name = f"{FLOW_NAME}/{args.name}"
+    full_name = f"{FLOW_NAME}/{name}"
     print(f"deployed {full_name} (id {deployment.id}) to work pool {args.pool!r}")
     print(f"  flow:       {ENTRYPOINT}, run in {REPO_ROOT}")
     print(f"  parameters: {json.dumps(deployment.parameters, sort_keys=True)}")

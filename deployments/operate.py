@@ -27,6 +27,8 @@ DEFAULT_PARAMETERS = {
     "patch_path": "patch.yaml",
     "bucket_block": "polar-cube-bucket",
 }
+DEMO_DEPLOYMENT = "demo"
+DEMO_RESOLUTION = 1000.0
 REPO_ROOT = Path(__file__).resolve().parents[1]
 HOST = processes.LOCALHOST
 
@@ -267,6 +269,27 @@ def deploy_build(
     )
     with get_client(sync_client=True) as client:
         return client.read_deployment(deployment_id)
+
+
+def demo_parameters(mirror_state_dir: Path, workdir: Path, resolution: float) -> dict:
+    """The parameters of a deployment that runs with no internet: the sources from the
+    running stand-in mirror of `mirror_state_dir` (`polar-cube sources start`), the download
+    cache and per-dataset cubes in `workdir`, at `resolution` metres."""
+    from polar_cube.servers.mirror_service import mirror_status
+
+    mirror = mirror_status(mirror_state_dir)
+    if mirror is None:
+        raise OpsError(
+            f"no stand-in mirror runs for {mirror_state_dir}: start it with "
+            "`polar-cube sources start` (a demo deployment reads its sources from it)"
+        )
+    workdir = Path(workdir).resolve()
+    return {
+        "source_mirror": mirror.url,
+        "resolution": resolution,
+        "cache_dir": str(workdir / "cache"),
+        "datasets_dir": str(workdir / "datasets"),
+    }
 
 
 def trigger_run(deployment: str, parameters: dict | None = None):

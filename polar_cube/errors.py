@@ -77,6 +77,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from polar_cube.cube.patching import PatchError
     from polar_cube.cube.upload import UploadError
     from polar_cube.cube.verify import CubeCheckError
+    from polar_cube.servers.mirror_service import MirrorServiceError
     from polar_cube.servers.s3server import S3ServerError
     from polar_cube.servers.viewer import ViewError
     from polar_cube.sources.archives import ArchiveError
@@ -103,4 +104,5 @@ def user_errors() -> tuple[type[BaseException], ...]:
         StagingError,
         CubeCheckError,
         ViewError,
+        MirrorServiceError,
     )
