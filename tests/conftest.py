@@ -19,6 +19,8 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+# the README's scheduled-builds block, run once per session (fixture `deployment_run`)
+pytest_plugins = ["tests.readme_deployment"]
 
 
 def layer_count(spec) -> int:

@@ -1,9 +1,9 @@
-"""Scheduled builds end to end with real processes: a Prefect server, a process work pool,
-the build-cube deployment, a worker, a triggered run into a real S3 server (SeaweedFS)."""
+"""Scheduled builds end to end with real processes: the README's block run as written
+(`tests/readme_deployment.py`: a Prefect server, SeaweedFS, the stand-in mirror, a process
+work pool, the demo deployment, a worker and a watched run), and the commands' own checks
+on a server of their own."""
 
-import json
 import os
-import re
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -12,16 +12,18 @@ from pathlib import Path
 import pytest
 import xarray as xr
 
-from polar_cube.deployments.operate import server_status, stop_server, stop_worker, worker_status
-from polar_cube.sources.mirror import serving_mirror
+from polar_cube.deployments.operate import (
+    DEMO_RESOLUTION,
+    server_status,
+    stop_server,
+    stop_worker,
+    worker_status,
+)
 from polar_cube.spec import load_spec
 from tests.conftest import REPO, free_port_block
 
 pytestmark = pytest.mark.slow
-BUCKET_BLOCK = "deploy-test-bucket"
-FOLDER = "deployed"
 POOL = "polar-cube"
-DEPLOYMENT = "build-cube/monthly"
 # The sub-commands through the same parser and error handling as `polar-cube`.
 OPS = """
 import argparse, sys
@@ -83,122 +85,113 @@ def server(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def client(server):
-    """A Prefect client of that server (the test session's own Prefect is left alone)."""
+def worker(server):
+    """A pool and its worker on that server."""
+    created = server.ops("pool", "create", "--name", POOL)
+    assert created.returncode == 0, created.stdout + created.stderr
+    started = server.ops("worker", "start", "--pool", POOL, "--state-dir", str(server.state_dir))
+    assert started.returncode == 0, started.stdout + started.stderr
+    return worker_status(server.state_dir, POOL)
+
+
+@pytest.fixture(scope="module")
+def client(deployment_run):
+    """A Prefect client of the README run's server (the test session's own is left alone)."""
     from prefect.client.orchestration import get_client
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    with temporary_settings(updates={PREFECT_API_URL: server.url}):
+    with temporary_settings(updates={PREFECT_API_URL: deployment_run.api_url}):
         with get_client(sync_client=True) as client:
             yield client
 
 
-@pytest.fixture(scope="module")
-def mirror(small_standins):
-    with serving_mirror(small_standins) as url:
-        yield url
-
-
-def save_bucket_blocks(server, s3_server):
-    """`polar-cube blocks create` on that server, keys from the environment (not argv)."""
-    keys = {
-        "AWS_ENDPOINT_URL": s3_server.endpoint_url,
-        "AWS_ACCESS_KEY_ID": s3_server.access_key,
-        "AWS_SECRET_ACCESS_KEY": s3_server.secret_key,
-    }
-    command = [sys.executable, "-m", "polar_cube.cli", "blocks", "create"]
-    command += ["--bucket-block", BUCKET_BLOCK, "--credentials-block", "deploy-test-credentials"]
-    command += ["--bucket", "polar-test", "--folder", FOLDER]
-    result = subprocess.run(
-        command, env=server.env | keys, cwd=REPO, capture_output=True, text=True, timeout=120
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert s3_server.secret_key not in result.stdout + result.stderr
-
-
-def deploy_parameters(tmp_path, mirror, repo_spec_path) -> list[str]:
-    values = {
-        "spec_path": str(repo_spec_path),
-        "patch_path": str(REPO / "patch.yaml"),
-        "resolution": 3000,
-        "source_mirror": mirror,
-        "cache_dir": str(tmp_path / "cache"),
-        "datasets_dir": str(tmp_path / "datasets"),
-        "bucket_block": BUCKET_BLOCK,
-    }
-    return [f"--param={key}={json.dumps(value)}" for key, value in values.items()]
-
-
-@pytest.fixture(scope="module")
-def finished_run(server, s3_server, mirror, repo_spec_path, tmp_path_factory):
-    """pool create, blocks, deploy, worker start, run --watch: (flow run id, its output)."""
-    work = tmp_path_factory.mktemp("deployed-build")
-    for _ in range(2):  # idempotent
-        pool = server.ops("pool", "create", "--name", POOL)
-        assert pool.returncode == 0, pool.stderr
-    assert "already exists" in pool.stdout
-    save_bucket_blocks(server, s3_server)
-    params = deploy_parameters(work, mirror, repo_spec_path)
-    deployed = server.ops("deploy", "--pool", POOL, "--paused", *params)
-    assert deployed.returncode == 0, deployed.stdout + deployed.stderr
-    assert f"deployed {DEPLOYMENT}" in deployed.stdout
-    worker = server.ops("worker", "start", "--pool", POOL, "--state-dir", str(server.state_dir))
-    assert worker.returncode == 0, worker.stdout + worker.stderr
-    run = server.ops("run", "--deployment", DEPLOYMENT, "--watch", "--timeout", "600", timeout=700)
-    log = server.worker_log()
-    assert run.returncode == 0, f"{run.stdout}{run.stderr}\n--- worker log:\n{log}"
-    flow_run_id = re.search(r"\(([0-9a-f-]{36})\)", run.stdout).group(1)
-    return flow_run_id, run.stdout, deployed.stdout
-
-
-def test_run_completes_and_the_cube_is_in_the_bucket(finished_run, s3_server, repo_spec_path):
-    _, output, _ = finished_run
-    assert "finished: Completed" in output
-    spec = load_spec(repo_spec_path)
+def open_in_bucket(run, key: str) -> xr.Dataset:
+    server = run.s3_server()
     options = {
-        "key": s3_server.access_key,
-        "secret": s3_server.secret_key,
-        "client_kwargs": {"endpoint_url": s3_server.endpoint_url, "region_name": "us-east-1"},
+        "key": server.access_key,
+        "secret": server.secret_key,
+        "client_kwargs": {"endpoint_url": server.endpoint_url, "region_name": "us-east-1"},
     }
-    url = f"s3://polar-test/{FOLDER}/{spec.at_resolution(3000).data_id}"
-    cube = xr.open_zarr(url, consolidated=True, storage_options=options)
+    return xr.open_zarr(f"s3://polar-cube/{key}", consolidated=True, storage_options=options)
+
+
+def test_the_readme_block_runs_as_written_and_the_cube_is_in_the_bucket(deployment_run):
+    """Issue 18: the README's block, verbatim, in a fresh folder, with no internet."""
+    assert "finished: Completed" in deployment_run.output
+    spec = load_spec(REPO / "cube.geojson").at_resolution(DEMO_RESOLUTION)
+    cube = open_in_bucket(deployment_run, spec.data_id)
+    assert spec.data_id == "polar-1km-1x2048x2048-v1.1.0.zarr"
     assert {v.name for v in spec.variables} <= set(cube.data_vars)
+    assert cube.sizes == {"time": 2, "y": 2121, "x": 1953}
     assert cube.attrs["title"] == "Polar Data Cube v1.1.0"
+    # every state folder is in the folder the block ran in, none in HOME
+    home = deployment_run.folder / "home"
+    assert not (home / ".prefect").exists() and not (home / ".aws").exists()
 
 
-def test_the_server_lists_the_runs_artifacts(finished_run, client):
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-
-    flow_run_id = finished_run[0]
-    runs = FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
-    artifacts = {a.key: a for a in client.read_artifacts(flow_run_filter=runs)}
-    assert {"polar-cube-coverage", "polar-cube-summary"} <= set(artifacts)
-    assert artifacts["polar-cube-coverage"].type == "table"
-    assert str(artifacts["polar-cube-summary"].flow_run_id) == flow_run_id
-
-
-def test_the_deployment_is_monthly_paused_and_runs_in_the_repo(finished_run, client):
-    deployment = client.read_deployment_by_name(DEPLOYMENT)
+def test_the_demo_deployment_names_the_mirror_and_the_resolution(deployment_run, client):
+    deployment = client.read_deployment_by_name("build-cube/demo")
     assert deployment.work_pool_name == POOL
     assert deployment.entrypoint == "flows/build_cube.py:build_cube"
     assert deployment.pull_steps == [
         {"prefect.deployments.steps.set_working_directory": {"directory": str(REPO)}}
     ]
+    demo = deployment_run.folder.resolve() / "data" / "demo"
+    assert deployment.parameters == {
+        "spec_path": "cube.geojson",
+        "patch_path": "patch.yaml",
+        "bucket_block": "polar-cube-bucket",
+        "source_mirror": "http://127.0.0.1:8400",
+        "resolution": DEMO_RESOLUTION,
+        "cache_dir": str(demo / "cache"),
+        "datasets_dir": str(demo / "datasets"),
+    }
     (schedule,) = deployment.schedules
     assert schedule.schedule.cron == "0 3 1 * *" and schedule.schedule.timezone == "UTC"
-    assert not schedule.active  # deployed --paused; the printed command resumes it
-    deployed_output = finished_run[2]
-    assert f"prefect deployment schedule resume {DEPLOYMENT} {schedule.id}" in deployed_output
-    assert deployment.parameters["resolution"] == 3000
+    assert schedule.active
+    assert f"prefect deployment schedule pause build-cube/demo {schedule.id}" in (
+        deployment_run.output
+    )
     assert deployment.global_concurrency_limit.limit == 1  # one build at a time; others queue
     assert deployment.concurrency_options.collision_strategy == "ENQUEUE"
-    flow_run = client.read_flow_run(finished_run[0])
+    flow_run = client.read_flow_run(deployment_run.flow_run_id)
     assert flow_run.deployment_id == deployment.id and flow_run.state.is_completed()
+    assert flow_run.name == "cube-polar-1km-1x2048x2048-v1.1.0-to-polar-cube-bucket"
 
 
-def test_server_and_worker_run_in_their_own_sessions_and_start_is_idempotent(server):
+def test_the_server_lists_the_parent_runs_artifacts(deployment_run, client):
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    runs = FlowRunFilter(id=FlowRunFilterId(any_=[deployment_run.flow_run_id]))
+    artifacts = {a.key: a for a in client.read_artifacts(flow_run_filter=runs)}
+    assert {"polar-cube-coverage", "polar-cube-summary"} <= set(artifacts)
+    assert artifacts["polar-cube-coverage"].type == "table"
+    assert str(artifacts["polar-cube-summary"].flow_run_id) == deployment_run.flow_run_id
+
+
+def test_a_mirror_on_another_port_downloads_nothing(deployment_run):
+    """Issue 18: the cache is keyed by what a source is, not by the mirror's address."""
+    run = deployment_run
+    log = run.folder / "data" / "mirror" / "mirror.log"
+    port = free_port_block(1)
+    started = run.polar_cube("sources", "start", "--port", str(port))
+    assert started.returncode == 0, started.stdout + started.stderr
+    requests_before = log.read_text().count('"GET ')
+    assert requests_before >= 10  # the README run downloaded every source from it
+    demo = run.folder / "data" / "demo"
+    built = run.polar_cube(
+        *("build", "--resolution", "1000", "--source-mirror", f"http://127.0.0.1:{port}"),
+        *("--cache", str(demo / "cache"), "--store", str(demo / "datasets")),
+        *("--bucket-block", "polar-cube-bucket"),
+    )
+    run.polar_cube("sources", "stop")
+    assert built.returncode == 0, built.stdout[-3000:] + built.stderr[-3000:]
+    assert log.read_text().count('"GET ') == requests_before  # not one download
+    assert "polar-1km-1x2048x2048-v1.1.0.zarr" in built.stdout
+
+
+def test_server_and_worker_run_in_their_own_sessions_and_start_is_idempotent(server, worker):
     state = server_status(server.state_dir)
-    worker = worker_status(server.state_dir, POOL)
     assert state is not None and worker is not None
     for pid in (state["pid"], worker["pid"]):
         assert os.getsid(pid) == pid
