@@ -20,7 +20,9 @@ CHECKED_FILES = (
     "deployments/README.md",
     *sorted(str(p.relative_to(REPO)) for p in (REPO / "docs").glob("*.md")),
 )
-_FENCE = re.compile(r"^(```+)([\w+-]*)[^\n]*\n(.*?)^\1[ \t]*$", re.S | re.M)
+# a fence may be indented (inside a list item); its closing fence has the same indentation
+_FENCE = re.compile(r"^([ \t]*)(```+)([\w+-]*)[^\n]*\n(.*?)^\1\2[ \t]*$", re.S | re.M)
+FENCE_LINE = re.compile(r"^[ \t]*(```|~~~)", re.M)  # any line that opens or closes a fence
 _MARKER = re.compile(r"<!--\s*(snippet|not run):\s*(.*?)\s*-->\s*$")
 
 
@@ -34,20 +36,24 @@ class Block:
     label: str  # the snippet's NAME or the reason it is not run
 
 
-def blocks(file: str) -> list[Block]:
-    """Every fenced block of `file` (relative to the repository), with its marker."""
-    content = (REPO / file).read_text()
+def blocks(file: str, content: str | None = None) -> list[Block]:
+    """Every fenced block of `file` (relative to the repository; or of its `content` when
+    given), with its marker."""
+    if content is None:
+        content = (REPO / file).read_text()
     found = []
     for match in _FENCE.finditer(content):
+        indent, language, body = match.group(1), match.group(3), match.group(4)
         line = content.count("\n", 0, match.start()) + 1
         before = content[: match.start()].rstrip("\n").rsplit("\n", 1)[-1]
         marker = _MARKER.search(before)
+        text = "".join(row.removeprefix(indent) for row in body.splitlines(keepends=True))
         found.append(
             Block(
                 file=file,
                 line=line,
-                language=match.group(2),
-                text=match.group(3).removesuffix("\n"),
+                language=language,
+                text=text.removesuffix("\n"),
                 kind=marker.group(1) if marker else None,
                 label=marker.group(2) if marker else "",
             )

@@ -1,8 +1,8 @@
 """Adding a source in one place: docs/adding-a-source.md's 11th source (a GeoTIFF) goes from
-spec entry to published cube with no code change. The JSON and YAML are read from the page."""
+spec entry to published cube with no code change. The JSON and YAML are read from the page
+(its blocks marked `<!-- snippet: source-entry -->`, `variable-entry` and `patch-lines`)."""
 
 import json
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -20,24 +20,21 @@ from polar_cube.sources.mirror import serving_mirror
 from polar_cube.sources.standins import make_standins, write_described_standin
 from polar_cube.spec import CubeSpec, SpecError, load_spec
 from tests.conftest import REPO, layer_count
+from tests.snippets import snippet
 
-DOC = REPO / "docs" / "adding-a-source.md"
 RESOLUTION = 3000.0  # divides the bbox: 651 x 707 cells
-
-
-def doc_blocks(language: str) -> list[str]:
-    return re.findall(rf"```{language}\n(.*?)\n```", DOC.read_text(), re.S)
 
 
 def write_extended_spec(folder: Path) -> tuple[Path, Path]:
     """my-cube.geojson and my-patch.yaml: the repo's, plus what the page appends."""
-    source, variable = (json.loads(block) for block in doc_blocks("json"))
+    source = json.loads(snippet("docs/adding-a-source.md", "source-entry"))
+    variable = json.loads(snippet("docs/adding-a-source.md", "variable-entry"))
     document = json.loads((REPO / "cube.geojson").read_text())
     document["properties"]["sources"].append(source)
     document["properties"]["variables"].append(variable)
     spec_path = folder / "my-cube.geojson"
     spec_path.write_text(json.dumps(document, indent=2))
-    (patch_lines,) = doc_blocks("yaml")  # entries under `metadata:`
+    patch_lines = snippet("docs/adding-a-source.md", "patch-lines")  # entries under `metadata:`
     patch = yaml.safe_load((REPO / "patch.yaml").read_text())
     patch["metadata"].update(yaml.safe_load(patch_lines))
     patch_path = folder / "my-patch.yaml"
