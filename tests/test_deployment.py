@@ -169,9 +169,30 @@ def test_the_server_lists_the_parent_runs_artifacts(deployment_run, client):
     assert str(artifacts["polar-cube-summary"].flow_run_id) == deployment_run.flow_run_id
 
 
-def test_a_mirror_on_another_port_downloads_nothing(deployment_run):
-    """Issue 18: the cache is keyed by what a source is, not by the mirror's address."""
+def bucket_listing(run, prefix: str) -> dict[str, tuple]:
+    """Every object under `polar-cube/<prefix>`: (ETag, LastModified) by key."""
+    import fsspec
+
+    server = run.s3_server()
+    fs = fsspec.filesystem(
+        "s3",
+        key=server.access_key,
+        secret=server.secret_key,
+        client_kwargs={"endpoint_url": server.endpoint_url, "region_name": "us-east-1"},
+        skip_instance_cache=True,
+    )
+    found = fs.find("polar-cube", prefix=prefix, detail=True)
+    return {k: (i.get("ETag"), i.get("LastModified")) for k, i in found.items()}
+
+
+def test_a_3km_build_through_a_mirror_on_another_port(deployment_run):
+    """Issue 18: the cache is keyed by what a source is, not by the mirror's address (nothing
+    is downloaded again), and a build at another resolution publishes under its own name
+    without touching the 1 km cube."""
     run = deployment_run
+    one_km = load_spec(REPO / "cube.geojson").at_resolution(1000).data_id.removesuffix(".zarr")
+    before = bucket_listing(run, one_km)
+    assert len(before) > 100  # the cube's chunks and metadata, its levels and quicklooks
     log = run.folder / "data" / "mirror" / "mirror.log"
     port = free_port_block(1)
     started = run.polar_cube("sources", "start", "--port", str(port))
@@ -180,14 +201,18 @@ def test_a_mirror_on_another_port_downloads_nothing(deployment_run):
     assert requests_before >= 10  # the README run downloaded every source from it
     demo = run.folder / "data" / "demo"
     built = run.polar_cube(
-        *("build", "--resolution", "1000", "--source-mirror", f"http://127.0.0.1:{port}"),
+        *("build", "--resolution", "3000", "--source-mirror", f"http://127.0.0.1:{port}"),
         *("--cache", str(demo / "cache"), "--store", str(demo / "datasets")),
         *("--bucket-block", "polar-cube-bucket"),
     )
     run.polar_cube("sources", "stop")
     assert built.returncode == 0, built.stdout[-3000:] + built.stderr[-3000:]
     assert log.read_text().count('"GET ') == requests_before  # not one download
-    assert "polar-1km-1x2048x2048-v1.1.0.zarr" in built.stdout
+    three_km = "polar-3km-1x2048x2048-v1.1.0.zarr"
+    assert f"the cube is at s3://polar-cube/{three_km}" in built.stdout
+    assert f"s3://polar-cube/{three_km}" in built.stdout.split("--- open the cube ---")[1]
+    assert open_in_bucket(run, three_km).sizes == {"time": 2, "y": 707, "x": 651}
+    assert bucket_listing(run, one_km) == before  # the 1 km cube, untouched
 
 
 def test_server_and_worker_run_in_their_own_sessions_and_start_is_idempotent(server, worker):
