@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -151,17 +152,21 @@ def open_snippet(url: str, storage_options: dict | None = None, *, xcube: bool =
     return "\n".join(lines)
 
 
-def _print_cube(url: str, bucket_block: str | None, local_server=None) -> None:
-    """Where the cube is, and two snippets that open it without polar_cube or Prefect: xarray
-    + s3fs, then xcube (with the levels). In a bucket they carry its endpoint, never a key;
-    with `local_server` (the demo's S3 server) its keys are written as AWS profile
-    polar-cube-local first and the snippets name it (see `snippet_storage_options`)."""
+def _print_cube(
+    url: str, bucket_block: str | None, local_server=None, aws_profile: str | None = None
+) -> None:
+    """Where the cube is, and snippets that open it without polar_cube or Prefect: xarray +
+    s3fs, then xcube (with the levels), then GDAL for a local S3 server. In a bucket they carry
+    its endpoint, never a key: the keys come from the environment (the notes say how), or
+    from `aws_profile` when the demo was asked to write one (see `snippet_storage_options`)."""
     print(f"the cube is at {url}")
-    options, notes = None, []
+    options, notes, credentials = None, [], None
     if url.startswith("s3://"):
-        from polar_cube.cli.s3 import snippet_storage_options
+        from polar_cube.cli.s3 import credentials_command, snippet_storage_options
 
-        options, notes = snippet_storage_options(bucket_block, local_server)
+        options, notes = snippet_storage_options(bucket_block, local_server, aws_profile)
+        endpoint = (options.get("client_kwargs") or {}).get("endpoint_url")
+        credentials = credentials_command(endpoint, local_server)
     for note in notes:
         print(note)
     print("--- open the cube ---")
@@ -170,6 +175,14 @@ def _print_cube(url: str, bucket_block: str | None, local_server=None) -> None:
     print("--- open it with xcube: the cube and its overview levels ---")
     print(open_snippet(url, options, xcube=True))
     print("---")
+    if credentials or not url.startswith("s3://"):
+        from polar_cube.cli.s3 import gdal_path
+
+        print("--- open it with GDAL ---")
+        if credentials:
+            print(f'eval "$({credentials} --gdal)"')
+        print(f"gdalinfo {gdal_path(url)}")
+        print("---")
     if bucket_block:
         print(
             "operators, in the project's python, through the Prefect block: from "
@@ -205,7 +218,9 @@ def cmd_sources_serve(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """Offline demo: stand-in sources on a local HTTP mirror, a local S3 server with blocks,
-    the whole cube built at a reduced resolution into the bucket."""
+    the whole cube built at a reduced resolution into the bucket. Nothing is written outside
+    the current folder's state folders unless asked (--aws-profile)."""
+    from polar_cube.cli.s3 import write_profile
     from polar_cube.flows.build_cube import build_cube
     from polar_cube.preflight import check_build
     from polar_cube.servers.s3server import start_s3_server
@@ -214,11 +229,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     workdir = Path(args.workdir)
     check_build(args.spec, resolution=args.resolution, folders={"--workdir": workdir})
+    server = start_s3_server(Path(args.s3_state_dir), port=args.s3_port, bucket=args.bucket)
+    print(f"local S3 server at {server.endpoint_url} (stop it: polar-cube s3 stop)", flush=True)
+    if args.aws_profile:  # before the build: a profile that is not ours stops it at once
+        print(write_profile(server, args.aws_profile), flush=True)
     sources_dir = workdir / f"sources-{args.scale}"
     print(f"making {args.scale} stand-in sources in {sources_dir} ...", flush=True)
     make_spec_standins(args.spec, sources_dir, args.scale)
-    server = start_s3_server(Path(args.s3_state_dir), port=args.s3_port, bucket=args.bucket)
-    print(f"local S3 server at {server.endpoint_url} (stop it: polar-cube s3 stop)", flush=True)
     save_blocks(
         bucket_block=args.bucket_block,
         credentials_block=args.credentials_block,
@@ -237,7 +254,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             datasets_dir=str(workdir / "datasets"),
             bucket_block=args.bucket_block,
         )
-    _print_cube(built.url, args.bucket_block, local_server=server)
+    _print_cube(built.url, args.bucket_block, local_server=server, aws_profile=args.aws_profile)
     return 0
 
 
@@ -283,6 +300,14 @@ def make_parser() -> argparse.ArgumentParser:
     demo.add_argument("--bucket", default="polar-cube")
     demo.add_argument("--bucket-block", default="polar-cube-bucket")
     demo.add_argument("--credentials-block", default="polar-cube-credentials")
+    demo.add_argument(
+        "--aws-profile",
+        metavar="NAME",
+        help="also write the local server's keys as AWS profile NAME (~/.aws, or "
+        "AWS_SHARED_CREDENTIALS_FILE/AWS_CONFIG_FILE) and name it in the printed snippets; "
+        "by default nothing is written under ~/.aws and the snippets take the keys from "
+        'the environment: eval "$(polar-cube s3 credentials)"',
+    )
     demo.set_defaults(func=cmd_demo)
 
     sources = commands.add_parser("sources", help="stand-in sources").add_subparsers(
@@ -314,7 +339,24 @@ def make_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Where the command's tools keep their state unless told otherwise: folders of the current
+# folder (made absolute, so that the Prefect server, worker and flow runs started from here share
+# them), never ~/.prefect or ~/.cache.
+STATE_FOLDERS = {
+    "PREFECT_HOME": "data/prefect/home",  # Prefect's database, profiles, result storage
+    "MPLCONFIGDIR": "data/matplotlib",  # matplotlib's font cache (quicklooks)
+}
+
+
+def default_state_folders(environ=os.environ) -> None:
+    """Set each variable of STATE_FOLDERS that is not set yet (before Prefect is imported)."""
+    for name, folder in STATE_FOLDERS.items():
+        if not environ.get(name):
+            environ[name] = str(Path(folder).resolve())
+
+
 def main(argv: list[str] | None = None) -> int:
+    default_state_folders()
     import polar_cube.flows  # noqa: F401  (Prefect's defaults for this project, before Prefect is used)
 
     args = make_parser().parse_args(argv)

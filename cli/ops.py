@@ -70,7 +70,8 @@ def _add_server_commands(commands: argparse._SubParsersAction) -> None:
         help="start it in the background on 127.0.0.1 (idempotent)",
         description=(
             "Starts `prefect server start` in its own session. Its database is SQLite in "
-            "PREFECT_HOME (default ~/.prefect) unless PREFECT_API_DATABASE_CONNECTION_URL is "
+            "PREFECT_HOME (polar-cube's default: ./data/prefect/home) unless "
+            "PREFECT_API_DATABASE_CONNECTION_URL is "
             "set, e.g. postgresql+asyncpg://USER:PASSWORD@HOST:5432/prefect. The first start "
             "of a new database takes about 30 s (migrations)."
         ),

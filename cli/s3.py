@@ -2,7 +2,8 @@
 
 Secrets are printed by one command only, `s3 credentials`, whose purpose that is; everything
 else keeps them out of its output: `s3 start` says where the keys are, `s3 credentials
---profile` where it wrote them, `blocks create` shows the access key masked.
+--profile` where it wrote them, `blocks create` shows the access key masked. Nothing is written
+outside the state folder unless asked: an AWS profile only with `--profile`.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import shutil
 import sys
 from pathlib import Path
 
@@ -42,26 +44,35 @@ def add_s3_commands(commands: argparse._SubParsersAction) -> None:
     credentials = actions.add_parser(
         "credentials",
         help="print its keys as shell exports: this command prints SECRETS (its purpose); "
-        "--profile NAME writes them as an AWS profile instead",
+        "--gdal adds GDAL's settings; --profile NAME writes them as an AWS profile instead",
         description=(
             "Print the running local server's keys and endpoint as shell lines `export "
             "AWS_ACCESS_KEY_ID=…`, `export AWS_SECRET_ACCESS_KEY=…`, `export AWS_ENDPOINT_URL=…`, "
             'for `eval "$(polar-cube s3 credentials)"`; xarray, s3fs, boto3 and the AWS CLI '
-            "then reach the bucket. Printing these secrets is the purpose of this command, and "
-            "no other polar-cube command prints them: mind your terminal's scrollback and "
-            "logs. With --profile NAME nothing secret is printed: the keys are written as AWS "
-            "profile NAME (keys in AWS_SHARED_CREDENTIALS_FILE, else ~/.aws/credentials; "
-            "endpoint and region in AWS_CONFIG_FILE, else ~/.aws/config; both owner-only, "
-            "other profiles kept), for storage_options={'profile': NAME, ...}. A profile of "
-            "that name that polar-cube did not write is left alone (error)."
+            "then reach the bucket. With --gdal also AWS_S3_ENDPOINT=host:port, AWS_HTTPS=NO "
+            "and AWS_VIRTUAL_HOSTING=FALSE, which GDAL reads instead (3.6 ignores "
+            "AWS_ENDPOINT_URL), and a gdalinfo line per cube at the top of a bucket: "
+            "gdalinfo 'ZARR:\"/vsis3/BUCKET/CUBE.zarr\"'. Printing these secrets is the "
+            "purpose of this command, and no other polar-cube command prints them: mind your "
+            "terminal's scrollback and logs. With --profile NAME nothing secret is printed: the "
+            "keys are written as AWS profile NAME (keys in AWS_SHARED_CREDENTIALS_FILE, else "
+            "~/.aws/credentials; endpoint and region in AWS_CONFIG_FILE, else ~/.aws/config; "
+            "both owner-only, other profiles kept), for storage_options={'profile': NAME, ...}. "
+            "A profile of that name that polar-cube did not write is left alone (error). No "
+            "other command writes under ~/.aws (`polar-cube demo` only with --aws-profile)."
         ),
     )
     _add_state_dir(credentials)
     credentials.add_argument(
+        "--gdal",
+        action="store_true",
+        help="also GDAL's settings (AWS_S3_ENDPOINT, AWS_HTTPS, AWS_VIRTUAL_HOSTING) and "
+        "gdalinfo lines for the published cubes",
+    )
+    credentials.add_argument(
         "--profile",
         metavar="NAME",
-        help="write the keys as AWS profile NAME instead of printing them "
-        "(`polar-cube demo` writes polar-cube-local)",
+        help="write the keys as AWS profile NAME (~/.aws) instead of printing them",
     )
     credentials.set_defaults(func=cmd_s3_credentials)
 
@@ -109,7 +120,12 @@ def cmd_s3_status(args: argparse.Namespace) -> int:
 
 
 def cmd_s3_credentials(args: argparse.Namespace) -> int:
-    from polar_cube.servers.s3server import S3ServerError, s3_server_status, write_aws_profile
+    from polar_cube.servers.s3server import (
+        S3ServerError,
+        client_environment,
+        published_zarrs,
+        s3_server_status,
+    )
 
     info = s3_server_status(Path(args.state_dir))
     if info is None:
@@ -118,11 +134,7 @@ def cmd_s3_credentials(args: argparse.Namespace) -> int:
             f"start it with `polar-cube s3 start --state-dir {args.state_dir}`"
         )
     if args.profile:
-        files = write_aws_profile(info, args.profile)
-        print(
-            f"wrote AWS profile {args.profile!r} for {info.endpoint_url}: keys in "
-            f"{files.credentials}, endpoint and region in {files.config} (owner-only)"
-        )
+        print(write_profile(info, args.profile))
         options = {"profile": args.profile, "client_kwargs": {"endpoint_url": info.endpoint_url}}
         print(f"  storage_options={options!r}")
         return 0
@@ -131,13 +143,32 @@ def cmd_s3_credentials(args: argparse.Namespace) -> int:
             f'# secrets: prefer eval "$(polar-cube s3 credentials --state-dir {args.state_dir})"',
             file=sys.stderr,
         )
-    for name, value in (
-        ("AWS_ACCESS_KEY_ID", info.access_key),
-        ("AWS_SECRET_ACCESS_KEY", info.secret_key),
-        ("AWS_ENDPOINT_URL", info.endpoint_url),
-    ):
+    for name, value in client_environment(info, gdal=args.gdal).items():
         print(f"export {name}={shlex.quote(value)}")
+    if args.gdal:
+        zarrs = published_zarrs(info) or ["BUCKET/CUBE.zarr"]
+        for zarr in zarrs:
+            print(f"# gdalinfo {gdal_path(f's3://{zarr}')}")
     return 0
+
+
+def write_profile(info, name: str) -> str:
+    """Write AWS profile `name` for the local server (asked for: `--profile`, `demo
+    --aws-profile`); the line saying where, no secret in it."""
+    from polar_cube.servers.s3server import write_aws_profile
+
+    files = write_aws_profile(info, name)
+    return (
+        f"wrote AWS profile {name!r} for {info.endpoint_url}: keys in {files.credentials}, "
+        f"endpoint and region in {files.config} (owner-only)"
+    )
+
+
+def gdal_path(url: str) -> str:
+    """The shell-quoted name under which GDAL opens the zarr at s3:// `url` (or a local path):
+    `'ZARR:"/vsis3/bucket/name.zarr"'`."""
+    path = "/vsis3/" + url.removeprefix("s3://") if url.startswith("s3://") else url
+    return shlex.quote(f'ZARR:"{path.rstrip("/")}"')
 
 
 def add_blocks_commands(commands: argparse._SubParsersAction) -> None:
@@ -282,88 +313,76 @@ def _mask(key: str) -> str:
     return "*" * max(len(key) - 4, 4) + key[-4:]
 
 
-def snippet_storage_options(bucket_block: str | None, local_server=None) -> tuple[dict, list[str]]:
-    """The s3fs options the printed snippets carry (an endpoint and maybe a profile name, never
-    a key), and lines telling the user where the keys come from.
+def snippet_storage_options(
+    bucket_block: str | None, local_server=None, profile: str | None = None
+) -> tuple[dict, list[str]]:
+    """The s3fs options the printed snippets carry (an endpoint and, if `profile` is given, that
+    AWS profile's name; never a key), and lines telling the user where the keys come from.
 
-    With `local_server` (the demo's) its keys are written as AWS profile polar-cube-local
-    (if that profile is absent or ours) and the snippets name it. Otherwise they name that
-    profile only if it already holds the bucket block's keys for its endpoint, else they rely on
-    the standard AWS chain (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE, ~/.aws).
+    The endpoint is that of `local_server` (the demo's), else of the bucket block. Without a
+    profile the keys come from the environment: for the local server the line names the one
+    command to run first, `eval "$(polar-cube s3 credentials)"`.
     """
-    from polar_cube.servers.s3server import aws_profile_for
-
     notes: list[str] = []
-    profile = None
     if local_server is not None:
         endpoint = local_server.endpoint_url
-        profile, note = _write_local_profile(local_server)
-        notes.append(note)
     else:
-        endpoint, access_key, problem = _block_endpoint_and_key(bucket_block)
+        endpoint, problem = _block_endpoint(bucket_block)
         if problem:
             notes.append(problem)
-        if endpoint and access_key:
-            try:
-                profile = aws_profile_for(endpoint, access_key)
-            except (OSError, ValueError):  # an unreadable AWS file: do not name the profile
-                profile = None
-        if profile:
-            notes.append(
-                f"the snippets below use AWS profile {profile!r}: it holds the keys of block "
-                f"{bucket_block!r} for {endpoint}"
-            )
-    if not profile:
-        notes.append(_env_keys_note(endpoint, local_server))
+    command = credentials_command(endpoint, local_server)
+    if profile:
+        notes.append(f"the snippets below use AWS profile {profile!r}, written for it")
+    elif command:
+        notes.append(
+            "the snippets below take the keys from the environment: in the shell that runs "
+            f'Python, first eval "$({command})"'
+        )
+    else:
+        notes.append(
+            "the snippets below take the keys from AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
+            "or an AWS profile (AWS_PROFILE, ~/.aws)"
+        )
     options: dict = {"profile": profile} if profile else {}
     if endpoint:
         options["client_kwargs"] = {"endpoint_url": endpoint}
     return options, notes
 
 
-def _write_local_profile(server) -> tuple[str | None, str]:
-    """Write AWS profile polar-cube-local for the demo's server: (its name or None, a note)."""
-    from polar_cube.servers.s3server import LOCAL_PROFILE, AwsProfileError, write_aws_profile
-
-    try:
-        files = write_aws_profile(server, LOCAL_PROFILE)
-    except (AwsProfileError, OSError) as error:
-        return None, f"did not write AWS profile {LOCAL_PROFILE!r}: {error}"
-    return LOCAL_PROFILE, (
-        f"wrote AWS profile {LOCAL_PROFILE!r} for the local S3 server {server.endpoint_url} "
-        f"(keys: {files.credentials}, endpoint: {files.config}; owner-only): the snippets "
-        f"below use it, from any Python with xarray and s3fs (and xcube for the second)"
-    )
+def credentials_command(endpoint: str | None, local_server=None) -> str | None:
+    """`polar-cube s3 credentials [--state-dir DIR]` for a local endpoint (the demo's server,
+    else the default state folder's), as the user can run it from here; None for another S3."""
+    if not (endpoint or "").startswith(("http://127.0.0.1:", "http://localhost:")):
+        return None
+    command = f"{polar_cube_command()} s3 credentials"
+    if local_server is not None:
+        state_dir = Path(local_server.state_dir)
+        if state_dir != Path(DEFAULT_STATE_DIR).resolve():
+            command += f" --state-dir {shlex.quote(str(state_dir))}"
+    return command
 
 
-def _env_keys_note(endpoint: str | None, local_server) -> str:
-    note = (
-        "the snippets below take the keys from AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
-        "or an AWS profile (AWS_PROFILE, ~/.aws)"
-    )
-    local = endpoint and endpoint.startswith(("http://127.0.0.1:", "http://localhost:"))
-    if not local:
-        return note
-    state_dir = Path(local_server.state_dir) if local_server is not None else None
-    option = ""
-    if state_dir is not None and state_dir != Path(DEFAULT_STATE_DIR).resolve():
-        option = f" --state-dir {shlex.quote(str(state_dir))}"
-    return f'{note}; for the local S3 server: eval "$(polar-cube s3 credentials{option})"'
+def polar_cube_command() -> str:
+    """How to call this `polar-cube` from the current folder: `polar-cube` if it is the one on
+    PATH, else its path (`.venv/bin/polar-cube` from the repository root)."""
+    script = Path(sys.executable).parent / "polar-cube"
+    on_path = shutil.which("polar-cube")
+    if not script.exists() or (on_path and Path(on_path).resolve() == script.resolve()):
+        return "polar-cube"
+    relative = os.path.relpath(script)
+    return shlex.quote(str(script) if relative.startswith("..") else relative)
 
 
-def _block_endpoint_and_key(
-    bucket_block: str | None,
-) -> tuple[str | None, str | None, str | None]:
-    """The endpoint and access key of an S3Bucket block, and what went wrong reading it."""
+def _block_endpoint(bucket_block: str | None) -> tuple[str | None, str | None]:
+    """The endpoint of an S3Bucket block, and what went wrong reading it."""
     from polar_cube.tasks.blocks import load_bucket, storage_options_from_blocks
 
     if not bucket_block:
-        return None, None, None
+        return None, None
     try:
         options = storage_options_from_blocks(load_bucket(bucket_block))
     except Exception as error:  # the cube is built: do not fail over the snippets' endpoint
         problem = f"could not read block {bucket_block!r} ({type(error).__name__}): add its "
         problem += 'endpoint to the snippets, storage_options["client_kwargs"]["endpoint_url"]'
-        return None, None, problem
-    endpoint = (options.get("client_kwargs") or {}).get("endpoint_url")
-    return endpoint, options.get("key"), None
+        return None, problem
+    return (options.get("client_kwargs") or {}).get("endpoint_url"), None

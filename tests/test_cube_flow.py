@@ -288,59 +288,6 @@ def test_killed_builds_never_expose_a_partial_cube(
     assert [p for p in fs.find(staging) if p != staging] == []  # no staged objects left
 
 
-def test_demo_command_publishes_and_its_snippet_opens_the_cube(tmp_path, repo_spec_path):
-    """What the README's main command runs (small stand-ins, own ports and folders)."""
-    from tests.conftest import REPO, free_port_block
-
-    state = tmp_path / "s3"
-    command = [
-        sys.executable,
-        "-m",
-        "polar_cube.cli",
-        "demo",
-        "--scale",
-        "small",
-        "--resolution",
-        "3000",
-        "--workdir",
-        str(tmp_path / "demo"),
-        "--s3-state-dir",
-        str(state),
-        "--s3-port",
-        str(free_port_block()),
-        "--bucket",
-        "demo-bucket",
-        "--bucket-block",
-        "demo-bucket-block",
-        "--credentials-block",
-        "demo-credentials-block",
-    ]
-    try:
-        result = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=REPO)
-        assert result.returncode == 0, result.stderr[-3000:]
-        lines = result.stdout.splitlines()
-        start = lines.index("--- open the cube ---")
-        snippet = "\n".join(lines[start + 1 : lines.index("---", start)])
-        assert '"profile": "polar-cube-local"' in snippet  # no polar_cube, no Prefect, no keys
-        assert "demo-bucket-block" in result.stdout  # the Prefect block way, for operators
-        opened = subprocess.run(
-            [sys.executable, "-c", snippet + "\nprint(sorted(cube.data_vars))"],
-            capture_output=True,
-            text=True,
-            timeout=300,
-            cwd=REPO,
-        )
-        assert opened.returncode == 0, opened.stderr[-3000:]
-        for variable in load_spec(repo_spec_path).variables:
-            assert f"'{variable.name}'" in opened.stdout
-    finally:
-        subprocess.run(
-            [sys.executable, "-m", "polar_cube.cli", "s3", "stop", "--state-dir", str(state)],
-            timeout=120,
-        )
-    assert not (state / "server.json").exists()
-
-
 @pytest.fixture(scope="module")
 def dask_cluster_processes(tmp_path_factory):
     """A dask scheduler and one worker, as separate processes on 127.0.0.1."""

@@ -1,8 +1,10 @@
 """The cube opens without Prefect or polar_cube: the snippets `build` and `demo` print run in a
 plain Python (xarray + s3fs, and xcube), with the keys from `polar-cube s3 credentials` in the
-environment, or pasted as-is with the AWS profile the demo writes. No keys are printed but by
-`s3 credentials`. Every AWS file used here lives under tmp_path (AWS_SHARED_CREDENTIALS_FILE,
-AWS_CONFIG_FILE): the real ~/.aws is never read or written."""
+environment, or pasted as-is with an AWS profile written when asked for; GDAL's `gdalinfo`
+opens it with what `s3 credentials --gdal` prints. The blocks of the README's "Open the cube"
+run as written too. No keys are printed but by `s3 credentials`. Every AWS file used here lives
+under tmp_path (AWS_SHARED_CREDENTIALS_FILE, AWS_CONFIG_FILE): the real ~/.aws is never read or
+written."""
 
 import json
 import os
@@ -15,21 +17,18 @@ from pathlib import Path
 import botocore.session
 import pytest
 
-from polar_cube.cli.app import _print_cube
-from polar_cube.servers.s3server import (
-    LOCAL_PROFILE,
-    AwsProfileError,
-    S3ServerInfo,
-    aws_profile_for,
-    write_aws_profile,
-)
+from polar_cube.cli.app import _print_cube, make_parser
+from polar_cube.grid import TargetGrid
+from polar_cube.servers.s3server import AwsProfileError, S3ServerInfo, write_aws_profile
 from polar_cube.spec import load_spec
 from tests.conftest import REPO
+from tests.snippets import snippet
 
 # The cube built once for this module, as tests/test_cube_flow.py builds it (3 km, small
 # stand-ins, the session's SeaweedFS); importing the fixtures gives this module its own.
 from tests.test_cube_flow import BUCKET_BLOCK, blocks, built, mirror, work  # noqa: F401
 
+PROFILE = "polar-cube-local"
 FORBIDDEN = ("prefect", "prefect_aws", "prefect_dask", "polar_cube")
 AWS_VARIABLES = (
     "AWS_ACCESS_KEY_ID",
@@ -91,40 +90,38 @@ def test_profile_is_written_beside_the_other_profiles_owner_only(tmp_path, aws_f
     config.write_text("[default]\nregion = eu-west-1\n")
     credentials.chmod(0o644)
 
-    files = write_aws_profile(fake_server(tmp_path))
+    files = write_aws_profile(fake_server(tmp_path), PROFILE)
 
     assert (files.credentials, files.config) == (credentials, config)
     assert credentials.read_text().startswith(mine)  # other profiles and comments untouched
     assert config.read_text().startswith("[default]\nregion = eu-west-1\n")
     assert mode(credentials) == mode(config) == 0o600
-    access, secret, scoped = profile_seen_by_botocore(LOCAL_PROFILE)
+    access, secret, scoped = profile_seen_by_botocore(PROFILE)
     assert (access, secret) == ("AKIAPOLAR", "polar-secret")
     assert scoped["endpoint_url"] == "http://127.0.0.1:1"
     assert scoped["region"] == "us-east-1"
     assert profile_seen_by_botocore("work")[:2] == ("WORK", "W")
 
     # rewritten in place with the server's new endpoint and keys; still one section
-    write_aws_profile(fake_server(tmp_path, port=2, access="AKIANEW", secret="new-secret"))
+    new = fake_server(tmp_path, port=2, access="AKIANEW", secret="new-secret")
+    write_aws_profile(new, PROFILE)
     text = credentials.read_text()
-    assert text.startswith(mine) and text.count(f"[{LOCAL_PROFILE}]") == 1
+    assert text.startswith(mine) and text.count(f"[{PROFILE}]") == 1
     assert "polar-secret" not in text
-    assert config.read_text().count(f"[profile {LOCAL_PROFILE}]") == 1
-    assert profile_seen_by_botocore(LOCAL_PROFILE)[0] == "AKIANEW"
-    assert aws_profile_for("http://127.0.0.1:2", "AKIANEW") == LOCAL_PROFILE
-    assert aws_profile_for("http://127.0.0.1:1", "AKIANEW") is None
-    assert aws_profile_for("http://127.0.0.1:2", "AKIAPOLAR") is None
+    assert config.read_text().count(f"[profile {PROFILE}]") == 1
+    assert profile_seen_by_botocore(PROFILE)[0] == "AKIANEW"
+    assert profile_seen_by_botocore(PROFILE)[2]["endpoint_url"] == "http://127.0.0.1:2"
 
 
 def test_a_profile_that_polar_cube_did_not_write_is_left_alone(tmp_path, aws_files):
     aws_files.mkdir()
     credentials = aws_files / "credentials"
-    theirs = f"[{LOCAL_PROFILE}]\naws_access_key_id = THEIRS\naws_secret_access_key = T\n"
+    theirs = f"[{PROFILE}]\naws_access_key_id = THEIRS\naws_secret_access_key = T\n"
     credentials.write_text(theirs)
     with pytest.raises(AwsProfileError, match="exists and was not written by polar-cube"):
-        write_aws_profile(fake_server(tmp_path))
+        write_aws_profile(fake_server(tmp_path), PROFILE)
     assert credentials.read_text() == theirs
     assert not (aws_files / "config").exists()
-    assert aws_profile_for("http://127.0.0.1:1", "THEIRS") is None
 
 
 def run_cli(*args, env=None):
@@ -149,10 +146,10 @@ def test_credentials_help_says_it_prints_secrets_and_needs_a_running_server(tmp_
     )
 
 
-def exported(s3_server) -> dict[str, str]:
-    """What `eval "$(polar-cube s3 credentials --state-dir …)"` puts into a shell."""
+def exported(s3_server, *options) -> dict[str, str]:
+    """What `eval "$(polar-cube s3 credentials --state-dir … [options])"` puts into a shell."""
     command = [sys.executable, "-m", "polar_cube.cli", "s3", "credentials"]
-    command += ["--state-dir", str(s3_server.state_dir)]
+    command += ["--state-dir", str(s3_server.state_dir), *options]
     script = 'eval "$("$@")" && env -0'
     result = subprocess.run(
         ["bash", "-c", script, "bash", *command],
@@ -166,11 +163,18 @@ def exported(s3_server) -> dict[str, str]:
 
 
 def test_credentials_command_exports_the_keys_or_writes_a_profile(s3_server, aws_files):
-    assert exported(s3_server) == {
+    keys = {
         "AWS_ACCESS_KEY_ID": s3_server.access_key,
         "AWS_SECRET_ACCESS_KEY": s3_server.secret_key,
         "AWS_ENDPOINT_URL": s3_server.endpoint_url,
     }
+    assert exported(s3_server) == keys
+    assert exported(s3_server, "--gdal") == keys | {  # what GDAL 3.6 reads instead
+        "AWS_S3_ENDPOINT": s3_server.endpoint_url.removeprefix("http://"),
+        "AWS_HTTPS": "NO",
+        "AWS_VIRTUAL_HOSTING": "FALSE",
+    }
+    assert not aws_files.exists()  # nothing written under ~/.aws unless asked
     result = run_cli(
         "s3", "credentials", "--state-dir", str(s3_server.state_dir), "--profile", "lab"
     )
@@ -186,10 +190,16 @@ def test_credentials_command_exports_the_keys_or_writes_a_profile(s3_server, aws
 
 # --- the printed snippets, run in plain Pythons --------------------------------------------
 
+XARRAY, XCUBE, GDAL = (
+    "open the cube",
+    "open it with xcube: the cube and its overview levels",
+    "open it with GDAL",
+)
 
-def printed(capsys, url, *, local_server=None) -> tuple[str, dict[str, str]]:
+
+def printed(capsys, url, **kwargs) -> tuple[str, dict[str, str]]:
     """What `build`/`demo` print after the cube is published: all of it, and each snippet."""
-    _print_cube(url, BUCKET_BLOCK, local_server=local_server)
+    _print_cube(url, BUCKET_BLOCK, **kwargs)
     output = capsys.readouterr().out
     lines = output.splitlines()
     snippets, index = {}, 0
@@ -200,10 +210,7 @@ def printed(capsys, url, *, local_server=None) -> tuple[str, dict[str, str]]:
             snippets[header.group(1)] = "\n".join(lines[index + 1 : end])
             index = end
         index += 1
-    assert list(snippets) == [
-        "open the cube",
-        "open it with xcube: the cube and its overview levels",
-    ]
+    assert list(snippets) == [XARRAY, XCUBE, GDAL]  # a local S3 server: GDAL's too
     return output, snippets
 
 
@@ -217,11 +224,35 @@ def no_prefect_environment(tmp_path, base: dict[str, str]) -> dict[str, str]:
     }
 
 
-def run_snippet(snippet: str, show: str, env: dict[str, str], *, cwd: Path, isolated: bool):
-    """Run `snippet` as-is, then `show` (what the test looks at) and the modules report."""
+def bare_environment(tmp_path) -> dict[str, str]:
+    """PATH, an empty HOME and no AWS file: keys can only come from what a snippet exports."""
+    home = tmp_path / "home"
+    home.mkdir(exist_ok=True)
+    return {
+        "PATH": os.environ["PATH"],
+        "HOME": str(home),
+        "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none" / "credentials"),
+        "AWS_CONFIG_FILE": str(tmp_path / "none" / "config"),
+    }
+
+
+def run_snippet(
+    snippet: str,
+    show: str,
+    env: dict[str, str],
+    *,
+    cwd: Path,
+    isolated: bool,
+    shell_first: str = "",
+):
+    """Run `snippet` as-is, then `show` (what the test looks at) and the modules report; with
+    `shell_first`, bash runs those lines first (e.g. `eval "$(… s3 credentials)"`) and then
+    the Python, as a user would in one shell."""
     code = snippet + REPORT_MODULES + show
-    command = [sys.executable, *(["-I"] if isolated else []), "-c", code]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, cwd=cwd)
+    python = [sys.executable, *(["-I"] if isolated else []), "-c", code]
+    if shell_first:
+        python = ["bash", "-c", f'{shell_first}\nexec "$@"', "bash", *python]
+    result = subprocess.run(python, capture_output=True, text=True, timeout=300, env=env, cwd=cwd)
     assert result.returncode == 0, result.stderr[-3000:]
     imported = found(result.stdout, "IMPORTED")
     assert imported == [], f"the snippet imported {imported}"
@@ -230,23 +261,40 @@ def run_snippet(snippet: str, show: str, env: dict[str, str], *, cwd: Path, isol
 
 
 def check_opened(snippets, run):
-    """Run both snippets: each opens the cube with every spec variable (the first prints it),
-    the second also its overview levels (the coarsest one read too)."""
-    variables = sorted(v.name for v in load_spec(REPO / "cube.geojson").variables)
+    """Run both Python snippets: each opens the cube with every spec variable (the first prints
+    it), the second also its overview levels (the coarsest one read too)."""
+    variables = spec_variables()
     show = '\nprint("VARIABLES", _json.dumps(sorted(cube.data_vars)))'
-    cube_output = run(snippets["open the cube"], show)
+    cube_output = run(snippets[XARRAY], show)
     assert "<xarray.Dataset>" in cube_output and "magnetic_anomaly" in cube_output
     assert set(variables) <= set(found(cube_output, "VARIABLES"))
     coarsest = "levels.get_dataset(levels.num_levels - 1)"
     show += (
         f'\nprint("COARSEST", _json.dumps([{coarsest}.sizes["x"], sorted({coarsest}.data_vars)]))'
     )
-    xcube_output = run(snippets["open it with xcube: the cube and its overview levels"], show)
+    xcube_output = run(snippets[XCUBE], show)
     assert set(variables) <= set(found(xcube_output, "VARIABLES"))
     (levels,) = re.findall(r"^(\d+) levels$", xcube_output, re.M)
     assert int(levels) >= 1
     width, level_variables = found(xcube_output, "COARSEST")
     assert set(variables) <= set(level_variables) and width <= 512
+
+
+def spec_variables() -> list[str]:
+    return sorted(v.name for v in load_spec(REPO / "cube.geojson").variables)
+
+
+def run_gdal_snippet(snippet: str, env: dict[str, str], cwd: Path) -> str:
+    """Run a GDAL snippet (bash: the eval of `s3 credentials --gdal`, then the real system
+    `gdalinfo`) and check that it opened the cube: every variable is one of its subdatasets."""
+    result = subprocess.run(
+        ["bash", "-e", "-c", snippet], capture_output=True, text=True, timeout=300, env=env, cwd=cwd
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert "Driver: Zarr/Zarr" in result.stdout
+    subdatasets = re.findall(r'^  SUBDATASET_\d+_NAME=ZARR:".+\.zarr":/(\w+)$', result.stdout, re.M)
+    assert set(spec_variables()) <= set(subdatasets), result.stdout[-3000:]
+    return result.stdout
 
 
 def found(output: str, label: str):
@@ -259,83 +307,205 @@ def assert_no_keys(text, s3_server):
     assert s3_server.secret_key not in text
 
 
+@pytest.fixture
+def sandbox(tmp_path, s3_server) -> Path:
+    """A folder laid out like the repository root for what the printed and README commands
+    need: `.venv` (this one) and `data/s3` (the session's S3 server's state folder)."""
+    folder = tmp_path / "sandbox"
+    (folder / "data").mkdir(parents=True)
+    (folder / ".venv").symlink_to(Path(sys.executable).parent.parent)
+    (folder / "data" / "s3").symlink_to(s3_server.state_dir)
+    return folder
+
+
 @pytest.mark.slow
-def test_snippets_open_the_cube_with_the_exported_keys(built, s3_server, tmp_path, capsys):  # noqa: F811
+def test_snippets_open_the_cube_with_the_exported_keys(
+    built,  # noqa: F811
+    s3_server,
+    tmp_path,
+    capsys,
+    sandbox,
+    aws_files,
+):
     """`build` with a bucket: keys from `eval "$(polar-cube s3 credentials)"`, run in an
-    isolated Python (-I: no cwd, no PYTHON* variables) outside the repository."""
+    isolated Python (-I: no cwd, no PYTHON* variables) outside the repository; GDAL's block
+    as printed, from a folder like the repository root."""
     output, snippets = printed(capsys, built.url)
     assert_no_keys(output, s3_server)
-    assert 'eval "$(polar-cube s3 credentials)"' in output
-    for snippet in snippets.values():
-        assert "polar_cube" not in snippet and "prefect" not in snippet.lower()
-        assert f'"endpoint_url": "{s3_server.endpoint_url}"' in snippet
-        assert '"profile"' not in snippet
-    home = tmp_path / "home"
-    home.mkdir()
-    base = {"PATH": os.environ["PATH"], "HOME": str(home), **exported(s3_server)}
-    base |= {  # no AWS file: the keys can only come from the environment
-        "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none" / "credentials"),
-        "AWS_CONFIG_FILE": str(tmp_path / "none" / "config"),
-    }
+    assert re.search(r'first eval "\$\((\S*/)?polar-cube s3 credentials\)"$', output, re.M)
+    for snippet_text in (snippets[XARRAY], snippets[XCUBE]):
+        assert "polar_cube" not in snippet_text and "prefect" not in snippet_text.lower()
+        assert f'"endpoint_url": "{s3_server.endpoint_url}"' in snippet_text
+        assert '"profile"' not in snippet_text
+    base = bare_environment(tmp_path) | exported(s3_server)
     env = no_prefect_environment(tmp_path, base)
     workdir = tmp_path / "elsewhere"
     workdir.mkdir()
     check_opened(
         snippets, lambda code, show: run_snippet(code, show, env, cwd=workdir, isolated=True)
     )
+    assert "s3 credentials --gdal)" in snippets[GDAL]
+    run_gdal_snippet(snippets[GDAL], bare_environment(tmp_path), sandbox)
+    assert not aws_files.exists()
 
 
 @pytest.mark.slow
-def test_demo_snippets_run_pasted_as_is_with_the_profile_it_writes(
+def test_demo_snippets_run_after_the_one_line_it_prints(
     built,  # noqa: F811
     s3_server,
     tmp_path,
     capsys,
     aws_files,
 ):
-    """`demo`: its code path writes AWS profile polar-cube-local, the snippets name it and run
-    as pasted into the project's python from the repository root, nothing exported."""
-    aws_files.mkdir()
-    mine = "[default]\naws_access_key_id = MINE\naws_secret_access_key = M\n"
-    (aws_files / "credentials").write_text(mine)
-
+    """`demo`'s code path writes nothing under ~/.aws: its snippets take the keys from the
+    environment after the one `eval "$(…)"` line it prints (naming its server's folder), run
+    in one bash as a user would, in the project's python from the repository root."""
     output, snippets = printed(capsys, built.url, local_server=s3_server)
 
     assert_no_keys(output, s3_server)
-    assert f"wrote AWS profile '{LOCAL_PROFILE}' for the local S3 server" in output
-    assert str(aws_files / "credentials") in output
+    assert not aws_files.exists()
+    (eval_line,) = re.findall(r'first (eval "\$\(.+\)")$', output, re.M)
+    assert f"s3 credentials --state-dir {s3_server.state_dir}" in eval_line
+    for snippet_text in (snippets[XARRAY], snippets[XCUBE]):
+        assert "polar_cube" not in snippet_text and "prefect" not in snippet_text.lower()
+        assert '"profile"' not in snippet_text
+    env = no_prefect_environment(tmp_path, bare_environment(tmp_path))
+    check_opened(
+        snippets,
+        lambda code, show: run_snippet(
+            code, show, env, cwd=REPO, isolated=False, shell_first=eval_line
+        ),
+    )
+    assert snippets[GDAL].startswith(eval_line.removesuffix(')"') + ' --gdal)"\ngdalinfo ')
+    run_gdal_snippet(snippets[GDAL], bare_environment(tmp_path), REPO)
+    assert not aws_files.exists()
+
+
+@pytest.mark.slow
+def test_demo_snippets_run_pasted_as_is_with_a_profile_when_asked(
+    built,  # noqa: F811
+    s3_server,
+    tmp_path,
+    capsys,
+    aws_files,
+):
+    """`demo --aws-profile NAME`: the profile is written (beside the user's), the snippets name
+    it and run as pasted, nothing exported."""
+    aws_files.mkdir()
+    mine = "[default]\naws_access_key_id = MINE\naws_secret_access_key = M\n"
+    (aws_files / "credentials").write_text(mine)
+    write_aws_profile(s3_server, PROFILE)  # what `demo --aws-profile` does before its build
+
+    output, snippets = printed(capsys, built.url, local_server=s3_server, aws_profile=PROFILE)
+
+    assert_no_keys(output, s3_server)
+    assert f"the snippets below use AWS profile '{PROFILE}'" in output
     assert (aws_files / "credentials").read_text().startswith(mine)
-    assert mode(aws_files / "credentials") == mode(aws_files / "config") == 0o600
-    for snippet in snippets.values():
-        assert f'"profile": "{LOCAL_PROFILE}"' in snippet
-        assert "polar_cube" not in snippet and "prefect" not in snippet.lower()
+    for snippet_text in (snippets[XARRAY], snippets[XCUBE]):
+        assert f'"profile": "{PROFILE}"' in snippet_text
+        assert "polar_cube" not in snippet_text and "prefect" not in snippet_text.lower()
     env = {k: v for k, v in os.environ.items() if k not in AWS_VARIABLES}  # nothing exported
     env = no_prefect_environment(tmp_path, env)
     check_opened(
         snippets, lambda code, show: run_snippet(code, show, env, cwd=REPO, isolated=False)
     )
 
-    # a later `build` into the same server names the profile too: it holds the block's keys
-    output, snippets = printed(capsys, built.url)
-    assert_no_keys(output, s3_server)
-    assert f"the snippets below use AWS profile '{LOCAL_PROFILE}'" in output
-    assert all(f'"profile": "{LOCAL_PROFILE}"' in s for s in snippets.values())
+
+@pytest.mark.slow
+def test_demo_refuses_a_foreign_profile_before_building(s3_server, tmp_path, aws_files):
+    """`demo --aws-profile NAME` where NAME is someone else's profile: one error line, before
+    the stand-ins or the build, and their profile as it was."""
+    aws_files.mkdir()
+    theirs = f"[{PROFILE}]\naws_access_key_id = THEIRS\naws_secret_access_key = T\n"
+    (aws_files / "credentials").write_text(theirs)
+    port = s3_server.endpoint_url.rsplit(":", 1)[1]
+    result = run_cli(
+        *("demo", "--spec", str(REPO / "cube.geojson"), "--workdir", str(tmp_path / "demo")),
+        *("--s3-state-dir", str(s3_server.state_dir), "--s3-port", port, "--bucket", "polar-test"),
+        *("--aws-profile", PROFILE),
+    )
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stderr.splitlines()[-1] == (
+        f"polar-cube: error: {aws_files / 'credentials'}: AWS profile '{PROFILE}' exists and "
+        "was not written by polar-cube; left as it is (choose another name, or remove that "
+        "profile)"
+    )
+    assert (aws_files / "credentials").read_text() == theirs
+    assert not (tmp_path / "demo").exists()
+
+
+# --- the README's "Open the cube", as written -----------------------------------------------
+
+
+def ours(text: str, replacements: dict[str, str]) -> str:
+    """A README block with the demo's endpoint, bucket and cube name replaced by this test's
+    (each must be there: a renamed cube or bucket in the README fails here)."""
+    for old, new in replacements.items():
+        assert old in text, f"the README block no longer names {old!r}:\n{text}"
+        text = text.replace(old, new)
+    return text
 
 
 @pytest.mark.slow
-def test_demo_leaves_a_foreign_profile_alone_and_falls_back_to_exports(
+def test_readme_open_the_cube_blocks_run_as_written(
     built,  # noqa: F811
     s3_server,
     tmp_path,
-    capsys,
+    sandbox,
     aws_files,
 ):
-    aws_files.mkdir()
-    theirs = f"[{LOCAL_PROFILE}]\naws_access_key_id = THEIRS\naws_secret_access_key = T\n"
-    (aws_files / "credentials").write_text(theirs)
-    output, snippets = printed(capsys, built.url, local_server=s3_server)
-    assert_no_keys(output, s3_server)
-    assert f"did not write AWS profile '{LOCAL_PROFILE}'" in output
-    assert 'eval "$(polar-cube s3 credentials --state-dir' in output
-    assert (aws_files / "credentials").read_text() == theirs
-    assert all('"profile"' not in s for s in snippets.values())
+    """Each block of the README's "Open the cube", from a folder like the repository root
+    (`.venv`, `data/s3`): the keys line then each Python snippet in one bash, GDAL's block with
+    the real `gdalinfo`, the operators' block in the project's python through the block."""
+    demo = make_parser().parse_args(["demo"])
+    readme_cube = load_spec(REPO / "cube.geojson").at_resolution(demo.resolution).data_id
+    spec = load_spec(REPO / "cube.geojson").at_resolution(3000)
+    assert built.url == f"s3://polar-test/cubes/{spec.data_id}"
+    assert (demo.bucket, demo.s3_port, demo.bucket_block) == (
+        "polar-cube",
+        8333,
+        "polar-cube-bucket",
+    )
+    # the demo's defaults, as the README names them -> this test's server, bucket and cube
+    endpoint = {"http://127.0.0.1:8333": s3_server.endpoint_url}
+    cube = {readme_cube.removesuffix(".zarr"): spec.data_id.removesuffix(".zarr")}
+    in_bucket = {"s3://polar-cube/": "s3://polar-test/cubes/"}
+    in_root = {'root="polar-cube"': 'root="polar-test/cubes"'}
+    in_vsis3 = {"/vsis3/polar-cube/": "/vsis3/polar-test/cubes/"}
+
+    keys_line = snippet("README.md", "open-keys")
+    assert keys_line == 'eval "$(.venv/bin/polar-cube s3 credentials)"'
+    python = {
+        XARRAY: ours(snippet("README.md", "open-xarray"), endpoint | in_bucket | cube),
+        XCUBE: ours(snippet("README.md", "open-xcube"), endpoint | in_root | cube),
+    }
+    env = no_prefect_environment(tmp_path, bare_environment(tmp_path))
+    check_opened(
+        python,
+        lambda code, show: run_snippet(
+            code, show, env, cwd=sandbox, isolated=True, shell_first=keys_line
+        ),
+    )
+
+    gdal = ours(snippet("README.md", "open-gdal"), in_vsis3 | cube)
+    output = run_gdal_snippet(gdal, bare_environment(tmp_path), sandbox)
+    grid = TargetGrid.from_spec(spec)
+    assert f"Size is {grid.width}, {grid.height}" in output  # magnetic_anomaly's grid
+    assert "Antarctic Polar Stereographic" in output
+    assert re.search(r"Computed Min/Max=-?\d", output)
+    assert not aws_files.exists()
+
+    operators = ours(
+        snippet("README.md", "open-blocks"),
+        in_bucket | {'"polar-cube-bucket"': f'"{BUCKET_BLOCK}"'} | cube,
+    )
+    show = '\nimport json\nprint("VARIABLES", json.dumps(sorted(cube.data_vars)))'
+    result = subprocess.run(  # the session's Prefect home, where the blocks are
+        [sys.executable, "-c", operators + show],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert set(spec_variables()) <= set(found(result.stdout, "VARIABLES"))

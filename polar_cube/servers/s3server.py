@@ -4,13 +4,14 @@ Everything lives in one state folder: `data/` (the objects), `weed.log`, `identi
 (the one S3 identity) and `server.json` (pid, endpoint, keys, ports; mode 0600). The server
 runs in its own session, binds 127.0.0.1 only, and is stopped by its own process id.
 
-Its keys can also be written as an AWS profile (`write_aws_profile`), so that plain
-xarray/s3fs code opens the bucket with `storage_options={"profile": ...}`.
+Clients reach it with its keys and endpoint in their environment (`client_environment`: what
+`polar-cube s3 credentials` prints, GDAL's own variables included), or, when asked for, through an
+AWS profile (`write_aws_profile`) that plain xarray/s3fs code names in
+`storage_options={"profile": ...}`.
 """
 
 from __future__ import annotations
 
-import configparser
 import json
 import os
 import re
@@ -320,9 +321,53 @@ def _remove_sockets(ports: dict[str, int]) -> None:
                 path.unlink(missing_ok=True)
 
 
-# --- the server's keys as an AWS profile ------------------------------------------------------
+# --- the server's keys in a client's environment ---------------------------------------------
 
-LOCAL_PROFILE = "polar-cube-local"  # the profile `polar-cube demo` writes for its server
+
+def client_environment(info: S3ServerInfo, *, gdal: bool = False) -> dict[str, str]:
+    """The environment variables under which AWS clients reach the server: its keys and
+    AWS_ENDPOINT_URL (boto3, s3fs, the AWS CLI). With `gdal` also what GDAL's /vsis3/ reads
+    instead of AWS_ENDPOINT_URL (3.6 ignores it): AWS_S3_ENDPOINT=host:port, AWS_HTTPS=NO for
+    http, and AWS_VIRTUAL_HOSTING=FALSE (path-style URLs: the bucket is not a host name)."""
+    from urllib.parse import urlsplit
+
+    variables = {
+        "AWS_ACCESS_KEY_ID": info.access_key,
+        "AWS_SECRET_ACCESS_KEY": info.secret_key,
+        "AWS_ENDPOINT_URL": info.endpoint_url,
+    }
+    if gdal:
+        endpoint = urlsplit(info.endpoint_url)
+        variables |= {
+            "AWS_S3_ENDPOINT": endpoint.netloc,
+            "AWS_HTTPS": "YES" if endpoint.scheme == "https" else "NO",
+            "AWS_VIRTUAL_HOSTING": "FALSE",
+        }
+    return variables
+
+
+def published_zarrs(info: S3ServerInfo) -> list[str]:
+    """`bucket/name.zarr` of each zarr at the top of a bucket (where cubes are published when
+    the bucket block has no folder); [] if the server cannot be listed."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    client, found = _client(info), []
+    try:
+        for bucket in client.list_buckets().get("Buckets", []):
+            pages = client.get_paginator("list_objects_v2").paginate(
+                Bucket=bucket["Name"], Delimiter="/"
+            )
+            for page in pages:
+                for prefix in page.get("CommonPrefixes", []):
+                    if prefix["Prefix"].endswith(".zarr/"):
+                        found.append(f"{bucket['Name']}/{prefix['Prefix'].rstrip('/')}")
+    except (BotoCoreError, ClientError):
+        return []
+    return found
+
+
+# --- the server's keys as an AWS profile (only when asked for) ---------------------------------
+
 DEFAULT_REGION = "us-east-1"
 _MARKER = "# written by polar-cube"  # first line of every profile section written here
 _PROFILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+=@-]*")
@@ -347,11 +392,10 @@ class AwsFiles:
         )
 
 
-def write_aws_profile(
-    info: S3ServerInfo, name: str = LOCAL_PROFILE, *, region: str = DEFAULT_REGION
-) -> AwsFiles:
+def write_aws_profile(info: S3ServerInfo, name: str, *, region: str = DEFAULT_REGION) -> AwsFiles:
     """Write AWS profile `name` for the server: its keys into the credentials file, its endpoint
     and a region into the config file (both owner-only, 0600; other profiles and comments kept).
+    Only `polar-cube s3 credentials --profile` and `polar-cube demo --aws-profile` call this.
 
     Only a profile that is absent or was written here (its section starts with a
     `# written by polar-cube` line) is (re)written; otherwise AwsProfileError, nothing written.
@@ -390,22 +434,6 @@ def write_aws_profile(
     for path, section, body in sections:  # re-read: both may be one file
         _write_private_text(path, _replace_section(_read_text(path), section, body))
     return files
-
-
-def aws_profile_for(endpoint_url: str, access_key: str, name: str = LOCAL_PROFILE) -> str | None:
-    """`name` if it is a profile written here that holds these keys for this endpoint."""
-    files = AwsFiles.current()
-    credentials_text, config_text = _read_text(files.credentials), _read_text(files.config)
-    credentials_section = _section_name(name, config=False)
-    config_section = _section_name(name, config=True)
-    if _profile_owner(credentials_text, credentials_section) != "polar-cube":
-        return None
-    if _profile_owner(config_text, config_section) != "polar-cube":
-        return None
-    credentials = _parse(credentials_text, credentials_section)
-    config = _parse(config_text, config_section)
-    same_keys = credentials.get("aws_access_key_id") == access_key
-    return name if same_keys and config.get("endpoint_url") == endpoint_url else None
 
 
 def _section_name(profile: str, *, config: bool) -> str:
@@ -462,15 +490,6 @@ def _replace_section(text: str, section: str, body: list[str]) -> str:
             out.append("")
         out.extend(new_section)
     return "\n".join(out) + "\n"
-
-
-def _parse(text: str, section: str) -> dict[str, str]:
-    parser = configparser.RawConfigParser(strict=False, interpolation=None)
-    try:
-        parser.read_string(text)
-    except configparser.Error:
-        return {}
-    return dict(parser[section]) if parser.has_section(section) else {}
 
 
 def _read_text(path: Path) -> str:
