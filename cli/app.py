@@ -22,7 +22,7 @@ def _add_build_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--source-mirror", metavar="URL", help="fetch each source's file from this mirror instead"
     )
-    parser.add_argument("--cache", metavar="DIR", help="download cache (default: user data dir)")
+    parser.add_argument("--cache", metavar="DIR", help="download cache (default data/cache)")
     parser.add_argument(
         "--store", metavar="DIR", help="where per-dataset cubes go (default ./data/datasets)"
     )
@@ -274,6 +274,7 @@ def cmd_spec_check(args: argparse.Namespace) -> int:
 def make_parser() -> argparse.ArgumentParser:
     from polar_cube.cli.ops import add_ops_commands
     from polar_cube.cli.s3 import add_blocks_commands, add_s3_commands
+    from polar_cube.cli.sources import add_mirror_commands
     from polar_cube.cli.view import add_view_command
 
     parser = argparse.ArgumentParser(
@@ -324,6 +325,7 @@ def make_parser() -> argparse.ArgumentParser:
     serve.add_argument("out_dir", metavar="OUT_DIR")
     serve.add_argument("--port", type=int, default=8765)
     serve.set_defaults(func=cmd_sources_serve)
+    add_mirror_commands(sources)
 
     add_s3_commands(commands)
     add_blocks_commands(commands)

@@ -11,8 +11,6 @@ import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
-import platformdirs
-
 from polar_cube.dataset import FetchedSource
 from polar_cube.sources.archives import MARKER_NAME, ArchiveError, check_archive, extract_archive
 from polar_cube.sources.checks import check_file
@@ -30,8 +28,13 @@ FORMAT_SUFFIXES = {
 }
 
 
+DEFAULT_CACHE_DIR = "data/cache"
+
+
 def default_cache_dir() -> Path:
-    return Path(platformdirs.user_data_dir("polar-cube")) / "sources"
+    """The download cache unless `--cache` says otherwise: a state folder of the current
+    folder (nothing is written outside it unless asked), made absolute."""
+    return Path(DEFAULT_CACHE_DIR).resolve()
 
 
 def source_url(source: SourceSpec, mirror: str | None = None) -> str:
