@@ -33,7 +33,7 @@ from pydantic import (
 from pyproj import CRS
 from pyproj.exceptions import CRSError
 
-from polar_cube.errors import read_input_file
+from polar_cube.errors import PolarCubeError, read_input_file
 
 SourceFormat = Literal["gmt_netcdf", "geotiff", "latlon_netcdf", "polygons"]
 ResamplingMethod = Literal["linear", "nearest"]
@@ -51,7 +51,7 @@ _CONDITION = re.compile(r"^\s*(>=|<=|>|<|!=)\s*([-+]?\d+(\.\d*)?([eE][-+]?\d+)?)
 _ID = re.compile(r"^[a-z][a-z0-9_]*$")
 
 
-class SpecError(ValueError):
+class SpecError(PolarCubeError, ValueError):
     """The spec file is invalid; the message names the file and each offending field."""
 
 

@@ -10,13 +10,15 @@ import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from polar_cube.errors import PolarCubeError
+
 _ACCESS_DENIED = frozenset(
     {"AccessDenied", "Forbidden", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403"}
 )
 _NO_BUCKET = frozenset({"NoSuchBucket"})
 
 
-class StorageAccessError(RuntimeError):
+class StorageAccessError(PolarCubeError, RuntimeError):
     """S3 storage cannot be used: the message names the URL or block and the likely cause."""
 
 

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import psutil
 
+from polar_cube.errors import PolarCubeError
 from polar_cube.location import StoreLocation
 
 LOCK_FOLDER = ".polar-cube-lock"
@@ -37,7 +38,7 @@ SETTLE_SECONDS = 1.0
 _POLL_SECONDS = 2.0
 
 
-class TargetBusyError(RuntimeError):
+class TargetBusyError(PolarCubeError, RuntimeError):
     """Another build holds the target; the message names it."""
 
 

@@ -29,6 +29,7 @@ from polar_cube.cube.publish import chunk_sources_key, copy_objects
 from polar_cube.cube.stac import outline_lonlat
 from polar_cube.cube.upload import INPUTS_PREFIX, input_key, remote_files
 from polar_cube.dataset import software_version
+from polar_cube.errors import PolarCubeError
 from polar_cube.grid import TargetGrid
 from polar_cube.levels import (
     FINGERPRINT_KEY,
@@ -66,7 +67,7 @@ MERGED_LAYOUT = "CF-1.8 (typed flag_values and NCZarr hints, x/y/time axis, int3
 COPY_BATCH = 256  # chunk objects per copy call
 
 
-class MergeError(ValueError):
+class MergeError(PolarCubeError, ValueError):
     """Inputs that cannot be merged; the message names the input and what differs."""
 
 

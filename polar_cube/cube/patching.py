@@ -15,7 +15,7 @@ import xarray as xr
 import yaml
 
 from polar_cube.dataset import software_version
-from polar_cube.errors import read_input_file
+from polar_cube.errors import PolarCubeError, read_input_file
 from polar_cube.location import StoreLocation
 from polar_cube.zarr_store import NCZARR_ATTR, VALUE_TYPED_ATTRS, typed_attrs
 
@@ -23,7 +23,7 @@ PATCH_ATTR = "polar_cube_patch_sha256"
 DELETE = "__delete__"  # xcube's value for removing an attribute
 
 
-class PatchError(ValueError):
+class PatchError(PolarCubeError, ValueError):
     """The patch file is invalid or names what the cube does not have."""
 
 

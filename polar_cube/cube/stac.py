@@ -32,6 +32,7 @@ from pystac.stac_object import STACObjectType
 from pystac.validation import GetSchemaError, JsonSchemaSTACValidator
 
 from polar_cube.cube.stac_schemas import DATACUBE, PROJECTION, load_extension_schemas
+from polar_cube.errors import PolarCubeError
 from polar_cube.grid import TargetGrid
 from polar_cube.spec import CubeSpec
 
@@ -43,7 +44,7 @@ DECIMALS = 7  # of a degree in geometry and bbox: about 1 cm
 _LICENSE = re.compile(r"^[\w\-.+]+$")  # STAC 1.1 licensing.json
 
 
-class StacError(ValueError):
+class StacError(PolarCubeError, ValueError):
     """An item that cannot be built or is invalid; the message names each bad field."""
 
 

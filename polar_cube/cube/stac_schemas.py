@@ -26,6 +26,8 @@ from pathlib import Path
 
 import yaml
 
+from polar_cube.errors import PolarCubeError
+
 PROJECTION = "https://stac-extensions.github.io/projection/v2.0.0/schema.json"
 DATACUBE = "https://stac-extensions.github.io/datacube/v2.2.0/schema.json"
 PROJJSON_04 = "https://proj.org/schemas/v0.4/projjson.schema.json"
@@ -67,11 +69,11 @@ SCHEMAS = {
 }
 
 
-class SchemasMissing(RuntimeError):
+class SchemasMissing(PolarCubeError, RuntimeError):
     """The schema folder is missing or incomplete; the message says how to fetch it."""
 
 
-class FetchError(RuntimeError):
+class FetchError(PolarCubeError, RuntimeError):
     """The sdists could not be downloaded or do not hold the expected schemas."""
 
 

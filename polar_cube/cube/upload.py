@@ -11,6 +11,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from polar_cube.errors import PolarCubeError
 from polar_cube.levels import ZLEVELS, levels_name
 from polar_cube.location import StoreLocation
 from polar_cube.zarr_store import levels_path
@@ -28,7 +29,7 @@ def input_key(source_id: str) -> str:
     return f"{INPUTS_PREFIX}/{source_id}.zarr"
 
 
-class UploadError(RuntimeError):
+class UploadError(PolarCubeError, RuntimeError):
     """What arrived differs from what was sent; the message names the cube and the files."""
 
 

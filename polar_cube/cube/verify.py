@@ -15,6 +15,7 @@ import xarray as xr
 from pyproj import CRS
 from pyproj.exceptions import CRSError
 
+from polar_cube.errors import PolarCubeError
 from polar_cube.grid import TargetGrid
 from polar_cube.levels import (
     FINGERPRINT_KEY,
@@ -34,7 +35,7 @@ from polar_cube.zarr_store import GRID_MAPPING
 LEFTOVER_CRS_NAME = "spatial_ref"  # what rioxarray adds; the cube uses `crs` only
 
 
-class CubeCheckError(ValueError):
+class CubeCheckError(PolarCubeError, ValueError):
     """A cube that does not match its spec; the message lists every problem, one per line."""
 
 

@@ -12,6 +12,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from polar_cube.errors import PolarCubeError
 from polar_cube.servers import processes
 
 DEFAULT_STATE_DIR = "data/mirror"
@@ -21,7 +22,7 @@ LOG_FILE = "mirror.log"
 HOST = processes.LOCALHOST
 
 
-class MirrorServiceError(RuntimeError):
+class MirrorServiceError(PolarCubeError, RuntimeError):
     """The stand-in mirror cannot be started, reached or stopped; the message says why."""
 
 

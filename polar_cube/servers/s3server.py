@@ -21,6 +21,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from polar_cube.errors import PolarCubeError
 from polar_cube.servers import processes
 
 HOST = processes.LOCALHOST
@@ -37,7 +38,7 @@ OTHER_PORTS = (
 )
 
 
-class S3ServerError(RuntimeError):
+class S3ServerError(PolarCubeError, RuntimeError):
     """The local S3 server could not be started, reached or stopped."""
 
 

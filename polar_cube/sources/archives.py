@@ -14,6 +14,8 @@ import zlib
 from pathlib import Path
 from typing import Literal
 
+from polar_cube.errors import PolarCubeError
+
 MARKER_NAME = ".extracted.json"
 _MAX_LINK_DEPTH = 40
 _CORRUPT_ERRORS = (
@@ -26,7 +28,7 @@ _CORRUPT_ERRORS = (
 )
 
 
-class ArchiveError(ValueError):
+class ArchiveError(PolarCubeError, ValueError):
     """An archive cannot be read (corrupt, truncated, or not an archive at all)."""
 
 

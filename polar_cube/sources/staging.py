@@ -17,13 +17,14 @@ from pathlib import Path
 
 from polar_cube.cube.upload import FILES_IN_FLIGHT, remote_files
 from polar_cube.dataset import FetchedSource
+from polar_cube.errors import PolarCubeError
 from polar_cube.location import StoreLocation
 
 SOURCES_PREFIX = "sources"
 MANIFEST = ".source.json"
 
 
-class StagingError(RuntimeError):
+class StagingError(PolarCubeError, RuntimeError):
     """What arrived in the bucket differs from the source's files; names the source."""
 
 

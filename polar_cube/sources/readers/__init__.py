@@ -13,11 +13,13 @@ from typing import TYPE_CHECKING
 
 import xarray as xr
 
+from polar_cube.errors import PolarCubeError
+
 if TYPE_CHECKING:
     from polar_cube.location import StoreLocation
 
 
-class SourceFormatError(ValueError):
+class SourceFormatError(PolarCubeError, ValueError):
     """A source file is not what its spec says; the message names the file."""
 
 
