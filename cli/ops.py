@@ -161,7 +161,11 @@ def _add_run_command(commands: argparse._SubParsersAction) -> None:
     run = commands.add_parser("run", help="trigger a run of a deployment now")
     run.add_argument("--deployment", default=f"{FLOW_NAME}/{DEFAULT_DEPLOYMENT}", metavar="F/D")
     _add_params(run, "a parameter of this run (overrides the deployment's)")
-    run.add_argument("--watch", action="store_true", help="wait for its final state")
+    run.add_argument(
+        "--watch",
+        action="store_true",
+        help="wait for its final state, printing its progress and finished task runs",
+    )
     run.add_argument(
         "--timeout", type=float, default=0, metavar="S", help="with --watch: give up after S s"
     )
@@ -299,9 +303,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(f"  UI: {ui_url()}/runs/flow-run/{flow_run.id}")
     if not args.watch:
         return 0
+    print("  (progress, finished task runs and state changes as they happen)")
     flow_run = watch_run(flow_run.id, timeout_seconds=args.timeout or None, report=print)
     state = flow_run.state
     print(f"flow run {flow_run.name!r} finished: {state.name}" + _message(state))
+    print(f"  summary: the Artifacts tab of {ui_url()}/runs/flow-run/{flow_run.id}")
     return 0 if state.is_completed() else 1
 
 

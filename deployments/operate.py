@@ -312,15 +312,26 @@ def trigger_run(deployment: str, parameters: dict | None = None):
         return client.create_flow_run_from_deployment(found.id, parameters=parameters)
 
 
+PROGRESS_KEY = "polar-cube-progress"  # the parent run's progress artifact (flows/artifacts.py)
+
+
 def watch_run(flow_run_id, *, timeout_seconds: float | None = None, report=None):
-    """Poll a flow run until it reaches a final state; returns the finished flow run."""
+    """Poll a flow run until it reaches a final state; returns the finished flow run.
+
+    With `report` (called with one line at a time): the run's state changes, its progress
+    (the percentage and phase of its progress artifact) whenever it moves, and each task run
+    of it and its subflows as it finishes.
+    """
     from prefect.client.orchestration import get_client
 
     deadline = None if timeout_seconds is None else time.monotonic() + timeout_seconds
-    last = None
+    last, seen = None, _Seen()
     with get_client(sync_client=True) as client:
         while True:
             flow_run = client.read_flow_run(flow_run_id)
+            if report:
+                for line in seen.new_lines(client, flow_run_id):
+                    report(line)
             if report and flow_run.state and flow_run.state.name != last:
                 last = flow_run.state.name
                 report(f"  state: {last}")
@@ -332,6 +343,93 @@ def watch_run(flow_run_id, *, timeout_seconds: float | None = None, report=None)
                     f"(still {last}); it keeps running"
                 )
             time.sleep(2)
+
+
+class _Seen:
+    """What `watch_run` has printed: the last progress, the finished task runs."""
+
+    def __init__(self) -> None:
+        self.progress: str | None = None
+        self.task_runs: set = set()
+
+    def new_lines(self, client, flow_run_id) -> list[str]:
+        """Lines for what changed since the last call (the API's hiccups skip a turn)."""
+        try:
+            task_runs, subflows = _finished_task_runs(client, flow_run_id)
+            progress = _progress(client, flow_run_id)
+        except Exception:  # a missed poll is harmless; the next one catches up
+            return []
+        lines = []
+        for task_run in task_runs:
+            if task_run.id not in self.task_runs:
+                self.task_runs.add(task_run.id)
+                lines.append(describe_task_run(task_run, subflows.get(task_run.id)))
+        if progress is not None and progress != self.progress:
+            self.progress = progress
+            lines.append(f"  progress: {progress}")
+        return lines
+
+
+def _finished_task_runs(client, flow_run_id) -> tuple[list, dict]:
+    """The run's and its subflows' task runs in a final state, oldest end first; and the
+    names of the subflow runs by the id of the task run standing for each in its parent."""
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterParentFlowRunId,
+        TaskRunFilter,
+        TaskRunFilterFlowRunId,
+        TaskRunFilterState,
+        TaskRunFilterStateType,
+    )
+    from prefect.client.schemas.objects import TERMINAL_STATES
+
+    subflows = client.read_flow_runs(
+        flow_run_filter=FlowRunFilter(
+            parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[flow_run_id])
+        )
+    )
+    runs = [flow_run_id, *(run.id for run in subflows)]
+    task_runs = client.read_task_runs(
+        task_run_filter=TaskRunFilter(
+            flow_run_id=TaskRunFilterFlowRunId(any_=runs),
+            state=TaskRunFilterState(type=TaskRunFilterStateType(any_=list(TERMINAL_STATES))),
+        )
+    )
+    names = {run.parent_task_run_id: run.name for run in subflows if run.parent_task_run_id}
+    return sorted(task_runs, key=lambda t: (t.end_time is None, t.end_time or t.created)), names
+
+
+def _progress(client, flow_run_id) -> str | None:
+    """The description of the run's progress artifact (`42 % · merge: …`), else its
+    percentage; None if it has none yet."""
+    from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterFlowRunId,
+        ArtifactFilterKey,
+    )
+
+    artifacts = client.read_artifacts(
+        artifact_filter=ArtifactFilter(
+            key=ArtifactFilterKey(any_=[PROGRESS_KEY]),
+            flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]),
+        ),
+        limit=1,
+    )
+    if not artifacts:
+        return None
+    artifact = artifacts[0]
+    return artifact.description or f"{float(artifact.data or 0):.0f} %"
+
+
+def describe_task_run(task_run, subflow_name: str | None = None) -> str:
+    """`  task run merge-…: Completed in 12.3 s`; for the task run standing for a subflow in
+    its parent, `  subflow run <its name>: …`."""
+    state = task_run.state.name if task_run.state else "?"
+    took = ""
+    if task_run.start_time and task_run.end_time:
+        took = f" in {(task_run.end_time - task_run.start_time).total_seconds():.1f} s"
+    what = f"subflow run {subflow_name}" if subflow_name else f"task run {task_run.name}"
+    return f"  {what}: {state}{took}"
 
 
 # --- background processes (by pid) --------------------------------------------------------

@@ -1,5 +1,6 @@
 """The parent flow: sources -> per-dataset cubes -> bucket -> one merged, patched,
-verified cube published under the spec's data_id."""
+verified cube published under the spec's data_id; its artifacts tell the story (progress
+through every phase, then the summary, coverage table and links: `flows/artifacts.py`)."""
 
 from __future__ import annotations
 
@@ -11,9 +12,13 @@ from prefect.runtime import flow_run
 
 from polar_cube.compute import dask_cluster, shares_nothing
 from polar_cube.cube import target as steps
+from polar_cube.cube.summary import BuildProgress, DatasetOutcome, RunSummary
+from polar_cube.flows.artifacts import create_result_artifacts, progress_span, start_progress
 from polar_cube.flows.build_datasets import build_datasets, run_label
 from polar_cube.location import StoreLocation
 from polar_cube.preflight import check_build
+from polar_cube.servers.viewer import DEFAULT_PORT as VIEWER_PORT
+from polar_cube.servers.viewer import viewer_url
 from polar_cube.storage import reaching_storage
 from polar_cube.target_lock import TargetLock
 from polar_cube.tasks.cube import (
@@ -79,7 +84,45 @@ def build_cube(
     the staged sources and write the per-dataset cubes straight into `inputs/` (nothing to
     upload afterwards).
     """
+    progress, progress_id = start_progress(run_label(spec_path, resolution))
+    try:
+        return _build(
+            progress,
+            progress_id,
+            spec_path=spec_path,
+            only=only,
+            resolution=resolution,
+            source_mirror=source_mirror,
+            cache_dir=cache_dir,
+            datasets_dir=datasets_dir,
+            bucket_block=bucket_block,
+            output_dir=output_dir,
+            patch_path=patch_path,
+            dask_address=dask_address,
+        )
+    except BaseException as error:
+        progress.failed(error)
+        raise
+
+
+def _build(
+    progress: BuildProgress,
+    progress_id: str | None,
+    *,
+    spec_path: str,
+    only: list[str] | None,
+    resolution: float | None,
+    source_mirror: str | None,
+    cache_dir: str | None,
+    datasets_dir: str | None,
+    bucket_block: str | None,
+    output_dir: str | None,
+    patch_path: str,
+    dask_address: str | None,
+) -> BuiltCube:
+    """The body of `build_cube`, moving `progress` through its phases."""
     logger = get_run_logger()
+    progress.start("check")
     # bad input fails here, before hours of work (the CLI checks the same before starting)
     checked = check_build(spec_path, resolution=resolution, only=only, patch_path=patch_path)
     spec, grid, patch = checked.spec, checked.grid, checked.patch
@@ -93,6 +136,7 @@ def build_cube(
         TargetLock(location),
         dask_cluster(dask_address) as address,
     ):
+        progress.start("datasets")
         built = build_datasets(
             spec=spec,
             grid=grid,
@@ -103,24 +147,77 @@ def build_cube(
             dask_address=address,
             bucket_block=bucket_block,  # the sources are staged into it
             write_into_bucket=write_into_bucket,
+            progress=progress_span(progress, progress_id, "datasets", "per-dataset cubes"),
         )
+        progress.start("upload")
         uploads = [
             upload_dataset.submit(Path(item.path), location) for item in built if not item.in_bucket
         ]
-        for upload in uploads:
+        for done, upload in enumerate(uploads, start=1):
             upload.result()
+            progress.advance(done / len(uploads), f"upload: {done} of {len(uploads)} uploaded")
+        if not uploads:
+            progress.skip("upload", "written straight into the bucket")
 
         reused = steps.cube_is_current(location, spec, grid, patch)
         if reused:
             logger.info("%s is already current; nothing to rebuild", location.url(spec.data_id))
+            for phase in ("merge", "patch", "verify-staged", "publish"):
+                progress.skip(phase, "the cube is already current")
         else:
+            progress.start("merge")
             staged = merge_cube(location, spec, grid, patch, address)
+            progress.start("patch")
             patch_cube(location, spec, staged, patch, patch_path)
+            progress.start("verify-staged")
             verify_staged_cube(location, staged, spec, grid)
+            progress.start("publish")
             publish_cube(location, spec, staged)
+        progress.start("verify")
         verify_stored_cube(location, spec.data_id, spec, grid)
-        quicklooks = report_cube(location, spec)
-        stac_item = write_stac(location, spec, grid, quicklooks)
-    return BuiltCube(
-        url=location.url(spec.data_id), quicklooks=quicklooks, stac_item=stac_item, reused=reused
+        progress.start("report")
+        report = report_cube(location, spec)
+        progress.start("stac")
+        stac_item = write_stac(location, spec, grid, report.quicklooks)
+    progress.finish(f"{'reused' if reused else 'published'} {spec.data_id}")
+    summary = RunSummary(
+        title=spec.title,
+        cube_name=spec.data_id,
+        cube_url=location.url(spec.data_id),
+        resolution=grid.resolution,
+        grid_shape=grid.shape,
+        datasets=[
+            DatasetOutcome(b.source_id, getattr(b, "downloaded", False), b.reused) for b in built
+        ],
+        cube_reused=reused,
+        stats=report.stats,
+        long_names={v.name: v.long_name for v in spec.variables},
+        timings=progress.timing_rows(),
+        total_seconds=progress.finished,
+        quicklooks_url=report.folder,
+        quicklooks=report.quicklooks,
+        thumbnails=report.thumbnails,
+        report_reused=report.reused,
+        levels_url=location.url(steps.levels_key(spec)),
+        stac_url=stac_item,
+        viewer_url=viewer_url(
+            f"http://127.0.0.1:{VIEWER_PORT}", spec.data_id.removesuffix(".zarr")
+        ),
+        viewer_command=_view_command(bucket_block, output_dir, spec.data_id),
     )
+    create_result_artifacts(summary, report)
+    return BuiltCube(
+        url=location.url(spec.data_id),
+        quicklooks=report.quicklooks,
+        stac_item=stac_item,
+        reused=reused,
+    )
+
+
+def _view_command(bucket_block: str | None, output_dir: str | None, cube_name: str) -> str:
+    where = (
+        f"--bucket-block {bucket_block}"
+        if bucket_block
+        else f"--cube-dir {output_dir or DEFAULT_OUTPUT}"
+    )
+    return f"polar-cube view {where} --cube-id {cube_name}"

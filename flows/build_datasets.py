@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from contextlib import nullcontext
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from prefect import flow, get_run_logger
@@ -11,7 +12,9 @@ from prefect.runtime import flow_run
 
 from polar_cube import dataset as ds
 from polar_cube.compute import dask_cluster
+from polar_cube.cube.summary import ProgressSpan, progress_text
 from polar_cube.cube.upload import INPUTS_PREFIX
+from polar_cube.flows.artifacts import DATASETS_PROGRESS_KEY, report_span
 from polar_cube.grid import TargetGrid
 from polar_cube.location import StoreLocation
 from polar_cube.sources.fetch import default_cache_dir, needed_files
@@ -27,6 +30,13 @@ from polar_cube.tasks.datasets import (
 from polar_cube.tasks.download import download_source
 
 DEFAULT_STORE = Path("data/datasets")
+
+
+@dataclass(frozen=True)
+class BuiltFromSource(ds.BuiltDataset):
+    """A per-dataset cube, and whether this run downloaded its source (else the cache had it)."""
+
+    downloaded: bool = False
 
 
 def run_label(spec: CubeSpec | dict | str | None, resolution: float | None = None) -> str:
@@ -62,7 +72,8 @@ def build_datasets(
     dask_address: str | None = None,
     bucket_block: str | None = None,
     write_into_bucket: bool = False,
-) -> list[ds.BuiltDataset]:
+    progress: ProgressSpan | None = None,
+) -> list[BuiltFromSource]:
     """Download every needed source at once, then build the per-dataset cubes one by one
     (one at a time keeps memory bounded; each write is parallel over chunks), on `grid`.
 
@@ -71,6 +82,8 @@ def build_datasets(
     cluster that shares nothing with this machine but the bucket, the workers read the
     staged sources and write each cube straight into `inputs/<id>.zarr` (the caller,
     `build-cube`, holds the bucket's lock): nothing they read or write is on this disk.
+    `progress`: the part of the parent run's progress these cubes cover (`build-cube`'s
+    progress artifact moves as each one is done).
     """
     logger = get_run_logger()
     store = Path(store_dir) if store_dir else DEFAULT_STORE
@@ -97,18 +110,29 @@ def build_datasets(
             for s in sources
         ]
         staged = [stage_source_in_bucket.submit(d, staging) for d in downloads] if staging else []
-        progress = create_progress_artifact(
+        total = len(downloads)
+        cube_name = spec.at_resolution(grid.resolution).data_id
+        mine = create_progress_artifact(
             progress=0.0,
-            key="polar-cube-datasets-progress",
-            description=f"{spec.data_id}: per-dataset cubes done (%)",
+            key=DATASETS_PROGRESS_KEY,
+            description=_datasets_text(cube_name, 0, total),
         )
         built = []
         for download in staged if bucket else downloads:  # in the bucket: once staged
             built.append(_build_one(spec, download.result(), grid, store, address, bucket))
-            update_progress_artifact(progress, progress=100.0 * len(built) / len(downloads))
+            done = len(built)
+            text = _datasets_text(cube_name, done, total, built[-1].source_id)
+            update_progress_artifact(mine, progress=100.0 * done / total, description=text)
+            report_span(progress, done, total, built[-1].source_id)
         for stage in staged:
             stage.result()
     return built
+
+
+def _datasets_text(cube_name: str, done: int, total: int, latest: str = "") -> str:
+    percent = 100.0 * done / total if total else 100.0
+    after = f" (latest: {latest})" if latest else ""
+    return progress_text(percent, f"{cube_name}: {done} of {total} per-dataset cubes{after}")
 
 
 def _build_one(
@@ -118,7 +142,7 @@ def _build_one(
     store: Path,
     dask_address: str | None,
     bucket: StoreLocation | None,
-) -> ds.BuiltDataset:
+) -> BuiltFromSource:
     """Convert, resample and write one source's cube unless an identical one exists (in the
     local store, or in the bucket's `inputs/`)."""
     source_id = fetched.source.id
@@ -126,8 +150,9 @@ def _build_one(
     if ds.dataset_is_current(target, spec, fetched, grid):
         kept = ds.built_dataset(spec, source_id, target, reused=True)
         get_run_logger().info("%s is up to date; reusing it", kept.path)
-        return kept
+        return BuiltFromSource(**asdict(kept), downloaded=fetched.downloaded)
     converted = convert_source(spec, fetched)
     dataset = resample_source(spec, fetched, converted, grid)
     write_dataset(dataset, target, grid, dask_address)
-    return ds.built_dataset(spec, source_id, target, reused=False)
+    made = ds.built_dataset(spec, source_id, target, reused=False)
+    return BuiltFromSource(**asdict(made), downloaded=fetched.downloaded)

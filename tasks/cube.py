@@ -1,4 +1,8 @@
-"""Upload, merge, patch, verify, publish and report: thin tasks over `polar_cube.cube.target`."""
+"""Upload, merge, patch, verify, publish and report: thin tasks over `polar_cube.cube.target`.
+
+The tasks create no artifacts: `build-cube` makes the run's artifacts from what they return,
+in its own body, so that they belong to the parent flow run (`polar_cube.flows.artifacts`).
+"""
 
 from __future__ import annotations
 
@@ -8,22 +12,16 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from prefect import get_run_logger, task
-from prefect.artifacts import (
-    create_link_artifact,
-    create_markdown_artifact,
-    create_table_artifact,
-)
 from prefect.cache_policies import NO_CACHE
 
 from polar_cube.compute import dask_compute
 from polar_cube.cube import target as steps
-from polar_cube.cube.report import current_report
+from polar_cube.cube.report import CubeReport, current_report
 from polar_cube.cube.stac import cube_stac_item, write_stac_item
 from polar_cube.cube.upload import UploadResult, upload_cube
 from polar_cube.cube.verify import (
     CubeCheckError,
     check_store_layout,
-    stats_table_rows,
     verify_cube,
     verify_levels,
 )
@@ -52,6 +50,7 @@ def _writing(location: StoreLocation, url: str) -> Iterator[None]:
     cache_policy=NO_CACHE,
 )
 def upload_dataset(cube: Path, location: StoreLocation) -> UploadResult:
+    """Copy one per-dataset cube into the target's `inputs/` and check it (skip if there)."""
     started = time.monotonic()
     with _writing(location, location.url("inputs", cube.name)):
         result = upload_cube(cube, location)
@@ -80,6 +79,7 @@ def merge_cube(
     patch: dict,
     dask_address: str | None = None,
 ) -> steps.StagedCube:
+    """Merge the per-dataset cubes into a staged cube and its overview levels."""
     started = time.monotonic()
     with _writing(location, location.url(".staging")), dask_compute(dask_address):
         staged = steps.stage_merged_cube(location, spec, grid, patch)
@@ -102,6 +102,7 @@ def merge_cube(
 def patch_cube(
     location: StoreLocation, spec: CubeSpec, staged: steps.StagedCube, patch: dict, patch_path: str
 ) -> bool:
+    """Apply the patch file to the staged cube (once)."""
     with _writing(location, location.url(staged.key)):
         applied = steps.patch_staged_cube(location, staged, patch, patch_path)
     get_run_logger().info(
@@ -163,6 +164,7 @@ def verify_staged_cube(
     cache_policy=NO_CACHE,
 )
 def publish_cube(location: StoreLocation, spec: CubeSpec, staged: steps.StagedCube) -> str:
+    """Swap the staged cube and levels in under the published name."""
     started = time.monotonic()
     with _writing(location, location.url(spec.data_id)):
         url = steps.publish_staged_cube(location, spec, staged)
@@ -171,39 +173,20 @@ def publish_cube(location: StoreLocation, spec: CubeSpec, staged: steps.StagedCu
 
 
 @task(task_run_name="report-{spec.data_id}", cache_policy=NO_CACHE)
-def report_cube(location: StoreLocation, spec: CubeSpec) -> list[str]:
-    """Coverage/min/max table, summary and link artifacts; quicklooks and stats next to the
-    cube (reused when they already describe the published cube). The statistics come from
-    the cube's metadata, the quicklooks from its overview levels."""
+def report_cube(location: StoreLocation, spec: CubeSpec) -> CubeReport:
+    """Statistics, quicklooks and their thumbnails, saved next to the cube (reused when they
+    already describe the published cube). The statistics come from the cube's metadata, the
+    quicklooks from its overview levels."""
     folder = location.url(steps.quicklooks_key(spec))
     with _writing(location, folder):
         report = current_report(location, spec)
-    stats, quicklooks, summary = report.stats, report.quicklooks, report.summary
-    create_table_artifact(
-        key="polar-cube-coverage",
-        table=stats_table_rows(stats),
-        description=f"{spec.data_id}: valid-pixel coverage and value range per variable",
-    )
-    create_markdown_artifact(key="polar-cube-summary", markdown=summary)
-    create_link_artifact(
-        key="polar-cube-published",
-        link=location.url(spec.data_id),
-        link_text=spec.data_id,
-        description=(
-            f"The published cube; overview levels in {location.url(steps.levels_key(spec))}/, "
-            f"quicklooks in {folder}/"
-        ),
-    )
-    create_link_artifact(
-        key="polar-cube-quicklooks",
-        link=f"{folder}/",
-        link_text=f"{len(quicklooks)} quicklooks",
-        description="One PNG per variable (and time step), with stats.json and summary.md",
-    )
     get_run_logger().info(
-        "%s %d quicklooks in %s", "kept" if report.reused else "wrote", len(quicklooks), folder
+        "%s %d quicklooks in %s",
+        "kept" if report.reused else "wrote",
+        len(report.quicklooks),
+        folder,
     )
-    return quicklooks
+    return report
 
 
 @task(task_run_name="stac-{spec.data_id}", cache_policy=NO_CACHE)
@@ -215,8 +198,5 @@ def write_stac(
     item = cube_stac_item(cube, spec, grid, location.url(spec.data_id), quicklook_urls=quicklooks)
     with _writing(location, location.url(steps.stac_key(spec))):
         url = write_stac_item(item, location.url(steps.stac_key(spec)), location.storage_options)
-    create_link_artifact(
-        key="polar-cube-stac-item", link=url, description="STAC item describing the cube"
-    )
     get_run_logger().info("wrote the STAC item %s (%d assets)", url, len(item["assets"]))
     return url

@@ -65,6 +65,7 @@ def test_every_source_becomes_a_labelled_cube(built, repo_spec_path):
 def test_rerun_reuses_downloads_and_cubes(built):
     first, second, work = built
     assert all(b.reused for b in second)
+    assert all(b.downloaded for b in first) and not any(b.downloaded for b in second)
     meta = json.loads(
         (
             work / "cache/magnetic_anomaly/ASE_MagneticCompilation_Dziadeketal_250m.tif.meta.json"
@@ -123,3 +124,25 @@ def test_cli_only_one_variable_and_a_missing_source(small_standins, repo_spec_pa
     ]
     assert not (tmp_path / "out").exists()
     assert not list((tmp_path / "cache").rglob("*.part"))
+
+
+def test_the_datasets_progress_ends_at_100_with_its_percentage_in_words(built, repo_spec_path):
+    import asyncio
+
+    from prefect import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    async def progress_artifacts():
+        key = ArtifactFilterKey(any_=["polar-cube-datasets-progress"])
+        async with get_client() as client:
+            return await client.read_artifacts(artifact_filter=ArtifactFilter(key=key))
+
+    spec = load_spec(repo_spec_path).at_resolution(RESOLUTION)
+    count = len(spec.sources)
+    finished = [a for a in asyncio.run(progress_artifacts()) if float(a.data) == 100]
+    assert len(finished) >= 2  # both builds of the fixture
+    for artifact in finished:
+        assert artifact.type == "progress"
+        assert artifact.description.startswith(
+            f"100 % · {spec.data_id}: {count} of {count} per-dataset cubes (latest: "
+        )

@@ -12,14 +12,18 @@ import xarray as xr
 from matplotlib import colormaps
 from matplotlib.colors import BoundaryNorm
 from matplotlib.image import imread
+from PIL import Image
 
 from polar_cube.cube.quicklook import (
     colour_scale,
     display_layer,
     quicklook_png,
+    quicklook_thumbnails,
     thinned,
+    thumbnail_png,
     write_quicklooks,
 )
+from polar_cube.cube.report import png_data_uri
 from polar_cube.grid import TargetGrid
 from tests.test_verify import SPEC, make_dataset
 
@@ -94,6 +98,29 @@ def test_write_quicklooks_goes_through_fsspec():
     ]
     with fsspec.open(urls[1], "rb") as stream:
         assert stream.read().startswith(PNG_SIGNATURE)
+
+
+def test_thumbnails_are_small_palette_pngs_named_like_the_quicklooks():
+    cube = make_dataset(SMALL)
+    thumbnails = quicklook_thumbnails(cube, SPEC)
+    full = write_quicklooks(cube, SPEC, "memory://quicklooks/thumbs/", max_pixels=200)
+    assert list(thumbnails) == [url.rsplit("/", 1)[1] for url in full]
+    for png in thumbnails.values():
+        image = decode(png)
+        assert 150 < image.shape[1] < 400 and 100 < image.shape[0] < 400
+        assert len(png) < 40_000
+    with Image.open(io.BytesIO(thumbnails["ice_thickness.png"])) as opened:
+        assert opened.mode == "P" and len(opened.getcolors()) <= 64
+    uri = png_data_uri(thumbnails["ice_thickness.png"])
+    assert uri.startswith("data:image/png;base64,iVBORw0KGgo")  # the PNG signature
+
+
+def test_a_thumbnail_keeps_the_map_colours():
+    values = np.linspace(0, 1, 60 * 90, dtype="float32").reshape(60, 90)
+    image = decode(thumbnail_png(layer(60, 90, values=values), title="ramp", units="m"))
+    viridis = colormaps["viridis"]
+    for level in (0.1, 0.5, 0.9):
+        assert has_colour(image, viridis(level), tolerance=0.06)
 
 
 def test_a_flag_variable_gets_one_colour_per_class():

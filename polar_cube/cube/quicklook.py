@@ -1,5 +1,6 @@
 """Quicklook PNGs of a cube: one map per variable (per time step for time-stepped ones),
-drawn from its overview levels (`polar_cube.levels`) when it has them."""
+drawn from its overview levels (`polar_cube.levels`) when it has them; and small thumbnails
+of the same maps, to embed where a link cannot be opened (the Prefect UI)."""
 
 from __future__ import annotations
 
@@ -11,9 +12,10 @@ import fsspec
 import numpy as np
 import pandas as pd
 import xarray as xr
-from matplotlib import colormaps
+from matplotlib import colormaps, rc_context
 from matplotlib.colors import BoundaryNorm, Colormap, ListedColormap, Normalize
 from matplotlib.figure import Figure
+from PIL import Image
 
 from polar_cube.spec import CubeSpec
 
@@ -23,6 +25,7 @@ SEQUENTIAL = "viridis"
 CATEGORICAL = "tab10"
 ROBUST_PERCENTILES = (1, 99)
 ZOOM_BELOW = 0.1  # zoom in when the valid cells' box is under 10 % of the map
+THUMBNAIL_PIXELS = 240  # per side, for the thumbnails embedded in the run's summary
 
 
 def thinned(data: xr.DataArray, max_pixels: int = 1200) -> xr.DataArray:
@@ -64,32 +67,63 @@ def quicklook_png(
 ) -> bytes:
     """A north-up map of a (y, x) layer (or its overview levels, finest first) in
     polar-stereographic km, as PNG bytes."""
+    return _map_png(data, title, units, max_pixels, zoom_to_data, thumbnail=False)
+
+
+def thumbnail_png(
+    data: Layers, *, title: str, units: str, max_pixels: int = THUMBNAIL_PIXELS
+) -> bytes:
+    """A small version of `quicklook_png` (about 300 px wide; map, title and colour bar, no
+    axes), small enough to embed in a Prefect artifact."""
+    return _map_png(data, title, units, max_pixels, True, thumbnail=True)
+
+
+def _map_png(
+    data: Layers, title: str, units: str, max_pixels: int, zoom_to_data: bool, thumbnail: bool
+) -> bytes:
     attrs = _as_list(data)[0].attrs
     layer = display_layer(data, max_pixels, zoom_to_data)
     values = np.asarray(layer.values, dtype="float64")
     x_km, y_km = layer["x"].values / 1000, layer["y"].values / 1000
-    figure = Figure(figsize=_figure_size(values.shape), dpi=100, layout="constrained")
-    axes = figure.add_subplot()
-    axes.set_facecolor(NAN_COLOUR)
-    cmap, norm, ticks, tick_labels = colour_scale(values, attrs)
-    image = axes.imshow(
-        values,
-        origin="lower",
-        extent=_extent(x_km, y_km),
-        cmap=cmap,
-        norm=norm,
-        interpolation="nearest",
-    )
-    axes.set_aspect("equal")
-    axes.set_xlabel("x [km] (EPSG:3031)")
-    axes.set_ylabel("y [km] (EPSG:3031)")
-    axes.set_title(title)
-    colorbar = figure.colorbar(image, ax=axes, shrink=0.85, extend=_extend(values, norm, ticks))
-    colorbar.set_label(_colorbar_label(attrs, layer.name, units, categorical=ticks is not None))
-    if ticks is not None:
-        colorbar.set_ticks(ticks, labels=tick_labels)
+    with rc_context({"font.size": 7} if thumbnail else {}):
+        size = _thumbnail_size(values.shape) if thumbnail else _figure_size(values.shape)
+        figure = Figure(figsize=size, dpi=100, layout="constrained")
+        axes = figure.add_subplot()
+        axes.set_facecolor(NAN_COLOUR)
+        cmap, norm, ticks, tick_labels = colour_scale(values, attrs)
+        image = axes.imshow(
+            values,
+            origin="lower",
+            extent=_extent(x_km, y_km),
+            cmap=cmap,
+            norm=norm,
+            interpolation="nearest",
+        )
+        axes.set_aspect("equal")
+        if thumbnail:
+            axes.set_xticks([])
+            axes.set_yticks([])
+        else:
+            axes.set_xlabel("x [km] (EPSG:3031)")
+            axes.set_ylabel("y [km] (EPSG:3031)")
+        axes.set_title(title)
+        extend = _extend(values, norm, ticks)
+        colorbar = figure.colorbar(image, ax=axes, shrink=0.85, extend=extend)
+        label = _colorbar_label(attrs, layer.name, units, categorical=ticks is not None)
+        colorbar.set_label("" if thumbnail and ticks is not None else label)
+        if ticks is not None:
+            colorbar.set_ticks(ticks, labels=tick_labels)
+        buffer = io.BytesIO()
+        figure.savefig(buffer, format="png")
+    return _few_colours(buffer.getvalue()) if thumbnail else buffer.getvalue()
+
+
+def _few_colours(png: bytes, colours: int = 64) -> bytes:
+    """The PNG with a palette of `colours` (a third of the bytes, for embedding)."""
+    with Image.open(io.BytesIO(png)) as image:
+        small = image.convert("RGB").quantize(colours, method=Image.Quantize.MEDIANCUT)
     buffer = io.BytesIO()
-    figure.savefig(buffer, format="png")
+    small.save(buffer, format="PNG", optimize=True)
     return buffer.getvalue()
 
 
@@ -121,6 +155,26 @@ def write_quicklooks(
             _write_bytes(url, png, storage_options or {})
             written.append(url)
     return written
+
+
+def quicklook_thumbnails(
+    cube: xr.Dataset, spec: CubeSpec, overviews: Sequence[xr.Dataset] = ()
+) -> dict[str, bytes]:
+    """`thumbnail_png` of every layer `write_quicklooks` draws, by the quicklook's file name
+    (`<variable>.png`, `<variable>_<YYYY-MM-DD>.png`); drawn from the coarsest levels that fit."""
+    thumbnails = {}
+    for variable in spec.variables:
+        if variable.name not in cube.data_vars:
+            continue
+        data = cube[variable.name]
+        units = str(data.attrs.get("units", variable.units))
+        long_name = str(data.attrs.get("long_name", variable.long_name))
+        resolutions = [level[variable.name] for level in overviews] or [data]
+        for suffix, title, layers in _layers(data, resolutions, long_name):
+            thumbnails[f"{variable.name}{suffix}.png"] = thumbnail_png(
+                layers, title=title, units=units
+            )
+    return thumbnails
 
 
 def _layers(data: xr.DataArray, resolutions: list[xr.DataArray], long_name: str):
@@ -208,6 +262,13 @@ def _figure_size(shape: tuple[int, int]) -> tuple[float, float]:
     rows, columns = shape
     scale = 7 / max(rows, columns)
     return max(columns * scale, 3.5) + 2.6, max(rows * scale, 3.5) + 1.2
+
+
+def _thumbnail_size(shape: tuple[int, int]) -> tuple[float, float]:
+    """About 2.2 inches for the longer map side, plus room for the title and colour bar."""
+    rows, columns = shape
+    scale = 2.2 / max(rows, columns)
+    return max(columns * scale, 1.2) + 1.0, max(rows * scale, 1.2) + 0.35
 
 
 def colour_scale(values: np.ndarray, attrs: dict):

@@ -4,18 +4,20 @@ markdown summary, saved next to the cube in `<stem>.quicklooks/`.
 It never reads the cube's full-resolution data: the statistics are the ones the writing pass
 stored in each variable's metadata (carried through upload, merge and publish), and the
 quicklooks are drawn from the published overview levels (`<stem>.levels/`). A report records
-which cube it describes (its inputs fingerprint and patch digest), so a rerun that changed
-nothing reuses it.
+which cube it describes (its inputs fingerprint and patch digest) and holds small thumbnails
+of the quicklooks as `data:` URIs (for the Prefect UI, which cannot open `s3://`), so a
+rerun that changed nothing reuses it whole.
 """
 
 from __future__ import annotations
 
+import base64
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 from polar_cube.cube import target as steps
 from polar_cube.cube.patching import PATCH_ATTR
-from polar_cube.cube.quicklook import write_quicklooks
+from polar_cube.cube.quicklook import quicklook_thumbnails, write_quicklooks
 from polar_cube.cube.verify import VariableStats, stats_markdown, stored_stats
 from polar_cube.location import StoreLocation
 from polar_cube.spec import CubeSpec
@@ -31,6 +33,8 @@ class CubeReport:
     summary: str  # markdown
     folder: str  # URL of the folder holding them
     reused: bool = False
+    # quicklook file name -> a small PNG of it as a `data:image/png;base64,...` URI
+    thumbnails: dict[str, str] = field(default_factory=dict)
 
 
 def published_identity(location: StoreLocation, spec: CubeSpec) -> dict:
@@ -55,6 +59,7 @@ def saved_report(location: StoreLocation, spec: CubeSpec) -> CubeReport | None:
         record = json.loads(location.fs.cat_file(path))
         stats = [VariableStats(**item) for item in record["stats"]]
         identity, quicklooks, summary = record["cube"], record["quicklooks"], record["summary"]
+        thumbnails = dict(record["thumbnails"])
     except (ValueError, KeyError, TypeError):
         return None
     current = published_identity(location, spec)
@@ -64,7 +69,9 @@ def saved_report(location: StoreLocation, spec: CubeSpec) -> CubeReport | None:
         location.fs.exists(location.path(folder, url.rsplit("/", 1)[-1])) for url in quicklooks
     ):
         return None
-    return CubeReport(stats, quicklooks, summary, location.url(folder), reused=True)
+    return CubeReport(
+        stats, quicklooks, summary, location.url(folder), reused=True, thumbnails=thumbnails
+    )
 
 
 def make_report(location: StoreLocation, spec: CubeSpec) -> CubeReport:
@@ -76,6 +83,9 @@ def make_report(location: StoreLocation, spec: CubeSpec) -> CubeReport:
     folder_key = steps.quicklooks_key(spec)
     folder = location.url(folder_key)
     quicklooks = write_quicklooks(cube, spec, folder, location.storage_options, overviews=overviews)
+    thumbnails = {
+        name: png_data_uri(png) for name, png in quicklook_thumbnails(cube, spec, overviews).items()
+    }
     summary = stats_markdown(
         stats,
         title=spec.title,
@@ -88,6 +98,12 @@ def make_report(location: StoreLocation, spec: CubeSpec) -> CubeReport:
         "stats": [asdict(s) for s in stats],
         "quicklooks": quicklooks,
         "summary": summary,
+        "thumbnails": thumbnails,
     }
     location.fs.pipe_file(location.path(folder_key, RECORD), json.dumps(record).encode())
-    return CubeReport(stats, quicklooks, summary, folder)
+    return CubeReport(stats, quicklooks, summary, folder, thumbnails=thumbnails)
+
+
+def png_data_uri(png: bytes) -> str:
+    """`data:image/png;base64,...`: an image a markdown page shows without fetching it."""
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
