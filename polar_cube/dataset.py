@@ -12,19 +12,20 @@ import datetime as dt
 import hashlib
 import json
 from dataclasses import dataclass
-from importlib.metadata import version
 from pathlib import Path
 
 import pandas as pd
 import xarray as xr
 
-from polar_cube.cube.upload import input_key
 from polar_cube.grid import TargetGrid
+from polar_cube.keys import input_key
 from polar_cube.location import StoreLocation
 from polar_cube.rasterize import PolygonLayer, rasterize_layer, read_polygons
 from polar_cube.resample import resample_layer
+from polar_cube.sources.fetch import FetchedSource
 from polar_cube.sources.readers import SourceFormatError, SourceLayer, open_source
-from polar_cube.spec import CubeSpec, SourceSpec, VariableSpec
+from polar_cube.spec import CubeSpec, VariableSpec
+from polar_cube.version import software_version
 from polar_cube.zarr_store import (
     CF_CONVENTIONS,
     FINGERPRINT_ATTR,
@@ -51,24 +52,6 @@ class ConvertedVariable:
 
     variable: VariableSpec
     layers: dict[dt.date | None, Layer]
-
-
-@dataclass(frozen=True)
-class FetchedSource:
-    """A downloaded (and extracted) source: where its files are and what was fetched."""
-
-    source: SourceSpec
-    folder: Path  # the download's folder, or the archive's extraction folder
-    url: str
-    sha256: str
-    # the same files in the bucket (`polar_cube.sources.staging`), for workers that cannot
-    # read `folder`: the lazy layers then read from there
-    staged: StoreLocation | None = None
-    downloaded: bool = False  # fetched by this run (False: reused from the cache)
-
-
-def software_version() -> str:
-    return f"polar-datacube {version('polar-datacube')}"
 
 
 def dataset_fingerprint(spec: CubeSpec, fetched: FetchedSource, grid: TargetGrid) -> str:

@@ -6,11 +6,17 @@ from dataclasses import dataclass
 from functools import cached_property
 
 import numpy as np
-from pyproj import CRS
+from pyproj import CRS, Transformer
 
+from polar_cube.errors import PolarCubeError
 from polar_cube.spec import CubeSpec, SpecError, resolution_problem
 
 CHUNK_SIZE = 2048
+EDGE_POINTS = 101  # points per grid edge in the lon/lat outline
+
+
+class GridError(PolarCubeError, ValueError):
+    """A grid this project cannot describe (its outline holds a pole or crosses ±180°)."""
 
 
 @dataclass(frozen=True)
@@ -69,3 +75,49 @@ class TargetGrid:
 def _split(length: int, size: int) -> tuple[int, ...]:
     full, rest = divmod(length, size)
     return (size,) * full + ((rest,) if rest else ())
+
+
+def outline_lonlat(grid: TargetGrid, points_per_edge: int = EDGE_POINTS) -> list[list[float]]:
+    """The grid's outer edge as a closed lon/lat ring, densified, counter-clockwise.
+
+    Each edge also gets its point nearest to a pole (where a polar grid's edge comes closest
+    to it), so the bbox holds the whole outline and not just the samples.
+    """
+    poles = _poles(grid)
+    xmin, ymin, xmax, ymax = grid.bbox
+    if any(xmin <= x <= xmax and ymin <= y <= ymax for x, y in poles):
+        raise GridError(f"grid {grid.bbox} contains a pole: not supported")
+    corners = np.array([(xmin, ymin), (xmax, ymin), (xmax, ymax), (xmin, ymax)])
+    points = []
+    for start, end in zip(corners, np.roll(corners, -1, axis=0), strict=True):
+        steps = [*np.linspace(0, 1, points_per_edge)[:-1], *_nearest(start, end, poles)]
+        points += [start + (end - start) * t for t in np.unique(steps)]
+    xs, ys = np.array(points).T
+    lon, lat = Transformer.from_crs(grid.crs, "EPSG:4326", always_xy=True).transform(xs, ys)
+    if np.any(np.abs(np.diff(lon)) > 180):
+        raise GridError(f"grid {grid.bbox} crosses the antimeridian: not supported")
+    ring = [[float(a), float(b)] for a, b in zip(lon, lat, strict=True)]
+    if _signed_area(ring) < 0:
+        ring.reverse()
+    return [*ring, ring[0]]
+
+
+def _poles(grid: TargetGrid) -> list[tuple[float, float]]:
+    """The poles in grid coordinates (those the CRS can project)."""
+    to_grid = Transformer.from_crs("EPSG:4326", grid.crs, always_xy=True)
+    xs, ys = to_grid.transform([0.0, 0.0], [-90.0, 90.0], errcheck=False)
+    return [(x, y) for x, y in zip(xs, ys, strict=True) if np.isfinite(x) and np.isfinite(y)]
+
+
+def _nearest(start: np.ndarray, end: np.ndarray, points: list) -> list[float]:
+    """Edge parameters in (0, 1) of the edge points nearest to each of `points`."""
+    direction = end - start
+    steps = [
+        np.dot(np.subtract(p, start), direction) / np.dot(direction, direction) for p in points
+    ]
+    return [float(t) for t in steps if 0 < t < 1]
+
+
+def _signed_area(ring: list[list[float]]) -> float:
+    x, y = np.array(ring).T
+    return float(np.sum(x * np.roll(y, -1) - np.roll(x, -1) * y) / 2)

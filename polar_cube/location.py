@@ -10,6 +10,9 @@ import fsspec
 from fsspec.core import url_to_fs
 from fsspec.mapping import FSMap
 
+# s3fs reads each file whole (a chunk: ≤ 17 MB): bounds the memory a transfer takes
+FILES_IN_FLIGHT = 16
+
 
 @dataclass(frozen=True)
 class StoreLocation:
@@ -51,3 +54,13 @@ class StoreLocation:
 
     def exists(self, *parts: str) -> bool:
         return self.fs.exists(self.path(*parts))
+
+
+def remote_files(location: StoreLocation, *parts: str) -> dict[str, int]:
+    """{relative key: size} of every object under `parts` (empty if there is none)."""
+    base = location.path(*parts).rstrip("/")
+    location.fs.invalidate_cache()  # s3fs caches listings; other processes may have written
+    if not location.fs.exists(base):
+        return {}
+    found = location.fs.find(base, detail=True)
+    return {key[len(base) + 1 :]: int(info["size"]) for key, info in found.items()}

@@ -8,8 +8,7 @@ from prefect import get_run_logger, task
 from prefect.blocks.system import Secret
 from prefect.cache_policies import NO_CACHE
 
-from polar_cube.dataset import FetchedSource
-from polar_cube.sources.fetch import fetch_source
+from polar_cube.sources.fetch import FetchedSource, fetch_source
 from polar_cube.spec import SourceSpec
 
 

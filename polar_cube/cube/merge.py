@@ -26,11 +26,9 @@ import zarr
 from pyproj import CRS
 
 from polar_cube.cube.publish import chunk_sources_key, copy_objects
-from polar_cube.cube.stac import outline_lonlat
-from polar_cube.cube.upload import INPUTS_PREFIX, input_key, remote_files
-from polar_cube.dataset import software_version
 from polar_cube.errors import PolarCubeError
-from polar_cube.grid import TargetGrid
+from polar_cube.grid import TargetGrid, outline_lonlat
+from polar_cube.keys import input_key, input_levels_key
 from polar_cube.levels import (
     FINGERPRINT_KEY,
     LINK,
@@ -42,13 +40,13 @@ from polar_cube.levels import (
     level_count,
     level_name,
     level_shape,
-    levels_name,
     levels_record,
     link_text,
     read_record,
 )
-from polar_cube.location import StoreLocation
+from polar_cube.location import StoreLocation, remote_files
 from polar_cube.spec import CubeSpec
+from polar_cube.version import software_version
 from polar_cube.zarr_store import _COMPRESSOR as CUBE_COMPRESSOR
 from polar_cube.zarr_store import (
     CF_CONVENTIONS,
@@ -69,10 +67,6 @@ COPY_BATCH = 256  # chunk objects per copy call
 
 class MergeError(PolarCubeError, ValueError):
     """Inputs that cannot be merged; the message names the input and what differs."""
-
-
-def input_levels_key(source_id: str) -> str:
-    return f"{INPUTS_PREFIX}/{levels_name(f'{source_id}.zarr')}"
 
 
 def source_zarr_key(source_id: str, level: int = 0) -> str:

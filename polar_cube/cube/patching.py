@@ -14,9 +14,9 @@ from typing import Any
 import xarray as xr
 import yaml
 
-from polar_cube.dataset import software_version
 from polar_cube.errors import PolarCubeError, read_input_file
 from polar_cube.location import StoreLocation
+from polar_cube.version import software_version
 from polar_cube.zarr_store import NCZARR_ATTR, VALUE_TYPED_ATTRS, typed_attrs
 
 PATCH_ATTR = "polar_cube_patch_sha256"

@@ -26,9 +26,9 @@ from pathlib import Path
 
 from fsspec.asyn import sync
 
-from polar_cube.cube.upload import is_metadata, metadata_order, remote_files
+from polar_cube.keys import is_metadata, metadata_order
 from polar_cube.levels import ZLEVELS
-from polar_cube.location import StoreLocation
+from polar_cube.location import StoreLocation, remote_files
 from polar_cube.zarr_store import replace_directory
 
 STAGING_PREFIX = ".staging"
@@ -170,7 +170,7 @@ def _hide(location: StoreLocation, key: str, stored: dict[str, int]) -> list[str
 
 
 def metadata_batches(keys: Iterable[str]) -> list[list[str]]:
-    """Metadata keys in write order (`upload.metadata_order`), in batches of keys that may
+    """Metadata keys in write order (`keys.metadata_order`), in batches of keys that may
     be written (or, in reverse, deleted) at once: same rank, same depth."""
     batches: dict[tuple, list[str]] = {}
     for key in keys:

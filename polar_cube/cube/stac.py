@@ -24,7 +24,6 @@ import xarray as xr
 from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 from jsonschema.exceptions import ValidationError
-from pyproj import Transformer
 from pystac.errors import STACValidationError
 from pystac.extensions.datacube import DatacubeExtension, Dimension, Variable
 from pystac.extensions.projection import ProjectionExtension
@@ -33,13 +32,12 @@ from pystac.validation import GetSchemaError, JsonSchemaSTACValidator
 
 from polar_cube.cube.stac_schemas import DATACUBE, PROJECTION, load_extension_schemas
 from polar_cube.errors import PolarCubeError
-from polar_cube.grid import TargetGrid
+from polar_cube.grid import TargetGrid, outline_lonlat
 from polar_cube.spec import CubeSpec
 
 STAC_VERSION = "1.1.0"
 ITEM_SCHEMA = f"https://schemas.stacspec.org/v{STAC_VERSION}/item-spec/json-schema/item.json"
 ZARR_MEDIA_TYPE = "application/vnd+zarr"
-EDGE_POINTS = 101  # points per grid edge in the lon/lat outline
 DECIMALS = 7  # of a degree in geometry and bbox: about 1 cm
 _LICENSE = re.compile(r"^[\w\-.+]+$")  # STAC 1.1 licensing.json
 
@@ -80,52 +78,6 @@ def cube_stac_item(
     for key, asset in _quicklook_assets(quicklook_urls).items():
         item.add_asset(key, asset)
     return item.to_dict(include_self_link=False, transform_hrefs=False)
-
-
-def outline_lonlat(grid: TargetGrid, points_per_edge: int = EDGE_POINTS) -> list[list[float]]:
-    """The grid's outer edge as a closed lon/lat ring, densified, counter-clockwise.
-
-    Each edge also gets its point nearest to a pole (where a polar grid's edge comes closest
-    to it), so the bbox holds the whole outline and not just the samples.
-    """
-    poles = _poles(grid)
-    xmin, ymin, xmax, ymax = grid.bbox
-    if any(xmin <= x <= xmax and ymin <= y <= ymax for x, y in poles):
-        raise StacError(f"grid {grid.bbox} contains a pole: not supported")
-    corners = np.array([(xmin, ymin), (xmax, ymin), (xmax, ymax), (xmin, ymax)])
-    points = []
-    for start, end in zip(corners, np.roll(corners, -1, axis=0), strict=True):
-        steps = [*np.linspace(0, 1, points_per_edge)[:-1], *_nearest(start, end, poles)]
-        points += [start + (end - start) * t for t in np.unique(steps)]
-    xs, ys = np.array(points).T
-    lon, lat = Transformer.from_crs(grid.crs, "EPSG:4326", always_xy=True).transform(xs, ys)
-    if np.any(np.abs(np.diff(lon)) > 180):
-        raise StacError(f"grid {grid.bbox} crosses the antimeridian: not supported")
-    ring = [[float(a), float(b)] for a, b in zip(lon, lat, strict=True)]
-    if _signed_area(ring) < 0:
-        ring.reverse()
-    return [*ring, ring[0]]
-
-
-def _poles(grid: TargetGrid) -> list[tuple[float, float]]:
-    """The poles in grid coordinates (those the CRS can project)."""
-    to_grid = Transformer.from_crs("EPSG:4326", grid.crs, always_xy=True)
-    xs, ys = to_grid.transform([0.0, 0.0], [-90.0, 90.0], errcheck=False)
-    return [(x, y) for x, y in zip(xs, ys, strict=True) if np.isfinite(x) and np.isfinite(y)]
-
-
-def _nearest(start: np.ndarray, end: np.ndarray, points: list) -> list[float]:
-    """Edge parameters in (0, 1) of the edge points nearest to each of `points`."""
-    direction = end - start
-    steps = [
-        np.dot(np.subtract(p, start), direction) / np.dot(direction, direction) for p in points
-    ]
-    return [float(t) for t in steps if 0 < t < 1]
-
-
-def _signed_area(ring: list[list[float]]) -> float:
-    x, y = np.array(ring).T
-    return float(np.sum(x * np.roll(y, -1) - np.roll(x, -1) * y) / 2)
 
 
 def _rounded(point: list[float]) -> list[float]:

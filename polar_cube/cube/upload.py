@@ -12,21 +12,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from polar_cube.errors import PolarCubeError
+from polar_cube.keys import INPUTS_PREFIX, is_metadata, metadata_order
 from polar_cube.levels import ZLEVELS, levels_name
-from polar_cube.location import StoreLocation
+from polar_cube.location import FILES_IN_FLIGHT, StoreLocation, remote_files
 from polar_cube.zarr_store import levels_path
 
-METADATA_NAMES = (".zarray", ".zattrs", ".zgroup", ".zmetadata", ZLEVELS)
-FILES_IN_FLIGHT = 16  # s3fs reads each file whole (a chunk: ≤ 17 MB): bounds the memory it takes
 # The flow uploads the cubes concurrently; their files are sent one tree at a time, so that
 # FILES_IN_FLIGHT bounds them all together (the bandwidth is shared anyway).
 _SENDING = threading.Lock()
-INPUTS_PREFIX = "inputs"
-
-
-def input_key(source_id: str) -> str:
-    """Where a source's per-dataset cube is kept in the target: `inputs/<id>.zarr`."""
-    return f"{INPUTS_PREFIX}/{source_id}.zarr"
 
 
 class UploadError(PolarCubeError, RuntimeError):
@@ -46,30 +39,6 @@ def local_files(cube: Path) -> dict[str, int]:
     return {
         p.relative_to(cube).as_posix(): p.stat().st_size for p in cube.rglob("*") if p.is_file()
     }
-
-
-def remote_files(location: StoreLocation, *parts: str) -> dict[str, int]:
-    """{relative key: size} of every object under `parts` (empty if there is none)."""
-    base = location.path(*parts).rstrip("/")
-    location.fs.invalidate_cache()  # s3fs caches listings; other processes may have written
-    if not location.fs.exists(base):
-        return {}
-    found = location.fs.find(base, detail=True)
-    return {key[len(base) + 1 :]: int(info["size"]) for key, info in found.items()}
-
-
-def is_metadata(key: str) -> bool:
-    """Zarr metadata, a levels record, or a level link (`0.link`): everything but chunks."""
-    name = key.rsplit("/", 1)[-1]
-    return name in METADATA_NAMES or name.endswith(".link")
-
-
-def metadata_order(key: str) -> tuple[int, int, str]:
-    """Write order of metadata: arrays' before their group's (deepest first), then
-    consolidated metadata, the levels record `.zlevels` very last; deleting goes in reverse."""
-    name = key.rsplit("/", 1)[-1]
-    rank = {".zmetadata": 1, ZLEVELS: 2}.get(name, 0)
-    return rank, -key.count("/"), key
 
 
 def write_batches(keys: Iterable[str]) -> list[list[str]]:

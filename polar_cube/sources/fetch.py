@@ -9,9 +9,10 @@ from __future__ import annotations
 import logging
 import shutil
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
-from polar_cube.dataset import FetchedSource
+from polar_cube.location import StoreLocation
 from polar_cube.sources.archives import MARKER_NAME, ArchiveError, check_archive, extract_archive
 from polar_cube.sources.checks import check_file
 from polar_cube.sources.download import DownloadResult, discard_download, download_file, redact_url
@@ -26,6 +27,20 @@ FORMAT_SUFFIXES = {
     "geotiff": (".tif", ".tiff"),
     "polygons": (".shp",),
 }
+
+
+@dataclass(frozen=True)
+class FetchedSource:
+    """A downloaded (and extracted) source: where its files are and what was fetched."""
+
+    source: SourceSpec
+    folder: Path  # the download's folder, or the archive's extraction folder
+    url: str
+    sha256: str
+    # the same files in the bucket (`polar_cube.sources.staging`), for workers that cannot
+    # read `folder`: the lazy layers then read from there
+    staged: StoreLocation | None = None
+    downloaded: bool = False  # fetched by this run (False: reused from the cache)
 
 
 DEFAULT_CACHE_DIR = "data/cache"

@@ -15,10 +15,9 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from polar_cube.cube.upload import FILES_IN_FLIGHT, remote_files
-from polar_cube.dataset import FetchedSource
 from polar_cube.errors import PolarCubeError
-from polar_cube.location import StoreLocation
+from polar_cube.location import FILES_IN_FLIGHT, StoreLocation, remote_files
+from polar_cube.sources.fetch import FetchedSource
 
 SOURCES_PREFIX = "sources"
 MANIFEST = ".source.json"

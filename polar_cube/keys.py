@@ -1,0 +1,33 @@
+"""Where things are kept in a target (a bucket prefix or a folder), and what kind of object a
+key names: the one place that spells object keys."""
+
+from __future__ import annotations
+
+from polar_cube.levels import ZLEVELS, levels_name
+
+INPUTS_PREFIX = "inputs"
+METADATA_NAMES = (".zarray", ".zattrs", ".zgroup", ".zmetadata", ZLEVELS)
+
+
+def input_key(source_id: str) -> str:
+    """Where a source's per-dataset cube is kept in the target: `inputs/<id>.zarr`."""
+    return f"{INPUTS_PREFIX}/{source_id}.zarr"
+
+
+def input_levels_key(source_id: str) -> str:
+    """The overview levels of a source's per-dataset cube: `inputs/<id>.levels`."""
+    return f"{INPUTS_PREFIX}/{levels_name(f'{source_id}.zarr')}"
+
+
+def is_metadata(key: str) -> bool:
+    """Zarr metadata, a levels record, or a level link (`0.link`): everything but chunks."""
+    name = key.rsplit("/", 1)[-1]
+    return name in METADATA_NAMES or name.endswith(".link")
+
+
+def metadata_order(key: str) -> tuple[int, int, str]:
+    """Write order of metadata: arrays' before their group's (deepest first), then
+    consolidated metadata, the levels record `.zlevels` very last; deleting goes in reverse."""
+    name = key.rsplit("/", 1)[-1]
+    rank = {".zmetadata": 1, ZLEVELS: 2}.get(name, 0)
+    return rank, -key.count("/"), key
