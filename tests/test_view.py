@@ -3,8 +3,10 @@
 The slow tests build a small cube into a real S3 server (SeaweedFS), start `polar-cube view
 --bucket-block …` (a real `xcube serve` in the background, keys only in its environment) and
 drive the viewer in a real headless browser (Debian's chromium through selenium and
-chromedriver): the page loads, a variable chosen in the UI is drawn, the lake masks step
-through their two time steps, and the tiles the browser got are decoded and checked.
+chromedriver): the page loads as polar-cube's (its title, no privacy dialog, no other
+organisation named), a variable chosen in the UI is drawn over the context base map (the
+cube's ice thickness in greys, served by the same xcube), the lake masks step through their
+two time steps, and the tiles the browser got are decoded and checked.
 
 `python -m tests.test_view --cube-dir DIR --out docs/viewer.png` takes the screenshot in
 docs/ with the same browser.
@@ -48,6 +50,16 @@ from polar_cube.servers.viewer import (
     whole_cube_tile,
     xcube_environment,
 )
+from polar_cube.servers.viewer_branding import (
+    context_layer,
+    context_range,
+    context_variable,
+    logo_png,
+    viewer_app_config,
+    viewer_index,
+    write_viewer_app,
+    xcube_viewer_dist,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 RESOLUTION = 3000.0
@@ -56,6 +68,8 @@ BUCKET_FOLDER = "view"
 BUCKET_BLOCK = "polar-view-bucket"
 CREDENTIALS_BLOCK = "polar-view-credentials"
 WINDOW = (1280, 800)
+# who runs xcube's own deployment: named by its privacy note and imprint, never by ours
+OTHER_ORGANISATION = ("Brockmann", "GmbH")
 
 # --- the configuration, from metadata alone -------------------------------------------------
 
@@ -233,6 +247,86 @@ def test_a_missing_cube_is_one_clear_line(tmp_path):
     assert not (tmp_path / "view" / "server.json").exists()
 
 
+# --- the viewer's branding and context layer ------------------------------------------------
+
+
+def test_the_context_layer_is_the_ice_thickness_in_light_greys():
+    cube = small_cube()
+    assert context_variable(cube) == "heat_flow"  # no ice: the first static map variable
+    cube["ice"] = cube["heat_flow"].assign_attrs(
+        standard_name="land_ice_thickness",
+        long_name="Ice Thickness",
+        polar_cube_stats=[{"time": None, "minimum": 0.0, "maximum": 3500.0}],
+    )
+    assert context_variable(cube) == "ice"
+    layer = context_layer(cube, "http://127.0.0.1:8080", "polar-3km")
+    assert layer == {
+        "id": "cube-context",
+        "title": "Ice Thickness (greys, from the cube)",
+        "url": "http://127.0.0.1:8080/tiles/polar-3km/ice/{z}/{y}/{x}?crs=EPSG:3857"
+        "&cmap=Greys&vmin=-2000&vmax=8000",
+        "attribution": "Polar Data Cube v1.1.0: ice",
+    }
+    low, high = context_range(0.0, 3500.0)
+    assert (0.0 - low) / (high - low) == pytest.approx(0.2)  # light grey, not white
+    assert (3500.0 - low) / (high - low) == pytest.approx(0.55)  # mid grey, not black
+    assert context_variable(cube[["depth", "thw_70"]]) is None  # time-stepped only
+    assert context_layer(cube[["depth", "thw_70"]], "http://h", "d") is None
+
+
+def test_the_viewer_config_is_polar_cubes_with_the_context_as_only_base_map():
+    layer = {"id": "cube-context", "title": "t", "url": "http://h/tiles/{z}/{y}/{x}"}
+    config = viewer_app_config("http://127.0.0.1:8080", "Polar Data Cube", "polar-3km", layer)
+    branding = config["branding"]
+    assert config["name"] == "polar-cube"
+    assert branding["appBarTitle"] == branding["windowTitle"] == "polar-cube: Polar Data Cube"
+    assert branding["logoImage"] == "images/logo.png"
+    assert branding["organisationUrl"] == "http://127.0.0.1:8080/viewer/?dataset=polar-3km"
+    assert branding["allowSharing"] is False
+    assert branding["layers"] == {"baseMaps": [layer]}  # replaces xcube's internet base maps
+    assert branding["layerVisibilities"] == {"baseMaps.cube-context": True}
+    assert "layers" not in viewer_app_config("http://h", "T", "d")["branding"]
+    # every key is one the installed viewer reads (an xcube upgrade that renames one fails)
+    [script] = (xcube_viewer_dist() / "assets").glob("main-*.js")
+    code = script.read_text()
+    for key in branding:
+        assert f"{key}:" in code or f".{key}" in code, key
+    assert "privacyNoticeAccepted" in code and "xcube.${this.brandingName}.${e}" in code
+
+
+def test_the_web_app_folder_links_xcubes_viewer_with_our_page_and_notes(tmp_path):
+    dist = xcube_viewer_dist()
+    app = write_viewer_app(tmp_path / "app")
+    assert write_viewer_app(tmp_path / "app") == app  # rewritten on each start
+    assert {p.name for p in app.iterdir()} == {p.name for p in dist.iterdir()}
+    assert {p.name for p in (app / "docs").iterdir()} == {p.name for p in (dist / "docs").iterdir()}
+    assert (app / "assets").resolve() == (dist / "assets").resolve()
+    for note in (app / "docs").glob("*.md"):
+        text = note.read_text()
+        if note.name.startswith(("privacy-note", "imprint")):
+            assert not note.is_symlink()
+            assert not any(name in text for name in OTHER_ORGANISATION), note.name
+        else:
+            assert note.resolve() == (dist / "docs" / note.name).resolve()
+    index = (app / "index.html").read_text()
+    assert "<title>polar-cube</title>" in index and "xcube Viewer" not in index
+    consent = index.index('localStorage.setItem("xcube.polar-cube.privacyNoticeAccepted"')
+    assert consent < index.index("</head>")
+    assert 'type="module"' in index  # xcube's own app script, unchanged
+    assert json.loads((app / "manifest.json").read_text())["name"] == "polar-cube"
+    with pytest.raises(ValueError, match="no </head>"):
+        viewer_index("<html><body></body></html>")
+
+
+def test_the_logo_is_ours():
+    from PIL import Image
+
+    logo = Image.open(io.BytesIO(logo_png()))
+    assert logo.size == (64, 64) and logo.mode == "RGBA"
+    assert logo.getpixel((25, 25))[:3] == (255, 255, 255)  # the grid cell
+    assert logo.getpixel((2, 32))[:3] == (31, 78, 121)  # on the header colour
+
+
 # --- helpers: the command line, tiles, the browser ------------------------------------------
 
 
@@ -316,16 +410,30 @@ class ViewerPage:
         )
 
     def open(self, url: str) -> None:
-        """Load the viewer and accept its privacy notice (stored in a fresh profile's local
-        storage, so it comes up every time)."""
+        """Load the viewer (a fresh profile: nothing in its local storage) and wait for its
+        controls. No privacy dialog may come up on the way."""
         from selenium.webdriver.common.by import By
 
         self.driver.get(url)
-        accept = self.wait(
-            lambda: self.driver.find_elements(By.XPATH, "//button[contains(., 'ccept')]"),
-            message="no privacy notice to accept",
+        self.wait(
+            lambda: (
+                self.privacy_dialog()
+                or self.driver.find_elements(By.ID, "mui-component-select-variable")
+            ),
+            message="the viewer's controls did not come up",
         )
-        accept[0].click()
+        assert not self.privacy_dialog(), self.privacy_dialog()[0].text
+
+    def privacy_dialog(self) -> list:
+        """xcube's privacy dialog (its 'Accept and continue' button), if it is up."""
+        from selenium.webdriver.common.by import By
+
+        return self.driver.find_elements(By.XPATH, "//*[@role='dialog'][.//button]")
+
+    def text(self) -> str:
+        from selenium.webdriver.common.by import By
+
+        return self.driver.find_element(By.TAG_NAME, "body").text
 
     def tiles(self) -> list[tuple[int, str]]:
         """(HTTP status, URL) of every map tile response the browser received so far."""
@@ -336,6 +444,9 @@ class ViewerPage:
                 if "/tiles/" in response["url"]:
                     self.responses.append((response["status"], response["url"]))
         return self.responses
+
+    def tiles_with(self, prefix: str) -> list[tuple[int, str]]:
+        return [(status, url) for status, url in self.tiles() if url.startswith(prefix)]
 
     def tiles_of(self, variable: str, date: str | None = None) -> list[tuple[int, str]]:
         return [
@@ -468,9 +579,15 @@ def published(bucket_options, small_standins, repo_spec_path, tmp_path_factory):
     return built.url, xr.open_zarr(built.url, consolidated=True, storage_options=bucket_options)
 
 
+def cube_id(published) -> str:
+    """The built cube's name, `<stem>.zarr` (it depends on the resolution)."""
+    return published[0].rsplit("/", 1)[1]
+
+
 @pytest.fixture(scope="module")
 def viewer(published, repo_spec_path, tmp_path_factory):
-    """`polar-cube view --bucket-block …` started as a user does; stopped at the end."""
+    """`polar-cube view --bucket-block … --cube-id <the built cube>` started as a user does;
+    stopped at the end."""
     state = tmp_path_factory.mktemp("view-state")
     started = run_cli(
         "view",
@@ -478,6 +595,8 @@ def viewer(published, repo_spec_path, tmp_path_factory):
         BUCKET_BLOCK,
         "--spec",
         str(repo_spec_path),
+        "--cube-id",
+        cube_id(published),
         "--port",
         "0",
         "--state-dir",
@@ -495,8 +614,8 @@ def viewer(published, repo_spec_path, tmp_path_factory):
 @pytest.mark.slow
 def test_the_command_prints_where_to_open_the_viewer(viewer, published):
     info, output = viewer
-    url, cube = published
-    assert info.cube_url == url and info.dataset_id == cube.attrs["id"]
+    url, _ = published
+    assert info.cube_url == url and info.dataset_id == cube_id(published).removesuffix(".zarr")
     assert f"open: {info.server_url}/viewer/?dataset={info.dataset_id}" in output
     assert info.server_url.startswith("http://127.0.0.1:")
 
@@ -539,7 +658,7 @@ def test_the_viewer_in_a_browser_draws_the_chosen_variable_and_steps_through_tim
     with browser() as page:
         page.open(viewer_url(info.server_url, info.dataset_id, "thw_124"))
         page.wait(lambda: "Subglacial Lake Thw 124" in page.selected_variable())
-        assert page.driver.title == cube.attrs["title"]
+        assert page.driver.title == f"polar-cube: {cube.attrs['title']}"
         # the latest time step first, then the first one through the time controls
         assert page.wait_for_tiles("thw_124", "2017-01-01")
         assert page.shown_time().startswith("2017-01-01")
@@ -567,6 +686,55 @@ def test_the_viewer_in_a_browser_draws_the_chosen_variable_and_steps_through_tim
             assert {tuple(int(c) for c in p) for p in np.unique(opaque, axis=0)} <= palette
             painted.append(len(np.unique(opaque, axis=0)))
     assert painted and max(painted) > 20, painted  # many colours, not one flat fill
+
+
+@pytest.mark.slow
+def test_the_viewer_is_polar_cubes_and_shows_a_variable_on_the_context_map(viewer, tmp_path):
+    import httpx
+
+    info, _ = viewer
+    served = httpx.get(f"{info.server_url}/viewer/config/config.json", timeout=60).json()
+    [layer] = served["branding"]["layers"]["baseMaps"]
+    assert layer["url"].startswith(f"{info.server_url}/tiles/{info.dataset_id}/ice_thickness/")
+    context_prefix = layer["url"].split("{z}")[0]
+    for note in ("privacy-note.en.md", "privacy-note.de.md", "imprint.en.md"):
+        text = httpx.get(f"{info.server_url}/viewer/docs/{note}", timeout=60).text
+        assert "polar-cube" in text and not any(n in text for n in OTHER_ORGANISATION), note
+    logo = httpx.get(f"{info.server_url}/viewer/config/images/logo.png", timeout=60)
+    assert logo.headers["content-type"] == "image/png" and logo.content == logo_png()
+    shot = tmp_path / "viewer-context.png"
+    with browser() as page:
+        page.open(viewer_url(info.server_url, info.dataset_id, "magnetic_anomaly"))
+        assert page.driver.title.startswith("polar-cube: ")
+        page.wait(lambda: page.tiles_of("magnetic_anomaly") and page.tiles_with(context_prefix))
+        page.wait_for_tiles("magnetic_anomaly", settle=2)
+        time.sleep(1)  # the tiles fade in
+        page.driver.save_screenshot(str(shot))
+        header = page.driver.find_element("css selector", "header h1").text
+        assert header.startswith("polar-cube: ")
+        assert not any(name in page.text() for name in OTHER_ORGANISATION)
+        assert not page.privacy_dialog() and page.error_banners() == []
+        context = page.tiles_with(context_prefix)
+    print(f"screenshot: {shot}")
+    # the context tiles: all answered, painted in the greys where the cube has ice
+    assert context and all(status == 200 for status, _ in context), context
+    greys = colour_bar_rgb("Greys")
+    painted = 0
+    for _, url in context:
+        assert parse_qs(urlparse(url).query)["cmap"] == ["Greys"]
+        pixels = get_png(url)
+        opaque = pixels[pixels[..., 3] > 0][:, :3]
+        assert {tuple(int(c) for c in p) for p in np.unique(opaque, axis=0)} <= greys
+        painted += len(opaque)
+    assert painted > 10_000, painted
+    # on screen: the variable in its own colours, the ice around it in the context's greys
+    from PIL import Image
+
+    pixels = np.asarray(Image.open(shot).convert("RGB"))[170:760, 60:1000].reshape(-1, 3)
+    level = pixels.astype(int)
+    grey = (level.max(axis=1) - level.min(axis=1) <= 1) & (level[:, 0] < 230) & (level[:, 0] > 60)
+    coloured = level.max(axis=1) - level.min(axis=1) > 40
+    assert grey.sum() > 5_000 and coloured.sum() > 5_000, (grey.sum(), coloured.sum())
 
 
 @pytest.mark.slow
@@ -658,14 +826,22 @@ def test_a_cube_in_a_local_folder(published, bucket_options, tmp_path):
 
 
 @pytest.mark.slow
-def test_start_again_status_and_stop(viewer, repo_spec_path):
+def test_start_again_status_and_stop(viewer, published, repo_spec_path):
     """Last: stops the module's viewer."""
     import psutil
 
     info, _ = viewer
     state = str(info.state_dir)
     again = run_cli(
-        "view", "--bucket-block", BUCKET_BLOCK, "--spec", str(repo_spec_path), "--state-dir", state
+        "view",
+        "--bucket-block",
+        BUCKET_BLOCK,
+        "--spec",
+        str(repo_spec_path),
+        "--cube-id",
+        cube_id(published),
+        "--state-dir",
+        state,
     )
     assert again.returncode == 0, again.stderr[-2000:]
     assert f"(pid {info.pid})" in again.stdout  # the same server, not a second one
@@ -694,7 +870,7 @@ def main(argv: list[str] | None = None) -> int:
     where.add_argument("--bucket-block", metavar="NAME", help="S3Bucket block of its bucket")
     parser.add_argument("--cube-id", default=None, help="<stem>.zarr (default: the spec's)")
     parser.add_argument("--spec", default=str(REPO / "cube.geojson"))
-    parser.add_argument("--variable", default="ice_thickness")
+    parser.add_argument("--variable", default="magnetic_anomaly")  # on the context map
     parser.add_argument("--zoom-out", type=int, default=1, help="steps out from its extent")
     parser.add_argument("--out", default=str(REPO / "docs" / "viewer.png"))
     args = parser.parse_args(argv)

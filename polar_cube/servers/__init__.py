@@ -1,2 +1,3 @@
 """Local servers the project starts itself: SeaweedFS for S3 (`s3server`), xcube's viewer
-(`viewer`), and the process bookkeeping they share (`processes`). No Prefect."""
+(`viewer`; its branding and context map: `viewer_branding`), and the process bookkeeping
+they share (`processes`). No Prefect."""

@@ -10,8 +10,9 @@ Two parts:
   `polar_cube_stats`; for flag variables the range of `flag_values`).
 - **The server** (`start_viewer`, `stop_viewer`, `viewer_status`): `xcube serve` in the
   background on 127.0.0.1, like the local S3 server. One state folder (default
-  `data/view/`) holds `config.json` (the xcube configuration), `viewer/` (the web viewer's
-  own configuration: which server, titles), `xcube.log` and `server.json` (pid, port, URLs).
+  `data/view/`) holds `config.json` (the xcube configuration), `viewer/` and `viewer-app/`
+  (the web viewer's configuration and app: polar-cube's branding and context map, see
+  `viewer_branding`), `xcube.log` and `server.json` (pid, port, URLs).
 
 S3 keys never reach the configuration, the command line or the log: they are given to the
 xcube process only in its environment (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`,
@@ -45,6 +46,7 @@ STATE_FILE = "server.json"
 CONFIG_FILE = "config.json"
 LOG_FILE = "xcube.log"
 VIEWER_DIR = "viewer"
+VIEWER_APP_DIR = "viewer-app"
 # s3fs options that are secrets: they go into the xcube process's environment only
 _SECRET_OPTIONS = {
     "key": "AWS_ACCESS_KEY_ID",
@@ -251,20 +253,6 @@ def server_config(
     if viewer_dir is not None:
         config["Viewer"] = {"Configuration": {"Path": str(viewer_dir)}}
     return config
-
-
-def viewer_app_config(server_url: str, title: str) -> dict:
-    """The web viewer's `config.json`: which server to ask, and its titles."""
-    return {
-        "name": "polar-cube",
-        "server": {"id": "polar-cube", "name": title, "url": server_url},
-        "branding": {
-            "appBarTitle": title,
-            "windowTitle": title,
-            "themeMode": "light",
-            "allowSharing": False,  # needs a state store the server does not have
-        },
-    }
 
 
 def viewer_url(server_url: str, dataset_id: str, variable: str | None = None) -> str:
@@ -530,10 +518,15 @@ def xcube_environment(credentials: Mapping[str, str]) -> dict[str, str]:
 def _launch(
     state_dir: Path, source: CubeSource, cube: xr.Dataset, port: int, credentials: dict
 ) -> ViewerInfo:
+    from polar_cube.servers import viewer_branding as branding
+
     server_url = f"http://{HOST}:{port}"
     viewer_dir = state_dir / VIEWER_DIR
     title = str(cube.attrs.get("title") or source.stem)
-    _write_viewer_dir(viewer_dir, viewer_app_config(server_url, title), _about(cube, source))
+    context = branding.context_layer(cube, server_url, source.stem)
+    app_config = branding.viewer_app_config(server_url, title, source.stem, context)
+    branding.write_viewer_config(viewer_dir, app_config, branding.about_page(cube, source, context))
+    app_dir = branding.write_viewer_app(state_dir / VIEWER_APP_DIR)
     config_path = state_dir / CONFIG_FILE
     processes.write_private_state(config_path, server_config(cube, source, viewer_dir=viewer_dir))
     command = [
@@ -547,9 +540,8 @@ def _launch(
         str(port),
         "-v",  # INFO: requests, datasets opened
     ]
-    pid = processes.launch_in_background(
-        command, state_dir / LOG_FILE, env=xcube_environment(credentials)
-    )
+    env = branding.viewer_environment(xcube_environment(credentials), app_dir)
+    pid = processes.launch_in_background(command, state_dir / LOG_FILE, env=env)
     state = {
         "pid": pid,
         "port": port,
@@ -560,26 +552,6 @@ def _launch(
     }
     processes.write_private_state(state_dir / STATE_FILE, state)
     return _info(state, state_dir)
-
-
-def _write_viewer_dir(viewer_dir: Path, app_config: dict, about: str) -> None:
-    """The web viewer's configuration folder: config.json, about page, logo."""
-    from importlib.resources import files
-
-    (viewer_dir / "images").mkdir(parents=True, exist_ok=True)
-    (viewer_dir / "config.json").write_text(json.dumps(app_config, indent=2))
-    (viewer_dir / "about.en.md").write_text(about)
-    logo = files("xcube.webapi.viewer") / "dist" / "images" / "logo.png"
-    if logo.is_file():
-        (viewer_dir / "images" / "logo.png").write_bytes(logo.read_bytes())
-
-
-def _about(cube: xr.Dataset, source: CubeSource) -> str:
-    title = str(cube.attrs.get("title") or source.stem)
-    summary = " ".join(str(cube.attrs.get("summary") or "").split())
-    lines = [f"# {title}", "", summary, "", f"Served by `polar-cube view` from `{source.cube_url}`"]
-    lines += ["(map tiles from its overview levels).", ""]
-    return "\n".join(lines)
 
 
 def _wait_for_launch(info: ViewerInfo, timeout_seconds: float, check_dataset: bool) -> None:
