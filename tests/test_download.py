@@ -20,16 +20,11 @@ from pathlib import Path
 
 import pytest
 
-from polar_cube.sources.download import (
-    ATTEMPTS_ENV,
-    TIMEOUT_ENV,
-    DownloadError,
-    download_file,
-    retry_policy,
-)
+from polar_cube.sources.download import DownloadError, download_file
 from polar_cube.sources.fetch import fetch_source, needed_files
 from polar_cube.sources.mirror import parse_range, serving_mirror
 from polar_cube.sources.readers import SourceFormatError
+from polar_cube.sources.transport import ATTEMPTS_ENV, TIMEOUT_ENV, retry_policy
 from polar_cube.spec import load_spec
 
 PAYLOAD = random.Random(0).randbytes(300_000)

@@ -16,8 +16,8 @@ from rasterio.transform import from_origin
 
 from polar_cube.sources.archives import ArchiveError, check_archive
 from polar_cube.sources.checks import check_file
-from polar_cube.sources.download import body_kind
 from polar_cube.sources.readers import SourceFormatError
+from polar_cube.sources.sniff import body_kind
 
 GHF = "200km_GHF_windowCenters.nc"
 SMOS = "SMOS_IceThickness_2015_300.nc"

@@ -28,8 +28,8 @@ import rasterio
 from rasterio.windows import Window
 from xarray.backends.netCDF4_ import NETCDF4_PYTHON_LOCK
 
-from polar_cube.sources.download import SNIFF_BYTES, body_kind, body_start
 from polar_cube.sources.readers import SourceFormatError
+from polar_cube.sources.sniff import body_kind, body_start, read_head
 
 _HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 _NC_TYPE_SIZES = {1: 1, 2: 1, 3: 2, 4: 4, 5: 4, 6: 8, 7: 1, 8: 2, 9: 4, 10: 8, 11: 8}
@@ -68,8 +68,7 @@ def _library_error(error: Exception, path: Path, name: str) -> str:
 
 def _refuse_non_data(path: Path, name: str, what: str, *, text_ok: bool = False) -> None:
     """An HTML page, an empty file or (unless `text_ok`) text saved under a data file's name."""
-    with path.open("rb") as f:
-        head = f.read(SNIFF_BYTES)
+    head = read_head(path)
     kind = body_kind(head)
     if kind == "html":
         why = "it is an HTML page (a login or error page?), not data"
