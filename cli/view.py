@@ -29,7 +29,8 @@ def add_view_command(commands: argparse._SubParsersAction) -> None:
             "serve` on 127.0.0.1 in the background and print the viewer's address "
             "(idempotent); stop: stop it by its process id; status: is it running? (exit "
             "code 1 if not). The cube is --bucket-block's bucket, else the folder --cube-dir "
-            f"(default {DEFAULT_CUBE_DIR}), named by --cube-id (default: the spec's data_id)."
+            f"(default {DEFAULT_CUBE_DIR}), named by --cube-id (default: the spec's data_id at "
+            "--resolution, e.g. polar-1km-… after the 1 km demo)."
         ),
     )
     view.add_argument(
@@ -55,6 +56,12 @@ def add_view_command(commands: argparse._SubParsersAction) -> None:
     )
     view.add_argument("--spec", default="cube.geojson", help="cube spec (for its data_id)")
     view.add_argument(
+        "--resolution",
+        type=float,
+        metavar="M",
+        help="the cube's resolution in metres, for its name (default: the spec's)",
+    )
+    view.add_argument(
         "--port", type=int, metavar="P", help=f"port on 127.0.0.1 (default {DEFAULT_PORT}; 0: any)"
     )
     view.add_argument(
@@ -77,7 +84,7 @@ def cmd_view(args: argparse.Namespace) -> int:
 def _start(args: argparse.Namespace) -> int:
     from polar_cube.servers.viewer import source_from_folder, start_viewer
 
-    cube_name = args.cube_id or _spec_data_id(args.spec)
+    cube_name = args.cube_id or _spec_data_id(args.spec, args.resolution)
     if args.bucket_block:
         source, options = source_from_bucket_block(args.bucket_block, cube_name)
     else:
@@ -118,10 +125,11 @@ def _status(args: argparse.Namespace) -> int:
     return 0
 
 
-def _spec_data_id(spec_path: str) -> str:
+def _spec_data_id(spec_path: str, resolution: float | None) -> str:
+    """The name a build of the spec at `resolution` publishes (`polar-1km-…` at 1000 m)."""
     from polar_cube.spec import load_spec
 
-    return load_spec(spec_path).data_id
+    return load_spec(spec_path).at_resolution(resolution).data_id
 
 
 def source_from_bucket_block(bucket_block: str, cube_name: str) -> tuple[CubeSource, dict]:

@@ -21,6 +21,7 @@ from polar_cube.deployments.operate import (
 )
 from polar_cube.spec import load_spec
 from tests.conftest import REPO, free_port_block
+from tests.snippets import snippet
 
 pytestmark = pytest.mark.slow
 POOL = "polar-cube"
@@ -241,3 +242,18 @@ def test_errors_are_one_clear_line(server):
     closed = server.env | {"PREFECT_API_URL": f"http://127.0.0.1:{free_port_block(1)}/api"}
     result = server.ops("run", env=closed)
     assert result.returncode == 2 and "cannot reach the Prefect server" in result.stderr
+
+
+def test_the_readme_view_block_shows_the_demo_cube(deployment_run):
+    """Issue 18: the README's `polar-cube view` lines, as written, after the 1 km build."""
+    shown = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", snippet("README.md", "view")],
+        cwd=deployment_run.folder,
+        env=deployment_run.env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert shown.returncode == 0, shown.stdout + shown.stderr
+    assert "viewer/?dataset=polar-1km-1x2048x2048-v1.1.0" in shown.stdout
+    assert "showing s3://polar-cube/polar-1km-1x2048x2048-v1.1.0.zarr" in shown.stdout
