@@ -416,8 +416,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = make_parser()
     plan = make_plan(parser.parse_args(argv), parser)
     _prepare_prefect_environment(plan)
-    from polar_cube.deployments.operate import OpsError
-    from polar_cube.errors import describe_os_error, user_errors
+    from polar_cube.errors import PolarCubeError, describe_os_error
 
     began = time.monotonic()
     try:
@@ -426,7 +425,7 @@ def main(argv: list[str] | None = None) -> int:
         print(table, end="", flush=True)
         if plan.out:
             write_outputs(plan.out, results, table)
-    except (BenchError, CommandFailed, OpsError, *user_errors()) as error:
+    except (BenchError, CommandFailed, PolarCubeError) as error:
         print(f"bench: error: {error}", file=sys.stderr)
         return 2
     except OSError as error:

@@ -179,7 +179,7 @@ def own_bucket(workdir: Path) -> Iterator[str]:
 def cube_source(args: argparse.Namespace, bucket_block: str | None):
     """(CubeSource, full storage options or None) of the cube to serve."""
     from polar_cube.cli.view import source_from_bucket_block
-    from polar_cube.servers.viewer import source_from_folder
+    from polar_cube.servers.viewer_config import source_from_folder
     from polar_cube.spec import load_spec
 
     name = args.cube_id or load_spec(args.spec).data_id
@@ -221,7 +221,8 @@ def measure_run(
 ) -> Run:
     import httpx
 
-    from polar_cube.servers.viewer import start_viewer, stop_viewer, tile_url
+    from polar_cube.servers.viewer import start_viewer, stop_viewer
+    from polar_cube.servers.viewer_config import tile_url
 
     if args.drop_caches:
         drop_page_cache()
@@ -252,7 +253,7 @@ def measure_run(
 
 def run_benchmark(args: argparse.Namespace, argv: list[str]) -> Results:
     from bench.machine import describe_machine
-    from polar_cube.servers.viewer import (
+    from polar_cube.servers.viewer_config import (
         color_mapping,
         cube_outline,
         level_for_zoom,
@@ -396,12 +397,11 @@ def main(argv: list[str] | None = None) -> int:
     if not (args.cube_dir or args.bucket_block):  # a build of its own: its own Prefect home
         os.environ["PREFECT_HOME"] = str(Path(args.workdir).resolve() / "prefect")
         os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
-    from polar_cube.errors import describe_os_error, user_errors
-    from polar_cube.servers.viewer import ViewError
+    from polar_cube.errors import PolarCubeError, describe_os_error
 
     try:
         results = run_benchmark(args, argv)
-    except (BenchError, ViewError, *user_errors()) as error:
+    except (BenchError, PolarCubeError) as error:
         print(f"bench.tiles: error: {error}", file=sys.stderr)
         return 2
     except OSError as error:

@@ -363,13 +363,12 @@ def main(argv: list[str] | None = None) -> int:
 
     args = make_parser().parse_args(argv)
     from polar_cube.cli.lifecycle import command_lifecycle
-    from polar_cube.deployments.operate import OpsError
-    from polar_cube.errors import describe_os_error, user_errors
+    from polar_cube.errors import PolarCubeError, describe_os_error
 
     try:
         with command_lifecycle(args.command):
             return args.func(args)
-    except (*user_errors(), OpsError) as error:
+    except PolarCubeError as error:
         print(f"polar-cube: error: {error}", file=sys.stderr)
         return 2
     except OSError as error:  # met outside the steps that name their target

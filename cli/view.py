@@ -12,6 +12,8 @@ from pathlib import Path
 from polar_cube.servers.viewer import (
     DEFAULT_PORT,
     DEFAULT_STATE_DIR,
+)
+from polar_cube.servers.viewer_config import (
     CubeSource,
     split_credentials,
 )
@@ -82,7 +84,8 @@ def cmd_view(args: argparse.Namespace) -> int:
 
 
 def _start(args: argparse.Namespace) -> int:
-    from polar_cube.servers.viewer import source_from_folder, start_viewer
+    from polar_cube.servers.viewer import start_viewer
+    from polar_cube.servers.viewer_config import source_from_folder
 
     cube_name = args.cube_id or _spec_data_id(args.spec, args.resolution)
     if args.bucket_block:

@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+from polar_cube.errors import PolarCubeError
 from polar_cube.servers import processes
 
 DEFAULT_PORT = 4200
@@ -33,7 +34,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 HOST = processes.LOCALHOST
 
 
-class OpsError(RuntimeError):
+class OpsError(PolarCubeError, RuntimeError):
     """The Prefect server, worker, pool, deployment or run could not be used as asked."""
 
 

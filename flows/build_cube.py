@@ -18,7 +18,7 @@ from polar_cube.flows.build_datasets import build_datasets, run_label
 from polar_cube.location import StoreLocation
 from polar_cube.preflight import check_build
 from polar_cube.servers.viewer import DEFAULT_PORT as VIEWER_PORT
-from polar_cube.servers.viewer import viewer_url
+from polar_cube.servers.viewer_config import viewer_url
 from polar_cube.storage import reaching_storage
 from polar_cube.target_lock import TargetLock
 from polar_cube.tasks.cube import (

@@ -99,12 +99,3 @@ def describe_os_error(error: OSError) -> str:
     """One line for an OSError that reached the command line."""
     what = environment_problem(error) or error.strerror or str(error)
     return f"{error.filename}: {what}" if error.filename else what
-
-
-def user_errors() -> tuple[type[BaseException], ...]:
-    """The errors reported as one line: the base, and (until they move onto it) the two
-    older ones, imported here lazily."""
-    from polar_cube.servers.viewer import ViewError
-    from polar_cube.sources.download import DownloadError
-
-    return (PolarCubeError, DownloadError, ViewError)

@@ -5,13 +5,13 @@ from __future__ import annotations
 from prefect import Task
 from prefect.client.schemas.objects import State, TaskRun
 
-from polar_cube.errors import environment_problem, user_errors
+from polar_cube.errors import PolarCubeError, environment_problem
 
 
 def is_transient(error: BaseException) -> bool:
     """A network hiccup or a busy server may pass; bad input, a full disk or a refused key
     will not, so retrying them only delays the one clear error."""
-    if isinstance(error, user_errors()) or environment_problem(error):
+    if isinstance(error, PolarCubeError) or environment_problem(error):
         return bool(getattr(error, "retryable", False))
     return True
 

@@ -29,14 +29,13 @@ POOL = "polar-cube"
 OPS = """
 import argparse, sys
 from polar_cube.cli.ops import add_ops_commands
-from polar_cube.deployments.operate import OpsError
-from polar_cube.errors import user_errors
+from polar_cube.errors import PolarCubeError
 parser = argparse.ArgumentParser(prog="polar-cube")
 add_ops_commands(parser.add_subparsers(dest="command", required=True))
 args = parser.parse_args()
 try:
     sys.exit(args.func(args))
-except (*user_errors(), OpsError) as error:
+except PolarCubeError as error:
     print(f"polar-cube: error: {error}", file=sys.stderr)
     sys.exit(2)
 """

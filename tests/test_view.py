@@ -33,21 +33,9 @@ import pytest
 import xarray as xr
 
 from polar_cube.servers.viewer import (
-    CubeSource,
-    ViewError,
-    color_mapping,
-    server_config,
-    source_from_folder,
-    split_credentials,
     start_viewer,
     stop_viewer,
-    tile_url,
-    time_steps,
-    value_range,
     viewer_status,
-    viewer_url,
-    web_mercator_tile,
-    whole_cube_tile,
     xcube_environment,
 )
 from polar_cube.servers.viewer_branding import (
@@ -59,6 +47,20 @@ from polar_cube.servers.viewer_branding import (
     viewer_index,
     write_viewer_app,
     xcube_viewer_dist,
+)
+from polar_cube.servers.viewer_config import (
+    CubeSource,
+    ViewError,
+    color_mapping,
+    server_config,
+    source_from_folder,
+    split_credentials,
+    tile_url,
+    time_steps,
+    value_range,
+    viewer_url,
+    web_mercator_tile,
+    whole_cube_tile,
 )
 
 REPO = Path(__file__).resolve().parents[1]

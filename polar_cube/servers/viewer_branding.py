@@ -26,7 +26,7 @@ from html import escape
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from polar_cube.servers.viewer import (
+from polar_cube.servers.viewer_config import (
     CubeSource,
     map_variables,
     tile_url,

@@ -28,13 +28,17 @@ import rasterio
 from rasterio.windows import Window
 from xarray.backends.netCDF4_ import NETCDF4_PYTHON_LOCK
 
-from polar_cube.sources.readers import SourceFormatError
+from polar_cube.errors import PolarCubeError
 from polar_cube.sources.sniff import body_kind, body_start, read_head
 
 _HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 _NC_TYPE_SIZES = {1: 1, 2: 1, 3: 2, 4: 4, 5: 4, 6: 8, 7: 1, 8: 2, 9: 4, 10: 8, 11: 8}
 _NC_DIMENSION, _NC_VARIABLE, _NC_ATTRIBUTE = 0x0A, 0x0B, 0x0C
 _STREAMING = {4: 0xFFFFFFFF, 8: 0xFFFFFFFFFFFFFFFF}
+
+
+class SourceFormatError(PolarCubeError, ValueError):
+    """A source file is not what its spec says; the message names the file."""
 
 
 # The netCDF-C and HDF5 libraries are not thread-safe: downloads are checked on several threads

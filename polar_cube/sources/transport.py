@@ -27,6 +27,8 @@ from urllib.request import url2pathname
 import httpx
 from tqdm import tqdm
 
+from polar_cube.errors import PolarCubeError
+
 CHUNK_SIZE = 1024 * 1024
 LOG_EVERY_FRACTION = 0.10
 LOG_EVERY_SECONDS = 5.0
@@ -40,16 +42,12 @@ DEFAULT_BACKOFF_SECONDS = 1.0
 HTML_PAGE = "an HTML page (a login or error page?) instead of data"
 
 
-class DownloadError(RuntimeError):
+class DownloadError(PolarCubeError, RuntimeError):
     """A download failed; the message names the URL (and label) and what went wrong.
 
     `retryable` says whether trying again later may help (the server was unreachable or
     kept failing), as opposed to a 4xx answer or wrong content.
     """
-
-    def __init__(self, message: str, *, retryable: bool = False) -> None:
-        super().__init__(message)
-        self.retryable = retryable
 
 
 class _Retryable(Exception):

@@ -13,14 +13,12 @@ from typing import TYPE_CHECKING
 
 import xarray as xr
 
-from polar_cube.errors import PolarCubeError
+from polar_cube.sources.checks import SourceFormatError
+
+__all__ = ["SourceFormatError", "SourceLayer", "open_source"]
 
 if TYPE_CHECKING:
     from polar_cube.location import StoreLocation
-
-
-class SourceFormatError(PolarCubeError, ValueError):
-    """A source file is not what its spec says; the message names the file."""
 
 
 @dataclass(frozen=True)
