@@ -191,19 +191,9 @@ def _print_cube(
         )
 
 
-def make_spec_standins(spec_path: str, out_dir: Path, scale: str) -> list[Path]:
-    """Stand-ins of every source of the spec at `spec_path` (errors name the file)."""
-    from polar_cube.sources.standins import make_standins
-    from polar_cube.spec import SpecError, load_spec
-
-    spec = load_spec(spec_path)
-    try:
-        return make_standins(out_dir, scale, spec)
-    except SpecError as error:
-        raise SpecError(f"{spec_path}: {error}") from None
-
-
 def cmd_sources_make(args: argparse.Namespace) -> int:
+    from polar_cube.cli.sources import make_spec_standins
+
     for path in make_spec_standins(args.spec, Path(args.out_dir), args.scale):
         print(f"{path}  {path.stat().st_size / 1e6:.1f} MB")
     return 0
@@ -221,6 +211,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     the whole cube built at a reduced resolution into the bucket. Nothing is written outside
     the current folder's state folders unless asked (--aws-profile)."""
     from polar_cube.cli.s3 import write_profile
+    from polar_cube.cli.sources import make_spec_standins
     from polar_cube.flows.build_cube import build_cube
     from polar_cube.preflight import check_build
     from polar_cube.servers.s3server import start_s3_server

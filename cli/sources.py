@@ -5,6 +5,7 @@ internet."""
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from polar_cube.servers.mirror_service import (
     DEFAULT_PORT,
@@ -14,6 +15,18 @@ from polar_cube.servers.mirror_service import (
     start_mirror,
     stop_mirror,
 )
+
+
+def make_spec_standins(spec_path: str, out_dir: Path, scale: str) -> list[Path]:
+    """Stand-ins of every source of the spec at `spec_path` (errors name the file)."""
+    from polar_cube.sources.standins import make_standins
+    from polar_cube.spec import SpecError, load_spec
+
+    spec = load_spec(spec_path)
+    try:
+        return make_standins(out_dir, scale, spec)
+    except SpecError as error:
+        raise SpecError(f"{spec_path}: {error}") from None
 
 
 def add_mirror_commands(sources: argparse._SubParsersAction) -> None:
@@ -50,8 +63,6 @@ def _add_state_dir(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_sources_start(args: argparse.Namespace) -> int:
-    from polar_cube.cli.app import make_spec_standins
-
     folder = sources_folder(args.state_dir, args.scale)
     if mirror_status(args.state_dir) is None and not (folder / ".complete").is_file():
         print(f"making {args.scale} stand-ins of {args.spec} in {folder} ...", flush=True)

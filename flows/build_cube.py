@@ -13,6 +13,7 @@ from prefect.runtime import flow_run
 from polar_cube.compute import dask_cluster, shares_nothing
 from polar_cube.cube import target as steps
 from polar_cube.cube.summary import BuildProgress, DatasetOutcome, RunSummary
+from polar_cube.errors import PolarCubeError
 from polar_cube.flows.artifacts import create_result_artifacts, progress_span, start_progress
 from polar_cube.flows.build_datasets import build_datasets, run_label
 from polar_cube.location import StoreLocation
@@ -100,6 +101,10 @@ def build_cube(
             patch_path=patch_path,
             dask_address=dask_address,
         )
+    except PolarCubeError as error:  # bad input or a broken environment: one clear line
+        get_run_logger().error("polar-cube: error: %s", error)
+        progress.failed(error)
+        raise
     except BaseException as error:
         progress.failed(error)
         raise

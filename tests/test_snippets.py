@@ -21,17 +21,14 @@ import shlex
 import shutil
 import signal
 import subprocess
-import threading
 import uuid
 from dataclasses import dataclass
 from functools import cache
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 import xarray as xr
 import yaml
-from PIL import Image
 
 from polar_cube.spec import load_spec
 from tests.conftest import free_port_block
@@ -556,43 +553,6 @@ def test_the_postgresql_setting_is_a_url_prefect_can_use():
     assert importlib.util.find_spec("asyncpg")  # "the driver comes with Prefect"
     (server,) = [args for program, args in checked if program == "polar-cube"]
     assert (server.command, server.server_command) == ("server", "start")
-
-
-# --- docs/README.md: the screenshot command, run against a local page ---------------------------
-
-
-class _Page(BaseHTTPRequestHandler):
-    requested: list[str] = []
-
-    def do_GET(self):  # noqa: N802 (http.server's name)
-        self.requested.append(self.path)
-        body = b"<html><body style='margin:0;background:#ff8800'>page</body></html>"
-        self.send_response(200)
-        self.send_header("Content-Type", "text/html")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args):
-        pass
-
-
-def test_the_screenshot_command_writes_a_1600x1000_png(tmp_path):
-    (tmp_path / "docs").mkdir()
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Page)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    run_id = str(uuid.uuid4())
-    text = snippet("docs/README.md", "screenshot")
-    text = text.replace("PORT", str(server.server_address[1])).replace("FLOW_RUN_ID", run_id)
-    try:
-        ran = run_bash(text, tmp_path, env=os.environ | {"TMPDIR": str(tmp_path)})
-    finally:
-        server.shutdown()
-    assert ran.returncode == 0, ran.stderr[-2000:]
-    assert f"/runs/flow-run/{run_id}" in _Page.requested
-    with Image.open(tmp_path / "docs" / "prefect-ui-flow-run.png") as png:
-        assert png.size == (1600, 1000)
-        assert png.convert("RGB").getpixel((800, 900)) == (255, 136, 0)  # the page's colour
 
 
 # --- docs/adding-a-source.md -----------------------------------------------------------------
