@@ -142,18 +142,10 @@ def write_quicklooks(
     """
     folder_url = folder_url.rstrip("/")
     written = []
-    for variable in spec.variables:
-        if variable.name not in cube.data_vars:
-            continue
-        data = cube[variable.name]
-        units = str(data.attrs.get("units", variable.units))
-        long_name = str(data.attrs.get("long_name", variable.long_name))
-        resolutions = [level[variable.name] for level in overviews] or [data]
-        for suffix, title, layers in _layers(data, resolutions, long_name):
-            png = quicklook_png(layers, title=title, units=units, max_pixels=max_pixels)
-            url = f"{folder_url}/{variable.name}{suffix}.png"
-            _write_bytes(url, png, storage_options or {})
-            written.append(url)
+    for name, title, units, layers in _maps(cube, spec, overviews):
+        png = quicklook_png(layers, title=title, units=units, max_pixels=max_pixels)
+        _write_bytes(f"{folder_url}/{name}", png, storage_options or {})
+        written.append(f"{folder_url}/{name}")
     return written
 
 
@@ -162,7 +154,15 @@ def quicklook_thumbnails(
 ) -> dict[str, bytes]:
     """`thumbnail_png` of every layer `write_quicklooks` draws, by the quicklook's file name
     (`<variable>.png`, `<variable>_<YYYY-MM-DD>.png`); drawn from the coarsest levels that fit."""
-    thumbnails = {}
+    return {
+        name: thumbnail_png(layers, title=title, units=units)
+        for name, title, units, layers in _maps(cube, spec, overviews)
+    }
+
+
+def _maps(cube: xr.Dataset, spec: CubeSpec, overviews: Sequence[xr.Dataset]):
+    """(file name, title, units, the 2-D layer at each resolution) of every map to draw: one
+    per static variable, one per time step of the others, in spec order."""
     for variable in spec.variables:
         if variable.name not in cube.data_vars:
             continue
@@ -171,10 +171,7 @@ def quicklook_thumbnails(
         long_name = str(data.attrs.get("long_name", variable.long_name))
         resolutions = [level[variable.name] for level in overviews] or [data]
         for suffix, title, layers in _layers(data, resolutions, long_name):
-            thumbnails[f"{variable.name}{suffix}.png"] = thumbnail_png(
-                layers, title=title, units=units
-            )
-    return thumbnails
+            yield f"{variable.name}{suffix}.png", title, units, layers
 
 
 def _layers(data: xr.DataArray, resolutions: list[xr.DataArray], long_name: str):
