@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from datetime import UTC, datetime
 
 import numpy as np
 import pytest
@@ -21,6 +22,7 @@ def built(small_standins, repo_spec_path, tmp_path_factory):
     from polar_cube.flows.build_datasets import build_datasets
 
     work = tmp_path_factory.mktemp("build")
+    (work / "started").write_text(datetime.now(UTC).isoformat())  # to tell its artifacts apart
     spec = load_spec(repo_spec_path)
     options = dict(
         spec=spec,
@@ -139,8 +141,10 @@ def test_the_datasets_progress_ends_at_100_with_its_percentage_in_words(built, r
 
     spec = load_spec(repo_spec_path).at_resolution(RESOLUTION)
     count = len(spec.sources)
-    finished = [a for a in asyncio.run(progress_artifacts()) if float(a.data) == 100]
-    assert len(finished) >= 2  # both builds of the fixture
+    started = datetime.fromisoformat((built[2] / "started").read_text())
+    ours = [a for a in asyncio.run(progress_artifacts()) if a.created >= started]
+    finished = [a for a in ours if float(a.data) == 100]
+    assert len(finished) == 2  # both builds of the fixture (other tests' builds came before)
     for artifact in finished:
         assert artifact.type == "progress"
         assert artifact.description.startswith(

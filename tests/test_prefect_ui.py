@@ -88,17 +88,22 @@ def test_the_parent_runs_artifacts_tell_the_story(deployment_run, browser, ui, t
         page.locator("a[href*='/artifacts/artifact/']").first.click()
     page.wait_for_url(re.compile(r"/artifacts/artifact/"))
     expect(page.get_by_text("Built and reused", exact=True)).to_be_visible(timeout=30_000)
-    page.wait_for_function(
-        "Array.from(document.images).some(i => i.src.startsWith('data:image/png')"
-        " && i.complete && i.naturalWidth > 0)",
+    maps = layer_count(SPEC)
+    expect(page.locator("img[src^='data:image/png']")).to_have_count(maps, timeout=30_000)
+    for image in page.locator("img[src^='data:image/png']").all():
+        image.scroll_into_view_if_needed()  # a lazily loaded image loads once on screen
+    page.wait_for_function(  # every thumbnail decoded, as a browser shows it
+        "Array.from(document.images).filter(i => i.src.startsWith('data:image/png'))"
+        ".every(i => i.complete && i.naturalWidth > 0)",
         timeout=30_000,
     )
     thumbnails = page.evaluate(
         "Array.from(document.images).filter(i => i.src.startsWith('data:image/png'))"
         ".map(i => [i.alt, i.naturalWidth])"
     )
-    assert any(alt == "ice_thickness" and width > 100 for alt, width in thumbnails)
-    assert len(thumbnails) == layer_count(SPEC) and all(width > 0 for _, width in thumbnails)
+    assert any(alt == "ice_thickness" and width > 100 for alt, width in thumbnails), thumbnails
+    assert len(thumbnails) == maps
+    page.evaluate("window.scrollTo(0, 0)")
     page.set_viewport_size({"width": VIEWPORT["width"], "height": 2400})  # down to the maps
     save_screenshot(page, tmp_path, "prefect-ui-artifacts.png", docs=ui == "classic")
     page.close()
