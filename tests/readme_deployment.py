@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import subprocess
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,9 +55,16 @@ class DeploymentRun:
         return s3_server_status(self.folder / "data" / "s3")
 
 
-def _busy_ports() -> list[int]:
+def _busy_ports(wait_seconds: float = 60) -> list[int]:
+    """The block's ports still in use after waiting up to `wait_seconds` (servers that are
+    stopping, e.g. an earlier session's, free theirs within seconds)."""
     ports = [PREFECT_PORT, MIRROR_PORT, *range(S3_PORT, S3_PORT + 8)]
-    return [p for p in ports if not processes.port_is_free(p)]
+    deadline = time.monotonic() + wait_seconds
+    while True:
+        busy = [p for p in ports if not processes.port_is_free(p)]
+        if not busy or time.monotonic() > deadline:
+            return busy
+        time.sleep(1)
 
 
 @pytest.fixture(scope="session")
