@@ -19,7 +19,7 @@ from polar_cube.sources.fetch import fetch_source
 from polar_cube.sources.mirror import serving_mirror
 from polar_cube.sources.standins import make_standins, write_described_standin
 from polar_cube.spec import CubeSpec, SpecError, load_spec
-from tests.conftest import REPO, layer_count
+from tests.conftest import REPO
 from tests.snippets import snippet
 
 RESOLUTION = 3000.0  # divides the bbox: 651 x 707 cells
@@ -129,52 +129,5 @@ def check_layer(data: xr.DataArray, source, variable, standin: np.ndarray, grid)
     assert abs(np.isfinite(values).sum() - expected) < 0.05 * expected
 
 
-@pytest.mark.slow
-def test_the_page_builds_a_cube_with_the_new_source(tmp_path):
-    """The page's commands: spec check, sources make, a build through Prefect served by the
-    local HTTP mirror into a local folder; the cube has every variable of the spec."""
-    spec_path, patch_path = write_extended_spec(tmp_path)
-    spec = load_spec(spec_path)
-    source, variable = new_source_and_variable(spec)
-    made = run_cli(
-        "sources", "make", "--spec", spec_path.name, "--scale", "small", "sources", cwd=tmp_path
-    )
-    assert made.returncode == 0, made.stderr
-    standins = tmp_path / "sources"
-    served = {line.split()[0] for line in made.stdout.splitlines()}
-    assert {Path(p).name for p in served} == {s.file_name for s in spec.sources}
-    with serving_mirror(standins) as mirror:
-        built = run_cli(
-            "build",
-            "--spec",
-            spec_path.name,
-            "--patch",
-            patch_path.name,
-            "--resolution",
-            f"{RESOLUTION:g}",
-            "--source-mirror",
-            mirror,
-            "--cache",
-            "cache",
-            "--store",
-            "datasets",
-            "--output",
-            "cube",
-            cwd=tmp_path,
-        )
-    assert built.returncode == 0, built.stderr[-3000:]
-    grid = TargetGrid.from_spec(spec, RESOLUTION)
-    assert sorted(p.name for p in (tmp_path / "datasets").glob("*.zarr")) == sorted(
-        f"{s.id}.zarr" for s in spec.sources
-    )
-    cube = xr.open_zarr(
-        tmp_path / "cube" / spec.at_resolution(RESOLUTION).data_id, consolidated=True
-    )
-    assert set(cube.data_vars) - {"crs"} == {v.name for v in spec.variables}
-    data = cube[variable.name]
-    check_layer(data, source, variable, standin_values(standins / source.file_name), grid)
-    assert data.attrs["color_bar_name"] == "terrain"  # from the page's patch.yaml lines
-    assert data.attrs["source"] == source.download_url
-    quicklooks = tmp_path / "cube" / f"{spec.at_resolution(RESOLUTION).data_id[:-5]}.quicklooks"
-    assert len(list(quicklooks.glob("*.png"))) == layer_count(spec)
-    assert (quicklooks / f"{variable.name}.png").is_file()
+# The page's commands, build included, run as written: tests/test_snippets.py
+# (test_adding_a_source_builds_the_cube_as_the_page_says).

@@ -30,8 +30,9 @@ import pytest
 import xarray as xr
 import yaml
 
+from polar_cube.grid import TargetGrid
 from polar_cube.spec import load_spec
-from tests.conftest import free_port_block
+from tests.conftest import free_port_block, layer_count
 from tests.snippets import CHECKED_FILES, FENCE_LINE, REPO, blocks, snippet
 
 TEST_FILES = sorted([*(REPO / "tests").glob("*.py"), *(REPO / "bench" / "tests").glob("*.py")])
@@ -612,12 +613,24 @@ def test_adding_a_source_builds_the_cube_as_the_page_says(tmp_path):
     port = free_port_block(1)
     ran = run_bash(re.sub(r"\b8765\b", str(port), steps), folder, timeout=900)
     assert ran.returncode == 0, ran.stderr[-3000:]
-    spec = load_spec(folder / "my-cube.geojson").at_resolution(3000)
-    cube = xr.open_zarr(folder / "data" / "my-cube" / spec.data_id, consolidated=True)
+    from tests.test_add_source import check_layer, new_source_and_variable, standin_values
+
+    spec = load_spec(folder / "my-cube.geojson")
+    source, variable = new_source_and_variable(spec)
+    named = spec.at_resolution(3000).data_id
+    assert sorted(p.name for p in (folder / "data" / "my-datasets").glob("*.zarr")) == sorted(
+        f"{s.id}.zarr" for s in spec.sources
+    )
+    cube = xr.open_zarr(folder / "data" / "my-cube" / named, consolidated=True)
     assert set(cube.data_vars) - {"crs"} == {v.name for v in spec.variables}
-    elevation = cube["bed_elevation"]
-    assert elevation.attrs["color_bar_name"] == "terrain"
-    assert int(elevation.notnull().sum()) > 0
+    elevation = cube[variable.name]
+    standin = standin_values(folder / "data" / "my-sources" / source.file_name)
+    check_layer(elevation, source, variable, standin, TargetGrid.from_spec(spec, 3000))
+    assert elevation.attrs["color_bar_name"] == "terrain"  # from the page's patch lines
+    assert elevation.attrs["source"] == source.download_url
+    quicklooks = folder / "data" / "my-cube" / f"{named.removesuffix('.zarr')}.quicklooks"
+    assert len(list(quicklooks.glob("*.png"))) == layer_count(spec)
+    assert (quicklooks / f"{variable.name}.png").is_file()
 
 
 # --- docs/cluster.md ----------------------------------------------------------------------------
