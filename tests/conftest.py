@@ -23,17 +23,6 @@ REPO = Path(__file__).resolve().parents[1]
 pytest_plugins = ["tests.readme_deployment"]
 
 
-@pytest.hookimpl(tryfirst=True)
-def pytest_collection_modifyitems(config, items):
-    """Under pytest-xdist (`--dist loadgroup`, pyproject's addopts) each test module runs
-    whole on one worker, so its module fixtures (a built cube, a server) are made once; the
-    tests that use the README deployment run (`deployment_run`: fixed ports) share one."""
-    for item in items:
-        if item.get_closest_marker("xdist_group") is None:
-            group = "readme-deployment" if "deployment_run" in item.fixturenames else None
-            item.add_marker(pytest.mark.xdist_group(group or item.path.name))
-
-
 def layer_count(spec) -> int:
     """The cube's 2-D layers (so its quicklooks and statistics rows): one per static
     variable, one per time step of each time-stepped variable."""
