@@ -351,7 +351,7 @@ def test_the_parent_runs_artifacts_tell_the_story(deployment_run, browser, ui, t
     )
     assert any(alt == "ice_thickness" and width > 100 for alt, width in thumbnails), thumbnails
     assert len(thumbnails) == maps
-    page.evaluate("window.scrollTo(0, 0)")
+    page.get_by_text("Built and reused", exact=True).scroll_into_view_if_needed()  # its top
     page.set_viewport_size({"width": VIEWPORT["width"], "height": 2400})  # down to the maps
     save_screenshot(page, tmp_path, "prefect-ui-artifacts.png", docs=ui == "classic")
     page.close()
