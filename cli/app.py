@@ -24,7 +24,9 @@ def _add_build_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--cache", metavar="DIR", help="download cache (default data/cache)")
     parser.add_argument(
-        "--store", metavar="DIR", help="where per-dataset cubes go (default ./data/datasets)"
+        "--store",
+        metavar="DIR",
+        help="with --datasets-only: where per-dataset cubes go (default ./data/datasets)",
     )
     parser.add_argument(
         "--bucket-block",
@@ -52,15 +54,17 @@ def _add_build_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--datasets-only",
         action="store_true",
-        help="stop after the per-dataset cubes (no upload, merge or patch)",
+        help="only the per-dataset cubes, into --store (no version, merge or patch)",
     )
 
 
 def cmd_build(args: argparse.Namespace) -> int:
     from polar_cube.preflight import check_build
 
-    folders = {"--cache": args.cache, "--store": args.store or "data/datasets"}
-    if not args.datasets_only and not args.bucket_block:
+    folders = {"--cache": args.cache}
+    if args.datasets_only:
+        folders["--store"] = args.store or "data/datasets"
+    elif not args.bucket_block:
         folders["--output"] = args.output or "data/cube"
     checked = check_build(
         args.spec,
@@ -92,7 +96,6 @@ def cmd_build(args: argparse.Namespace) -> int:
         resolution=args.resolution,
         source_mirror=args.source_mirror,
         cache_dir=args.cache,
-        datasets_dir=args.store,
         bucket_block=args.bucket_block,
         output_dir=args.output,
         patch_path=args.patch,
@@ -242,7 +245,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
             resolution=args.resolution,
             source_mirror=mirror,
             cache_dir=str(workdir / "cache"),
-            datasets_dir=str(workdir / "datasets"),
             bucket_block=args.bucket_block,
         )
     _print_cube(built.url, args.bucket_block, local_server=server, aws_profile=args.aws_profile)
@@ -274,7 +276,8 @@ def make_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     build = commands.add_parser(
-        "build", help="build the cube through Prefect: datasets, upload, merge, patch, publish"
+        "build",
+        help="build a new version of the cube through Prefect: datasets, merge, patch, publish",
     )
     _add_build_options(build)
     build.set_defaults(func=cmd_build)
@@ -286,7 +289,7 @@ def make_parser() -> argparse.ArgumentParser:
     demo.add_argument("--spec", default="cube.geojson")
     demo.add_argument("--scale", choices=["small", "full"], default="full")
     demo.add_argument("--resolution", type=float, default=1000.0, metavar="M")
-    demo.add_argument("--workdir", default="data/demo", help="sources, cache, per-dataset cubes")
+    demo.add_argument("--workdir", default="data/demo", help="stand-in sources and the cache")
     demo.add_argument("--s3-state-dir", default="data/s3", help="the local S3 server's folder")
     demo.add_argument("--s3-port", type=int, default=8333)
     demo.add_argument("--bucket", default="polar-cube")

@@ -275,7 +275,7 @@ def deploy_build(
 def demo_parameters(mirror_state_dir: Path, workdir: Path, resolution: float) -> dict:
     """The parameters of a deployment that runs with no internet: the sources from the
     running stand-in mirror of `mirror_state_dir` (`polar-cube sources start`), the download
-    cache and per-dataset cubes in `workdir`, at `resolution` metres."""
+    cache in `workdir`, at `resolution` metres."""
     from polar_cube.servers.mirror_service import mirror_status
 
     mirror = mirror_status(mirror_state_dir)
@@ -289,7 +289,6 @@ def demo_parameters(mirror_state_dir: Path, workdir: Path, resolution: float) ->
         "source_mirror": mirror.url,
         "resolution": resolution,
         "cache_dir": str(workdir / "cache"),
-        "datasets_dir": str(workdir / "datasets"),
     }
 
 

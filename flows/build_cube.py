@@ -1,6 +1,7 @@
-"""The parent flow: sources -> per-dataset cubes -> bucket -> one merged, patched,
-verified cube published under the spec's data_id; its artifacts tell the story (progress
-through every phase, then the summary, coverage table and links: `flows/artifacts.py`)."""
+"""The parent flow: sources -> per-dataset chunks written straight into a new cube version
+in the bucket -> merged (metadata), patched, verified, reported -> published by pointing
+`latest` at it; its artifacts tell the story (progress through every phase, then the
+summary, coverage table and links: `flows/artifacts.py`)."""
 
 from __future__ import annotations
 
@@ -13,9 +14,11 @@ from prefect.runtime import flow_run
 from polar_cube.compute import dask_cluster, shares_nothing
 from polar_cube.cube import target as steps
 from polar_cube.cube.summary import BuildProgress, DatasetOutcome, RunSummary
+from polar_cube.cube.versions import next_version, read_catalog
 from polar_cube.errors import PolarCubeError
 from polar_cube.flows.artifacts import create_result_artifacts, progress_span, start_progress
 from polar_cube.flows.build_datasets import build_datasets, run_label
+from polar_cube.keys import VersionKeys
 from polar_cube.location import StoreLocation
 from polar_cube.preflight import check_build
 from polar_cube.servers.viewer import DEFAULT_PORT as VIEWER_PORT
@@ -23,13 +26,12 @@ from polar_cube.servers.viewer_config import viewer_url
 from polar_cube.storage import reaching_storage
 from polar_cube.target_lock import TargetLock
 from polar_cube.tasks.cube import (
+    carry_unchanged,
     merge_cube,
     patch_cube,
     publish_cube,
     report_cube,
-    upload_dataset,
     verify_staged_cube,
-    verify_stored_cube,
     write_stac,
 )
 
@@ -38,10 +40,11 @@ DEFAULT_OUTPUT = Path("data/cube")
 
 @dataclass(frozen=True)
 class BuiltCube:
-    url: str
+    url: str  # the version's cube
+    version: str
     quicklooks: list[str]
     stac_item: str
-    reused: bool
+    reused: bool  # `latest` already was this cube: nothing new was published
 
 
 def resolve_location(bucket_block: str | None, output_dir: str | None) -> StoreLocation:
@@ -68,14 +71,15 @@ def build_cube(
     resolution: float | None = None,
     source_mirror: str | None = None,
     cache_dir: str | None = None,
-    datasets_dir: str | None = None,
     bucket_block: str | None = None,
     output_dir: str | None = None,
     patch_path: str = "patch.yaml",
     dask_address: str | None = None,
 ) -> BuiltCube:
-    """Build every per-dataset cube (with its statistics and overview levels), upload them,
-    merge, patch, verify, publish (the cube and `<stem>.levels/`), report.
+    """Build a new version of the cube (`<series>-vX.Y.Z.zarr`, see `cube/versions.py`):
+    every per-dataset cube's chunks (with statistics and overview levels) written straight
+    into it, merge (metadata), patch, verify, report, STAC item, then publish it by pointing
+    `latest` at it. Unchanged since `latest`: nothing is written or published.
 
     `dask_address`: the chunked array work (resampling, writing the per-dataset cubes with
     their statistics and levels) runs on this dask.distributed scheduler (`tcp://host:port`),
@@ -95,7 +99,6 @@ def build_cube(
             resolution=resolution,
             source_mirror=source_mirror,
             cache_dir=cache_dir,
-            datasets_dir=datasets_dir,
             bucket_block=bucket_block,
             output_dir=output_dir,
             patch_path=patch_path,
@@ -119,7 +122,6 @@ def _build(
     resolution: float | None,
     source_mirror: str | None,
     cache_dir: str | None,
-    datasets_dir: str | None,
     bucket_block: str | None,
     output_dir: str | None,
     patch_path: str,
@@ -132,15 +134,25 @@ def _build(
     checked = check_build(spec_path, resolution=resolution, only=only, patch_path=patch_path)
     spec, grid, patch = checked.spec, checked.grid, checked.patch
     location = resolve_location(bucket_block, output_dir)
-    logger.info("publishing %s to %s", spec.data_id, location.root)
-    # workers that cannot see this machine's disk read sources from and write into the bucket
-    write_into_bucket = bool(bucket_block) and shares_nothing(dask_address)
+    # workers that cannot see this machine's disk read the sources from the bucket
+    stage_sources = bool(bucket_block) and shares_nothing(dask_address)
 
     with (
         reaching_storage(location.root, location.storage_options),
         TargetLock(location),
         dask_cluster(dask_address) as address,
     ):
+        catalog = read_catalog(location, spec.series)
+        latest = catalog.latest_version
+        # a new version (a killed build's is resumed: the same number, nothing was published)
+        draft_spec = spec.at_version(next_version(catalog, spec.version))
+        draft = VersionKeys(draft_spec.data_id)
+        logger.info(
+            "building %s into %s (latest: %s)",
+            draft.stem,
+            location.root,
+            latest.cube if latest else "none published",
+        )
         progress.start("datasets")
         built = build_datasets(
             spec=spec,
@@ -148,47 +160,48 @@ def _build(
             only=only,
             source_mirror=source_mirror,
             cache_dir=cache_dir,
-            store_dir=datasets_dir,
             dask_address=address,
-            bucket_block=bucket_block,  # the sources are staged into it
-            write_into_bucket=write_into_bucket,
+            bucket_block=bucket_block,
+            output_dir=None if bucket_block else str(Path(location.root)),
+            version=draft.cube,
+            latest=latest.cube if latest else None,
+            stage_sources=stage_sources,
             progress=progress_span(progress, progress_id, "datasets", "per-dataset cubes"),
         )
-        progress.start("upload")
-        uploads = [
-            upload_dataset.submit(Path(item.path), location) for item in built if not item.in_bucket
-        ]
-        for done, upload in enumerate(uploads, start=1):
-            upload.result()
-            progress.advance(done / len(uploads), f"upload: {done} of {len(uploads)} uploaded")
-        if not uploads:
-            progress.skip("upload", "written straight into the bucket")
-
-        reused = steps.cube_is_current(location, spec, grid, patch)
-        if reused:
-            logger.info("%s is already current; nothing to rebuild", location.url(spec.data_id))
-            for phase in ("merge", "patch", "verify-staged", "publish"):
-                progress.skip(phase, "the cube is already current")
+        fingerprints = {item.source_id: item.fingerprint for item in built}
+        current = steps.current_version(location, spec, grid, patch, fingerprints)
+        if current:
+            logger.info("%s is already current; nothing to publish", location.url(current.cube))
+            published = spec.at_version(current.version)
+            for phase in ("carry", "merge", "patch", "verify", "publish"):
+                progress.skip(phase, "the latest version is already current")
         else:
+            published = draft_spec
+            carried = {b.source_id: VersionKeys(b.carried_from) for b in built if b.carried_from}
+            if carried:
+                progress.start("carry")
+                carry_unchanged(location, spec, carried, draft)
+            else:
+                progress.skip("carry", "every source was written into this version")
             progress.start("merge")
-            staged = merge_cube(location, spec, grid, patch, address)
+            staged = merge_cube(location, published, grid, patch, address)
             progress.start("patch")
-            patch_cube(location, spec, staged, patch, patch_path)
-            progress.start("verify-staged")
-            verify_staged_cube(location, staged, spec, grid)
-            progress.start("publish")
-            publish_cube(location, spec, staged)
-        progress.start("verify")
-        verify_stored_cube(location, spec.data_id, spec, grid)
+            patch_cube(location, published, staged, patch, patch_path)
+            progress.start("verify")
+            verify_staged_cube(location, staged, published, grid)
         progress.start("report")
-        report = report_cube(location, spec)
+        report = report_cube(location, published)
         progress.start("stac")
-        stac_item = write_stac(location, spec, grid, report.quicklooks)
-    progress.finish(f"{'reused' if reused else 'published'} {spec.data_id}")
+        stac_item = write_stac(location, published, grid, report.quicklooks)
+        if not current:
+            progress.start("publish")
+            publish_cube(location, published, staged, patch)
+    reused = current is not None
+    progress.finish(f"{'reused' if reused else 'published'} {published.data_id}")
     summary = RunSummary(
         title=spec.title,
-        cube_name=spec.data_id,
-        cube_url=location.url(spec.data_id),
+        cube_name=published.data_id,
+        cube_url=location.url(published.data_id),
         resolution=grid.resolution,
         grid_shape=grid.shape,
         datasets=[
@@ -203,16 +216,17 @@ def _build(
         quicklooks=report.quicklooks,
         thumbnails=report.thumbnails,
         report_reused=report.reused,
-        levels_url=location.url(steps.levels_key(spec)),
+        levels_url=location.url(steps.levels_key(published)),
         stac_url=stac_item,
         viewer_url=viewer_url(
-            f"http://127.0.0.1:{VIEWER_PORT}", spec.data_id.removesuffix(".zarr")
+            f"http://127.0.0.1:{VIEWER_PORT}", published.data_id.removesuffix(".zarr")
         ),
-        viewer_command=_view_command(bucket_block, output_dir, spec.data_id),
+        viewer_command=_view_command(bucket_block, output_dir, published.data_id),
     )
     create_result_artifacts(summary, report)
     return BuiltCube(
-        url=location.url(spec.data_id),
+        url=location.url(published.data_id),
+        version=published.version,
         quicklooks=report.quicklooks,
         stac_item=stac_item,
         reused=reused,

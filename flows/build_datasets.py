@@ -13,9 +13,9 @@ from prefect.runtime import flow_run
 from polar_cube import dataset as ds
 from polar_cube.compute import dask_cluster
 from polar_cube.cube.summary import ProgressSpan, progress_text
-from polar_cube.cube.upload import INPUTS_PREFIX
 from polar_cube.flows.artifacts import DATASETS_PROGRESS_KEY, report_span
 from polar_cube.grid import TargetGrid
+from polar_cube.keys import VersionKeys
 from polar_cube.location import StoreLocation
 from polar_cube.sources.fetch import default_cache_dir, needed_files
 from polar_cube.spec import CubeSpec, load_spec
@@ -71,38 +71,43 @@ def build_datasets(
     store_dir: str | None = None,
     dask_address: str | None = None,
     bucket_block: str | None = None,
-    write_into_bucket: bool = False,
+    output_dir: str | None = None,
+    version: str | None = None,
+    latest: str | None = None,
+    stage_sources: bool = False,
     progress: ProgressSpan | None = None,
 ) -> list[BuiltFromSource]:
     """Download every needed source at once, then build the per-dataset cubes one by one
     (one at a time keeps memory bounded; each write is parallel over chunks), on `grid`.
 
-    With `bucket_block` every source is also staged into the bucket's `sources/<id>/`
-    (alongside the builds, which read the local cache). With `write_into_bucket` too, for a
-    cluster that shares nothing with this machine but the bucket, the workers read the
-    staged sources and write each cube straight into `inputs/<id>.zarr` (the caller,
-    `build-cube`, holds the bucket's lock): nothing they read or write is on this disk.
-    `progress`: the part of the parent run's progress these cubes cover (`build-cube`'s
-    progress artifact moves as each one is done).
+    `version` (a cube name `<series>-vX.Y.Z.zarr`): each source's chunks are written straight
+    into that version in the bucket of `bucket_block` (else the folder `output_dir`) as the
+    resampling produces them, its metadata into `<stem>.inputs/` (the caller, `build-cube`,
+    holds the target's lock); a source whose cube in the version `latest` was built from
+    the same inputs is not built again (`carried_from`: `build-cube` copies it or finds the
+    whole cube current). Without `version` (`--datasets-only`), into `store_dir`.
+    `stage_sources`: stage every source into the bucket's `sources/<id>/` first and read it
+    from there (for a cluster that shares nothing with this machine but the bucket).
+    `progress`: the part of the parent run's progress these cubes cover.
     """
     logger = get_run_logger()
     store = Path(store_dir) if store_dir else DEFAULT_STORE
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
     sources = spec.select_sources(only)
-    staging = bucket_location(bucket_block) if bucket_block else None
-    bucket = staging if write_into_bucket else None  # where the cubes go, if not `store`
-    if write_into_bucket and not staging:
-        raise ValueError("write_into_bucket needs a bucket_block")
+    target = _target_location(bucket_block, output_dir) if version else None
+    staging = bucket_location(bucket_block) if stage_sources and bucket_block else None
+    if stage_sources and not staging:
+        raise ValueError("stage_sources needs a bucket_block")
     logger.info(
         "%s: %d source(s) -> %s at %g m (cache %s)",
         spec.data_id,
         len(sources),
-        bucket.url(INPUTS_PREFIX) if bucket else store,
+        target.url(version) if target and version else store,
         grid.resolution,
         cache,
     )
     with (
-        nullcontext() if bucket else TargetLock(StoreLocation.local(store)),
+        nullcontext() if target else TargetLock(StoreLocation.local(store)),
         dask_cluster(dask_address) as address,
     ):
         downloads = [
@@ -118,15 +123,29 @@ def build_datasets(
             description=_datasets_text(cube_name, 0, total),
         )
         built = []
-        for download in staged if bucket else downloads:  # in the bucket: once staged
-            built.append(_build_one(spec, download.result(), grid, store, address, bucket))
+        for download in staged or downloads:  # with staging: once staged
+            fetched = download.result()
+            if target and version:
+                into = ds.InVersion(target, VersionKeys(version), fetched.source.id)
+                earlier = (
+                    ds.InVersion(target, VersionKeys(latest), fetched.source.id) if latest else None
+                )
+            else:
+                into, earlier = ds.dataset_path(store, fetched.source.id), None
+            built.append(_build_one(spec, fetched, grid, into, earlier, address))
             done = len(built)
             text = _datasets_text(cube_name, done, total, built[-1].source_id)
             update_progress_artifact(mine, progress=100.0 * done / total, description=text)
             report_span(progress, done, total, built[-1].source_id)
-        for stage in staged:
-            stage.result()
     return built
+
+
+def _target_location(bucket_block: str | None, output_dir: str | None) -> StoreLocation:
+    if bucket_block:
+        return bucket_location(bucket_block)
+    if not output_dir:
+        raise ValueError("a version is built into a bucket_block or an output_dir")
+    return StoreLocation.local(output_dir)
 
 
 def _datasets_text(cube_name: str, done: int, total: int, latest: str = "") -> str:
@@ -139,20 +158,24 @@ def _build_one(
     spec: CubeSpec,
     fetched: ds.FetchedSource,
     grid: TargetGrid,
-    store: Path,
+    into: Path | ds.InVersion,
+    earlier: ds.InVersion | None,
     dask_address: str | None,
-    bucket: StoreLocation | None,
 ) -> BuiltFromSource:
-    """Convert, resample and write one source's cube unless an identical one exists (in the
-    local store, or in the bucket's `inputs/`)."""
-    source_id = fetched.source.id
-    target = ds.dataset_target(source_id, store, bucket)
-    if ds.dataset_is_current(target, spec, fetched, grid):
-        kept = ds.built_dataset(spec, source_id, target, reused=True)
-        get_run_logger().info("%s is up to date; reusing it", kept.path)
+    """Convert, resample and write one source's cube unless an identical one exists: in
+    `into` (an interrupted run's) or in the `earlier` version (then it is carried over)."""
+    if ds.dataset_is_current(into, spec, fetched, grid):
+        kept = ds.built_dataset(spec, fetched, into, grid, reused=True)
+        get_run_logger().info("%s: %s is up to date; reusing it", fetched.source.id, kept.path)
+        return BuiltFromSource(**asdict(kept), downloaded=fetched.downloaded)
+    if earlier and ds.dataset_is_current(earlier, spec, fetched, grid):
+        kept = ds.built_dataset(
+            spec, fetched, into, grid, reused=True, carried_from=earlier.keys.cube
+        )
+        get_run_logger().info("%s: unchanged since %s", fetched.source.id, earlier.keys.stem)
         return BuiltFromSource(**asdict(kept), downloaded=fetched.downloaded)
     converted = convert_source(spec, fetched)
     dataset = resample_source(spec, fetched, converted, grid)
-    write_dataset(dataset, target, grid, dask_address)
-    made = ds.built_dataset(spec, source_id, target, reused=False)
+    write_dataset(dataset, into, grid, dask_address)
+    made = ds.built_dataset(spec, fetched, into, grid, reused=False)
     return BuiltFromSource(**asdict(made), downloaded=fetched.downloaded)

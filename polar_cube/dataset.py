@@ -18,7 +18,7 @@ import pandas as pd
 import xarray as xr
 
 from polar_cube.grid import TargetGrid
-from polar_cube.keys import input_key
+from polar_cube.keys import VersionKeys
 from polar_cube.location import StoreLocation
 from polar_cube.rasterize import PolygonLayer, rasterize_layer, read_polygons
 from polar_cube.resample import resample_layer
@@ -29,12 +29,13 @@ from polar_cube.version import software_version
 from polar_cube.zarr_store import (
     CF_CONVENTIONS,
     FINGERPRINT_ATTR,
+    SplitTarget,
     add_grid_coords,
     sibling_levels,
     stored_fingerprint,
     stored_levels_fingerprint,
     write_zarr_atomically,
-    write_zarr_in_place,
+    write_zarr_split,
 )
 
 Layer = SourceLayer | PolygonLayer
@@ -194,59 +195,82 @@ def describe_dataset(
 
 
 @dataclass(frozen=True)
+class InVersion:
+    """A source's cube inside a cube version being built: its metadata (attributes,
+    statistics, fingerprint) at `<stem>.inputs/<id>.zarr`, its chunks in the version's
+    cube and levels, where they stay (`keys.VersionKeys`)."""
+
+    location: StoreLocation
+    keys: VersionKeys
+    source_id: str
+
+    @property
+    def metadata(self) -> StoreLocation:
+        return self.location.child(self.keys.input_key(self.source_id))
+
+    @property
+    def chunks(self) -> SplitTarget:
+        return SplitTarget(
+            self.location.child(self.keys.cube), self.location.child(self.keys.levels)
+        )
+
+    @property
+    def url(self) -> str:
+        return self.location.url(self.keys.cube)
+
+
+@dataclass(frozen=True)
 class BuiltDataset:
     source_id: str
-    path: str  # a local folder, or `<root>/inputs/<id>.zarr` when written into the bucket
+    path: str  # a local folder (`--datasets-only`), or the version's cube it was written into
     variables: list[str]
     reused: bool
-    in_bucket: bool = False
+    fingerprint: str = ""
+    carried_from: str | None = None  # unchanged: its chunks are in this earlier version
 
 
 def dataset_path(store: Path, source_id: str) -> Path:
     return Path(store) / f"{source_id}.zarr"
 
 
-def dataset_target(
-    source_id: str, store: Path, bucket: StoreLocation | None = None
-) -> Path | StoreLocation:
-    """Where a source's cube is written: the local store, or straight into the bucket's
-    `inputs/<id>.zarr` (for workers that share nothing with this machine but the bucket)."""
-    return bucket.child(input_key(source_id)) if bucket else dataset_path(store, source_id)
-
-
 def built_dataset(
-    spec: CubeSpec, source_id: str, target: Path | StoreLocation, *, reused: bool
+    spec: CubeSpec,
+    fetched: FetchedSource,
+    target: Path | InVersion,
+    grid: TargetGrid,
+    *,
+    reused: bool,
+    carried_from: str | None = None,
 ) -> BuiltDataset:
-    """What a build of `source_id` into `target` made (or found current and kept)."""
-    in_bucket = isinstance(target, StoreLocation)
+    """What a build of `fetched` into `target` made (or found current and kept)."""
+    source_id = fetched.source.id
     return BuiltDataset(
         source_id,
-        target.root if in_bucket else str(target),
+        target.url if isinstance(target, InVersion) else str(target),
         [v.name for v in spec.variables_of(source_id)],
         reused=reused,
-        in_bucket=in_bucket,
+        fingerprint=dataset_fingerprint(spec, fetched, grid),
+        carried_from=carried_from,
     )
 
 
 def dataset_is_current(
-    target: Path | StoreLocation, spec: CubeSpec, fetched: FetchedSource, grid: TargetGrid
+    target: Path | InVersion, spec: CubeSpec, fetched: FetchedSource, grid: TargetGrid
 ) -> bool:
-    """A complete cube at `target` (a local folder or a bucket location), and its levels,
-    were built from exactly these inputs: reuse them."""
+    """A complete cube at `target` (a local folder, or a source's part of a version), and
+    its levels, were built from exactly these inputs: reuse them."""
     fingerprint = dataset_fingerprint(spec, fetched, grid)
-    if isinstance(target, Path):
-        target = StoreLocation.local(target)
+    metadata = target.metadata if isinstance(target, InVersion) else StoreLocation.local(target)
     return (
-        stored_fingerprint(target) == fingerprint
-        and stored_levels_fingerprint(sibling_levels(target)) == fingerprint
+        stored_fingerprint(metadata) == fingerprint
+        and stored_levels_fingerprint(sibling_levels(metadata)) == fingerprint
     )
 
 
-def write_dataset(
-    dataset: xr.Dataset, target: Path | StoreLocation, grid: TargetGrid
-) -> Path | StoreLocation:
-    """The writing pass: the cube at `target`, its statistics, and its `.levels` sibling;
-    into a local folder (swapped in whole) or straight into a bucket (markers last)."""
-    if isinstance(target, StoreLocation):
-        return write_zarr_in_place(dataset, target, grid.chunk_size)
-    return write_zarr_atomically(dataset, target, grid.chunk_size)
+def write_dataset(dataset: xr.Dataset, target: Path | InVersion, grid: TargetGrid) -> None:
+    """The writing pass: the cube, its statistics and its `.levels`; into a local folder
+    (swapped in whole), or straight into a version being built (its metadata markers last)."""
+    if isinstance(target, InVersion):
+        write_zarr_split(dataset, target.metadata, target.chunks, grid.chunk_size)
+    else:
+        write_zarr_atomically(dataset, target, grid.chunk_size)

@@ -3,6 +3,8 @@ key names: the one place that spells object keys."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from polar_cube.levels import ZLEVELS, levels_name
 
 INPUTS_PREFIX = "inputs"
@@ -31,3 +33,50 @@ def metadata_order(key: str) -> tuple[int, int, str]:
     name = key.rsplit("/", 1)[-1]
     rank = {".zmetadata": 1, ZLEVELS: 2}.get(name, 0)
     return rank, -key.count("/"), key
+
+
+@dataclass(frozen=True)
+class VersionKeys:
+    """Every key of one cube version, named by its cube `<series>-v<version>.zarr`:
+
+    <stem>.zarr            the cube; each build writes its chunks here, once
+    <stem>.levels/         its overview levels (chunks written in the same pass)
+    <stem>.inputs/<id>.zarr, <id>.levels/
+                           each source's per-dataset metadata (attributes, statistics,
+                           fingerprint; no chunks: those are in the cube and its levels)
+    <stem>.quicklooks/     PNGs, stats.json, summary.md
+    <stem>.stac-item.json  the STAC item
+    """
+
+    cube: str
+
+    @property
+    def stem(self) -> str:
+        return self.cube.removesuffix(".zarr")
+
+    @property
+    def levels(self) -> str:
+        return levels_name(self.cube)
+
+    @property
+    def inputs(self) -> str:
+        return f"{self.stem}.inputs"
+
+    @property
+    def quicklooks(self) -> str:
+        return f"{self.stem}.quicklooks"
+
+    @property
+    def stac_item(self) -> str:
+        return f"{self.stem}.stac-item.json"
+
+    def input_key(self, source_id: str) -> str:
+        """The per-dataset metadata of a source in this version."""
+        return f"{self.inputs}/{source_id}.zarr"
+
+    def input_levels_key(self, source_id: str) -> str:
+        return f"{self.inputs}/{levels_name(f'{source_id}.zarr')}"
+
+    def all_keys(self) -> tuple[str, ...]:
+        """Everything of this version, for removing it whole."""
+        return (self.cube, self.levels, self.inputs, self.quicklooks, self.stac_item)

@@ -381,6 +381,19 @@ class CubeSpec(_Strict):
         needed = {known[n].source for n in variable_names}
         return [s for s in self.sources if s.id in needed]
 
+    @property
+    def series(self) -> str:
+        """The cube's name without its version: `polar-100m-1x2048x2048` for
+        `polar-100m-1x2048x2048-v1.1.0.zarr` (every version of it shares the series)."""
+        stem = self.data_id.removesuffix(".zarr")
+        return stem.removesuffix(f"-v{self.version}")
+
+    def at_version(self, version: str) -> CubeSpec:
+        """This spec as published as `version`: `<series>-v<version>.zarr`."""
+        return self.model_copy(
+            update={"data_id": f"{self.series}-v{version}.zarr", "version": version}
+        )
+
     def at_resolution(self, resolution: float | None) -> CubeSpec:
         """This spec on a grid of `resolution` metres (None: its own), its `data_id` naming
         that resolution, so that cubes of different resolutions never share a name:

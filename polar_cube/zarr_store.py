@@ -13,6 +13,7 @@ import json
 import math
 import shutil
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import dask
@@ -174,13 +175,18 @@ def write_zarr(
     levels: StoreLocation,
     chunk_size: int,
     cube_name: str | None = None,
+    chunks: SplitTarget | None = None,
 ) -> None:
     """The writing pass, on the current dask scheduler (see `polar_cube.compute.dask_compute`):
     the cube at `cube` (zarr 2, consolidated, float32, NaN fill, empty chunks not stored) with
     each variable's statistics, and its overview levels at `levels`, whose `0.link` names
     `cube_name` (default: the cube's own name). Local folders or bucket prefixes: the dask
     workers write the chunks there themselves. The levels' `.zlevels` and then the cube's
-    consolidated metadata are written last: they mark the two complete."""
+    consolidated metadata are written last: they mark the two complete.
+
+    With `chunks` the chunk objects go to `chunks.cube` and `chunks.levels` instead (a
+    version's cube and levels, under the same keys), and `cube`/`levels` get only the
+    metadata."""
     dataset = rechunk_for_writing(dataset, chunk_size)
     layers = {
         name: dataset[name].data.astype("float32")
@@ -191,11 +197,13 @@ def write_zarr(
     if others:  # only (…, y, x) layers are written block by block
         raise ValueError(f"{cube.root}: {', '.join(others)}: not a (y, x) or (time, y, x) layer")
     _create_arrays(dataset, cube, encoding_for(dataset, chunk_size), consolidated=False)
+    chunk_cube = chunks.cube if chunks else cube
     stats = {
-        name: _store_blocks(data, cube.child(name), chunk_size, True)
+        name: _store_blocks(data, chunk_cube.child(name), chunk_size, True)
         for name, data in layers.items()
     }
-    level_writes, record = _plan_levels(dataset, layers, levels, chunk_size)
+    level_chunks = chunks.levels if chunks else levels
+    level_writes, record = _plan_levels(dataset, layers, levels, chunk_size, level_chunks)
     block_rows, _ = dask.compute(stats, level_writes)
     name = cube_name or cube.root.rstrip("/").rsplit("/", 1)[-1]
     levels.fs.pipe_file(levels.path(LINK), link_text(name).encode())
@@ -293,10 +301,11 @@ def _plan_levels(
     layers: dict[str, da.Array],
     levels: StoreLocation,
     chunk_size: int,
+    level_chunks: StoreLocation,
 ) -> tuple[list[da.Array], dict]:
-    """Create levels 1… at `levels` and return the tasks that fill them, each level halved
-    from the blocks of the one above (level 1 from the cube's blocks), and the `.zlevels`
-    record."""
+    """Create levels 1… at `levels` and return the tasks that fill them (their chunks under
+    `level_chunks`), each level halved from the blocks of the one above (level 1 from the
+    cube's blocks), and the `.zlevels` record."""
     methods = {name: agg_method(dataset[name].attrs) for name in layers}
     count = level_count((dataset.sizes["y"], dataset.sizes["x"]))
     tile = level_chunk_size(chunk_size)
@@ -306,8 +315,10 @@ def _plan_levels(
         level_dataset = _level_dataset(dataset, current, level)
         where = levels.child(level_name(level))
         _create_arrays(level_dataset, where, encoding_for(level_dataset, tile))
+        chunks_at = level_chunks.child(level_name(level))
         writes += [
-            _store_blocks(data, where.child(name), tile, False) for name, data in current.items()
+            _store_blocks(data, chunks_at.child(name), tile, False)
+            for name, data in current.items()
         ]
     fingerprint = dataset.attrs.get(FINGERPRINT_ATTR)
     return writes, levels_record(count, methods, fingerprint)
@@ -401,6 +412,48 @@ def write_zarr_in_place(dataset: xr.Dataset, target: StoreLocation, chunk_size: 
             where.fs.rm(where.path(), recursive=True)
     write_zarr(dataset, target, levels, chunk_size)
     return target
+
+
+@dataclass(frozen=True)
+class SplitTarget:
+    """Where the chunk objects of a per-dataset cube go when its metadata is kept apart:
+    a cube version (`cube`) and its overview levels (`levels`), shared by every source."""
+
+    cube: StoreLocation
+    levels: StoreLocation
+
+
+def write_zarr_split(
+    dataset: xr.Dataset, metadata: StoreLocation, chunks: SplitTarget, chunk_size: int
+) -> StoreLocation:
+    """Write `dataset`'s chunks (and its levels' chunks) straight into a cube version and
+    its metadata at `metadata` (a `<id>.zarr` prefix, its levels next to it): the dataset's
+    metadata markers go first, then its variables' old chunks (an interrupted or outdated
+    write), then everything is written, markers last. Other sources' variables in the same
+    version are never touched."""
+    levels = sibling_levels(metadata)
+    for marker in (metadata.child(".zmetadata"), levels.child(ZLEVELS)):
+        if marker.exists():
+            marker.fs.rm_file(marker.path())
+    old = [metadata, levels]
+    names = [str(n) for n, v in dataset.data_vars.items() if v.dims[-2:] == ("y", "x")]
+    for name in names:
+        old.append(chunks.cube.child(name))
+        old += [chunks.levels.child(level_name(k), name) for k in range(1, _level_count(dataset))]
+    for where in old:
+        if where.exists():
+            where.fs.rm(where.path(), recursive=True)
+    if chunks.cube.is_local:  # the chunk writer writes files into existing folders
+        for name in names:
+            Path(chunks.cube.path(name)).mkdir(parents=True, exist_ok=True)
+            for k in range(1, _level_count(dataset)):
+                Path(chunks.levels.path(level_name(k), name)).mkdir(parents=True, exist_ok=True)
+    write_zarr(dataset, metadata, levels, chunk_size, chunks=chunks)
+    return metadata
+
+
+def _level_count(dataset: xr.Dataset) -> int:
+    return level_count((dataset.sizes["y"], dataset.sizes["x"]))
 
 
 def replace_directory(new: Path, target: Path) -> None:

@@ -1,4 +1,4 @@
-"""Upload, merge, patch, verify, publish and report: thin tasks over `polar_cube.cube.target`.
+"""Carry, merge, patch, verify, publish and report: thin tasks over `polar_cube.cube.target`.
 
 The tasks create no artifacts: `build-cube` makes the run's artifacts from what they return,
 in its own body, so that they belong to the parent flow run (`polar_cube.flows.artifacts`).
@@ -16,18 +16,19 @@ from prefect.cache_policies import NO_CACHE
 
 from polar_cube.compute import dask_compute
 from polar_cube.cube import target as steps
+from polar_cube.cube.carry import carry_sources
 from polar_cube.cube.report import CubeReport, current_report
 from polar_cube.cube.stac import cube_stac_item, write_stac_item
-from polar_cube.cube.upload import UploadResult, upload_cube
 from polar_cube.cube.verify import (
     CubeCheckError,
     check_store_layout,
     verify_cube,
     verify_levels,
 )
+from polar_cube.cube.versions import PublishedVersion
 from polar_cube.errors import writing_to
 from polar_cube.grid import TargetGrid
-from polar_cube.levels import levels_name
+from polar_cube.keys import VersionKeys
 from polar_cube.location import StoreLocation
 from polar_cube.spec import CubeSpec
 from polar_cube.storage import reaching_storage
@@ -43,27 +44,28 @@ def _writing(location: StoreLocation, url: str) -> Iterator[None]:
 
 
 @task(
-    task_run_name="upload-{cube.name}",
+    task_run_name="carry-into-{into.stem}",
     retries=2,
     retry_delay_seconds=10,
     retry_condition_fn=retry_if_transient,
     cache_policy=NO_CACHE,
 )
-def upload_dataset(cube: Path, location: StoreLocation) -> UploadResult:
-    """Copy one per-dataset cube into the target's `inputs/` and check it (skip if there)."""
+def carry_unchanged(
+    location: StoreLocation, spec: CubeSpec, origins: dict[str, VersionKeys], into: VersionKeys
+) -> int:
+    """Copy the unchanged sources' objects from the versions that have them (server-side)."""
     started = time.monotonic()
-    with _writing(location, location.url("inputs", cube.name)):
-        result = upload_cube(cube, location)
-    what = "already there, skipped" if result.skipped else "uploaded and checked"
+    with _writing(location, location.url(into.cube)):
+        copied = carry_sources(location, spec, origins, into)
     get_run_logger().info(
-        "%s: %d files, %.1f MB %s in %.1f s",
-        result.url,
-        result.files,
-        result.bytes / 1e6,
-        what,
+        "%s: %d unchanged source(s) (%s), %d chunk objects copied in %.1f s",
+        location.url(into.cube),
+        len(origins),
+        ", ".join(f"{s} from {k.stem}" for s, k in origins.items()),
+        copied,
         time.monotonic() - started,
     )
-    return result
+    return copied
 
 
 @task(
@@ -79,15 +81,15 @@ def merge_cube(
     patch: dict,
     dask_address: str | None = None,
 ) -> steps.StagedCube:
-    """Merge the per-dataset cubes into a staged cube and its overview levels."""
+    """Merge the version's per-dataset cubes into its cube and overview levels (metadata)."""
     started = time.monotonic()
-    with _writing(location, location.url(".staging")), dask_compute(dask_address):
+    with _writing(location, location.url(spec.data_id)), dask_compute(dask_address):
         staged = steps.stage_merged_cube(location, spec, grid, patch)
     get_run_logger().info(
         "%s and %s %s in %.1f s",
         location.url(staged.key),
         location.url(staged.levels_key),
-        "reused (complete from an earlier run)" if staged.reused else "merged",
+        "reused (merged by an earlier run)" if staged.reused else "merged",
         time.monotonic() - started,
     )
     return staged
@@ -102,7 +104,7 @@ def merge_cube(
 def patch_cube(
     location: StoreLocation, spec: CubeSpec, staged: steps.StagedCube, patch: dict, patch_path: str
 ) -> bool:
-    """Apply the patch file to the staged cube (once)."""
+    """Apply the patch file to the merged cube (once)."""
     with _writing(location, location.url(staged.key)):
         applied = steps.patch_staged_cube(location, staged, patch, patch_path)
     get_run_logger().info(
@@ -129,21 +131,12 @@ def _check_cube_and_levels(
     )
 
 
-@task(task_run_name="verify-{key}", cache_policy=NO_CACHE)
-def verify_stored_cube(location: StoreLocation, key: str, spec: CubeSpec, grid: TargetGrid) -> None:
-    """Reopen the cube and its overview levels from the store and check them."""
-    _check_cube_and_levels(location, key, levels_name(key), spec, grid)
-    get_run_logger().info(
-        "%s and its levels match the spec (%d variables)", location.url(key), len(spec.variables)
-    )
-
-
 @task(task_run_name="verify-{staged.key}", cache_policy=NO_CACHE)
 def verify_staged_cube(
     location: StoreLocation, staged: steps.StagedCube, spec: CubeSpec, grid: TargetGrid
 ) -> None:
-    """Check the staged cube and levels before anyone can see them; failing ones are
-    discarded."""
+    """Check the merged cube and levels before they are published; failing ones are
+    unmarked (merged again by the next run)."""
     try:
         _check_cube_and_levels(location, staged.key, staged.levels_key, spec, grid)
     except CubeCheckError:
@@ -163,13 +156,20 @@ def verify_staged_cube(
     retry_condition_fn=retry_if_transient,
     cache_policy=NO_CACHE,
 )
-def publish_cube(location: StoreLocation, spec: CubeSpec, staged: steps.StagedCube) -> str:
-    """Swap the staged cube and levels in under the published name."""
+def publish_cube(
+    location: StoreLocation, spec: CubeSpec, staged: steps.StagedCube, patch: dict
+) -> PublishedVersion:
+    """Point `latest` at the new version: one write of the catalog."""
     started = time.monotonic()
-    with _writing(location, location.url(spec.data_id)):
-        url = steps.publish_staged_cube(location, spec, staged)
-    get_run_logger().info("published %s in %.1f s", url, time.monotonic() - started)
-    return url
+    with _writing(location, location.url(spec.series)):
+        published = steps.publish_staged_cube(location, spec, staged, patch)
+    get_run_logger().info(
+        "published %s as latest of %s in %.2f s",
+        location.url(published.cube),
+        spec.series,
+        time.monotonic() - started,
+    )
+    return published
 
 
 @task(task_run_name="report-{spec.data_id}", cache_policy=NO_CACHE)
@@ -193,7 +193,7 @@ def report_cube(location: StoreLocation, spec: CubeSpec) -> CubeReport:
 def write_stac(
     location: StoreLocation, spec: CubeSpec, grid: TargetGrid, quicklooks: list[str]
 ) -> str:
-    """A validated STAC item for the published cube, next to it."""
+    """A validated STAC item for the version's cube, next to it."""
     cube = steps.open_cube(location, spec.data_id)
     item = cube_stac_item(cube, spec, grid, location.url(spec.data_id), quicklook_urls=quicklooks)
     with _writing(location, location.url(steps.stac_key(spec))):

@@ -19,7 +19,7 @@ from polar_cube.location import StoreLocation
 from polar_cube.sources.staging import stage_source
 from polar_cube.spec import CubeSpec
 from polar_cube.tasks.retry import retry_if_transient
-from polar_cube.zarr_store import levels_path, sibling_levels
+from polar_cube.zarr_store import levels_path
 
 
 @task(
@@ -77,8 +77,9 @@ def resample_source(
 
 def _write_run_name() -> str:
     target = task_run.parameters["target"]
-    name = target.name if isinstance(target, Path) else target.root.rsplit("/", 1)[-1]
-    return f"write-{name}"
+    if isinstance(target, Path):
+        return f"write-{target.name}"
+    return f"write-{target.source_id}-into-{target.keys.stem}"
 
 
 @task(
@@ -89,25 +90,26 @@ def _write_run_name() -> str:
 )
 def write_dataset(
     dataset: xr.Dataset,
-    target: Path | StoreLocation,
+    target: Path | ds.InVersion,
     grid: TargetGrid,
     dask_address: str | None = None,
-) -> Path | StoreLocation:
+) -> None:
     """The chunked work happens here (on the dask cluster at `dask_address`, if given): one
     pass writes the cube, its statistics and its overview levels, into a local folder or
-    straight into the bucket (`target` a StoreLocation)."""
+    straight into a version being built (`target` an `InVersion`: its chunks are PUT as the
+    resampling produces them)."""
     started = time.monotonic()
-    where = str(target) if isinstance(target, Path) else target.root
+    where = str(target) if isinstance(target, Path) else target.url
     with writing_to(where), dask_compute(dask_address):
         ds.write_dataset(dataset, target, grid)
-    if isinstance(target, StoreLocation):
+    if isinstance(target, ds.InVersion):
         get_run_logger().info(
-            "wrote %s and %s in %.1f s",
-            target.root,
-            sibling_levels(target).root.rsplit("/", 1)[-1],
+            "wrote %s's chunks into %s and its levels in %.1f s",
+            target.source_id,
+            target.url,
             time.monotonic() - started,
         )
-        return target
+        return
     levels = levels_path(target)
     get_run_logger().info(
         "wrote %s (%.1f MB) and %s (%.1f MB) in %.1f s",
@@ -117,7 +119,6 @@ def write_dataset(
         _size(levels) / 1e6,
         time.monotonic() - started,
     )
-    return target
 
 
 def _size(folder: Path) -> int:

@@ -1,15 +1,13 @@
-"""Merge the per-dataset cubes into one cube: same grid and chunk encoding or a clear
-refusal, one CF grid mapping.
+"""Merge the per-dataset cubes of a version into one cube: same grid and chunk encoding or a
+clear refusal, one CF grid mapping.
 
-The inputs share the grid, chunk shape, dtype, fill value and codec, so the merged cube's
-chunks are the inputs' stored chunk objects under the same keys: no chunk is ever decoded.
-In a local folder they are hard-linked into the staged cube. In an object store, where every
-copy moves the bytes, the staged cube holds only its metadata and coordinates, and a list
-next to it says where each chunk comes from (`publish.chunk_sources_key`); publishing copies
-each chunk once, from its input straight to the published cube. Their overview levels
-(`inputs/<source id>.levels/<k>.zarr`) are merged the same way, level by level.
-`merge_inputs` describes the merged cube as a lazy dataset (what the copy must equal, value
-for value).
+Every source's build wrote its chunk objects straight into the version's cube and levels
+(`keys.VersionKeys`), under the keys the merged cube reads them from, and its metadata into
+`<stem>.inputs/<id>.zarr`. Merging therefore moves no chunk: it checks the inputs' metadata
+(grid, chunks, dtype, fill value, codec, time axis) and writes the merged cube's metadata
+(coordinates, each variable's `.zarray`/`.zattrs`, the group's attributes) next to the
+chunks, level by level. `merge_inputs` describes the merged cube as a lazy dataset (what the
+cube must equal, value for value).
 """
 
 from __future__ import annotations
@@ -17,7 +15,6 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
-import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,10 +22,9 @@ import xarray as xr
 import zarr
 from pyproj import CRS
 
-from polar_cube.cube.publish import chunk_sources_key, copy_objects
 from polar_cube.errors import PolarCubeError
 from polar_cube.grid import TargetGrid, outline_lonlat
-from polar_cube.keys import input_key, input_levels_key
+from polar_cube.keys import VersionKeys
 from polar_cube.levels import (
     FINGERPRINT_KEY,
     LINK,
@@ -44,7 +40,7 @@ from polar_cube.levels import (
     link_text,
     read_record,
 )
-from polar_cube.location import StoreLocation, remote_files
+from polar_cube.location import StoreLocation
 from polar_cube.spec import CubeSpec
 from polar_cube.version import software_version
 from polar_cube.zarr_store import _COMPRESSOR as CUBE_COMPRESSOR
@@ -62,44 +58,54 @@ LEFTOVERS = ("spatial_ref",)
 # What the merge itself adds to the inputs' metadata; part of the merged cube's fingerprint,
 # so that a published cube with other attributes is republished.
 MERGED_LAYOUT = "CF-1.8 (typed flag_values and NCZarr hints, x/y/time axis, int32 time)"
-COPY_BATCH = 256  # chunk objects per copy call
 
 
 class MergeError(PolarCubeError, ValueError):
     """Inputs that cannot be merged; the message names the input and what differs."""
 
 
-def source_zarr_key(source_id: str, level: int = 0) -> str:
-    """The input cube (level 0) or its overview level `level`."""
+def source_zarr_key(keys: VersionKeys, source_id: str, level: int = 0) -> str:
+    """A source's metadata in the version (level 0) or that of its overview level `level`."""
     if level == 0:
-        return input_key(source_id)
-    return f"{input_levels_key(source_id)}/{level_name(level)}"
+        return keys.input_key(source_id)
+    return f"{keys.input_levels_key(source_id)}/{level_name(level)}"
 
 
-def open_inputs(location: StoreLocation, spec: CubeSpec) -> dict[str, xr.Dataset]:
-    """Open `<root>/inputs/<source id>.zarr` for every source of the spec, lazily, after
-    checking that its complete overview levels from the same build are next to it."""
+def open_inputs(
+    location: StoreLocation, spec: CubeSpec, keys: VersionKeys
+) -> dict[str, xr.Dataset]:
+    """Open every source's metadata in the version `keys` (`<stem>.inputs/<id>.zarr`),
+    lazily, after checking that its complete overview levels from the same build are next
+    to it. Only metadata and coordinates are read: the chunks are in the version's cube."""
     inputs = {}
     for source in spec.sources:
-        key = input_key(source.id)
+        key = keys.input_key(source.id)
         if not location.exists(key, ".zmetadata"):
             raise MergeError(
-                f"{location.url(key)}: missing or incomplete; build and upload it first "
+                f"{location.url(key)}: missing or incomplete; build it first "
                 "(`polar-cube build` without --only)"
             )
         inputs[key] = xr.open_zarr(location.mapper(key), consolidated=True, chunks={})
         fingerprint = inputs[key].attrs.get(FINGERPRINT_ATTR)
-        levels_key = input_levels_key(source.id)
+        levels_key = keys.input_levels_key(source.id)
         if (
             fingerprint is None
             or read_levels_record(location, levels_key).get(FINGERPRINT_KEY) != fingerprint
         ):
             raise MergeError(
                 f"{location.url(levels_key)}: overview levels missing, incomplete or not "
-                f"from the build of {location.url(key)}; build and upload it again "
+                f"from the build of {location.url(key)}; build it again "
                 "(`polar-cube build` without --only)"
             )
     return inputs
+
+
+def input_fingerprints(inputs: dict[str, xr.Dataset]) -> dict[str, str | None]:
+    """{source id: fingerprint of its per-dataset cube}."""
+    return {
+        ds.attrs.get("polar_cube_source_id", name): ds.attrs.get(FINGERPRINT_ATTR)
+        for name, ds in inputs.items()
+    }
 
 
 def read_levels_record(location: StoreLocation, levels_key: str) -> dict:
@@ -185,76 +191,65 @@ class StoredVariable:
         return self.zattrs["_ARRAY_DIMENSIONS"]
 
 
-def copy_merged_cube(
+def write_merged_cube(
     location: StoreLocation,
-    key: str,
+    keys: VersionKeys,
     inputs: dict[str, xr.Dataset],
     spec: CubeSpec,
     grid: TargetGrid,
-) -> int:
-    """Write the merged cube at `key` (not there yet) from the inputs' stored chunk objects,
-    copied (or, on an object store, listed to be copied by the publish) under the same keys
-    without decoding them; returns how many.
-
-    Order: coordinates and `crs`, every chunk, each variable's metadata, the group's
+) -> None:
+    """Write the merged cube's metadata at `keys.cube`, next to the chunks the sources'
+    builds wrote there: coordinates and `crs`, each variable's metadata, the group's
     attributes. It is left unconsolidated and without the fingerprint attribute: whoever
-    calls this marks it complete afterwards (`cube.mark_complete`).
-    """
+    calls this marks it complete afterwards (`target.mark_complete`)."""
     check_same_grid(inputs, grid)
-    sources = _copy_zarr(location, key, inputs, spec, grid, level=0)
-    _record_chunk_sources(location, key, sources)
+    _write_metadata(location, keys.cube, keys, inputs, spec, grid, level=0)
     attrs = cube_attributes(spec, grid, inputs)
     del attrs[FINGERPRINT_ATTR]  # the completion marker comes last
-    location.fs.pipe_file(location.path(key, ".zattrs"), _json(attrs))
-    return len(sources)
+    location.fs.pipe_file(location.path(keys.cube, ".zattrs"), _json(attrs))
 
 
-def copy_merged_levels(
+def write_merged_levels(
     location: StoreLocation,
-    key: str,
+    keys: VersionKeys,
     inputs: dict[str, xr.Dataset],
     spec: CubeSpec,
     grid: TargetGrid,
     fingerprint: str,
-) -> int:
-    """Write the merged overview levels at `key` (not there yet) from the inputs' levels,
-    their chunk objects linked or listed like `copy_merged_cube`'s; returns how many.
+) -> None:
+    """Write the merged overview levels' metadata at `keys.levels`, next to their chunks.
 
-    Each level is written and consolidated in turn, then `0.link` (to the published cube),
-    and last `.zlevels` with `fingerprint`: it marks the levels complete.
+    Each level is written and consolidated in turn, then `0.link` (to the cube), and last
+    `.zlevels` with `fingerprint`: it marks the levels complete.
     """
     check_same_grid(inputs, grid)
-    count, sources, methods = level_count(grid.shape), {}, {}
+    count, methods = level_count(grid.shape), {}
     for level in range(1, count):
-        target = f"{key}/{level_name(level)}"
-        in_level = _copy_zarr(location, target, inputs, spec, grid, level)
-        sources.update({f"{level_name(level)}/{k}": v for k, v in in_level.items()})
+        target = f"{keys.levels}/{level_name(level)}"
+        _write_metadata(location, target, keys, inputs, spec, grid, level)
         location.fs.pipe_file(
             location.path(target, ".zattrs"), _json(cube_attributes(spec, grid, inputs))
         )
         zarr.consolidate_metadata(location.mapper(target), zarr_format=2)
-    _record_chunk_sources(location, key, sources)
     for variable in spec.variables:
         methods[variable.name] = agg_method(variable.attrs)
-    location.fs.pipe_file(location.path(key, LINK), link_text(spec.data_id).encode())
+    location.fs.pipe_file(location.path(keys.levels, LINK), link_text(keys.cube).encode())
     record = levels_record(count, methods, fingerprint)
-    location.fs.pipe_file(location.path(key, ZLEVELS), encode_record(record))
-    return len(sources)
+    location.fs.pipe_file(location.path(keys.levels, ZLEVELS), encode_record(record))
 
 
-def _copy_zarr(
+def _write_metadata(
     location: StoreLocation,
     key: str,
+    keys: VersionKeys,
     inputs: dict[str, xr.Dataset],
     spec: CubeSpec,
     grid: TargetGrid,
     level: int,
-) -> dict[str, list]:
-    """Coordinates and `crs`, every chunk, each variable's metadata of the merged `level`;
-    returns the chunks' sources (see `_copy_chunks`)."""
-    variables = stored_variables(location, inputs, spec, grid, level)
+) -> None:
+    """Coordinates and `crs`, then each variable's metadata of the merged `level` at `key`."""
+    variables = stored_variables(location, keys, inputs, spec, grid, level)
     _write_coordinates(location, key, inputs, variables, grid, level)
-    sources = _copy_chunks(location, key, variables)
     location.fs.pipe(
         {
             location.path(key, variable.name, name): _json(metadata)
@@ -262,11 +257,11 @@ def _copy_zarr(
             for name, metadata in ((".zarray", variable.zarray), (".zattrs", variable.zattrs))
         }
     )
-    return sources
 
 
 def stored_variables(
     location: StoreLocation,
+    keys: VersionKeys,
     inputs: dict[str, xr.Dataset],
     spec: CubeSpec,
     grid: TargetGrid,
@@ -275,12 +270,12 @@ def stored_variables(
     """Every spec variable as stored in its source's input (or its overview `level`).
     MergeError unless each is there, stored with the cube's chunks, dtype, fill value and
     codec (and, for a level, its shape), on the same time axis."""
-    keys = {source_zarr_key(v.source, level) for v in spec.variables}
-    metadata = {key: _consolidated_metadata(location, key) for key in sorted(keys)}
+    wanted = {source_zarr_key(keys, v.source, level) for v in spec.variables}
+    metadata = {key: _consolidated_metadata(location, key) for key in sorted(wanted)}
     gdal_crs = {"wkt": grid.pyproj_crs.to_wkt()}
     variables, missing, problems = [], [], []
     for variable in spec.variables:
-        key = source_zarr_key(variable.source, level)
+        key = source_zarr_key(keys, variable.source, level)
         zarray = metadata[key].get(f"{variable.name}/.zarray")
         if zarray is None:
             missing.append(f"{variable.name} (in {key})")
@@ -397,57 +392,39 @@ def _write_coordinates(
     if level:
         on_level = level_coords(dataset["x"], dataset["y"], dataset[GRID_MAPPING], level)
         dataset = on_level.assign_coords({name: dataset[name] for name in coords})
+    write_zarr_metadata(location, key, dataset, encoding_for(dataset, grid.chunk_size))
+
+
+def write_zarr_metadata(
+    location: StoreLocation, key: str, dataset: xr.Dataset, encoding: dict
+) -> None:
+    """Write `dataset` (small: coordinates) as zarr 2 at `key` without removing anything
+    there (xarray's `mode="w"` would delete the chunks the builds wrote): rendered in memory,
+    then its objects written one by one."""
+    rendered: dict = {}
     dataset.to_zarr(
-        location.mapper(key),
+        zarr.storage.MemoryStore(rendered),
         mode="w",
         zarr_format=2,
         consolidated=False,
-        encoding=encoding_for(dataset, grid.chunk_size),
+        encoding=encoding,
         write_empty_chunks=False,
     )
-
-
-def _copy_chunks(
-    location: StoreLocation, key: str, variables: list[StoredVariable]
-) -> dict[str, list]:
-    """{chunk key below `key`: [source object path, size]} of every stored chunk object of
-    `variables`; in a local folder they are also linked there now (see the module's doc)."""
-    sources: dict[str, list] = {}
-    for source_key in dict.fromkeys(v.input_key for v in variables):
-        source = location.path(source_key)
-        stored = remote_files(location, source_key)
-        for variable in variables:
-            if variable.input_key != source_key:
-                continue
-            chunk_key = re.compile(
-                re.escape(variable.name) + r"/\d+" + r"\.\d+" * (len(variable.dims) - 1)
-            )
-            for name in sorted(stored):
-                if chunk_key.fullmatch(name):
-                    sources[name] = [f"{source}/{name}", stored[name]]
-    if location.is_local:
-        pairs = [(path, location.path(key, name)) for name, (path, _) in sources.items()]
-        for start in range(0, len(pairs), COPY_BATCH):
-            copy_objects(location, pairs[start : start + COPY_BATCH])
-    return sources
-
-
-def _record_chunk_sources(location: StoreLocation, key: str, sources: dict) -> None:
-    """On an object store, the list the publish copies the chunks of `key` from."""
-    if not location.is_local:
-        location.fs.pipe_file(location.path(chunk_sources_key(key)), _json(sources))
+    location.fs.pipe({location.path(key, name): buf.to_bytes() for name, buf in rendered.items()})
 
 
 def _json(value: object) -> bytes:
     return json.dumps(value, indent=4, sort_keys=True).encode()
 
 
-def cube_fingerprint(spec: CubeSpec, grid: TargetGrid, inputs: dict[str, xr.Dataset]) -> str:
-    """Hash of the inputs' own fingerprints, the spec, the software and what the merge adds
+def cube_fingerprint(spec: CubeSpec, grid: TargetGrid, inputs: dict[str, str | None]) -> str:
+    """Hash of the inputs' own fingerprints ({source id: fingerprint}), the spec (but not
+    the version it is published as), the software and what the merge adds
     (`MERGED_LAYOUT`)."""
     recipe = {
-        "inputs": {name: ds.attrs.get(FINGERPRINT_ATTR) for name, ds in sorted(inputs.items())},
-        "spec": spec.model_dump(mode="json"),
+        "inputs": dict(sorted(inputs.items())),
+        "series": spec.series,
+        "spec": spec.model_dump(mode="json", exclude={"data_id", "version"}),
         "grid": [grid.crs, list(grid.bbox), grid.resolution, grid.chunk_size],
         "software": software_version(),
         "layout": MERGED_LAYOUT,
@@ -481,7 +458,7 @@ def cube_attributes(
             f"{ds.attrs.get('source', name)} (sha256 {_source_checksum(ds)})"
             for name, ds in sorted(inputs.items())
         ],
-        FINGERPRINT_ATTR: cube_fingerprint(spec, grid, inputs),
+        FINGERPRINT_ATTR: cube_fingerprint(spec, grid, input_fingerprints(inputs)),
     }
     if spec.time_range:
         attrs["time_coverage_start"] = spec.time_range[0].isoformat()

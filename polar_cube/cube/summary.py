@@ -24,15 +24,14 @@ class Phase:
 
 PHASES = (
     Phase("check", "check the spec, grid and patch", 1),
-    Phase("datasets", "download and stage the sources, build the per-dataset cubes", 55),
-    Phase("upload", "upload the per-dataset cubes", 8),
-    Phase("merge", "merge them into a staged cube and its overview levels", 14),
-    Phase("patch", "apply the patch", 2),
-    Phase("verify-staged", "verify the staged cube and levels", 4),
-    Phase("publish", "publish the cube and levels", 3),
-    Phase("verify", "verify the published cube and levels", 4),
+    Phase("datasets", "download the sources, write each one's chunks into the new version", 80),
+    Phase("carry", "copy unchanged sources from the version that has them", 3),
+    Phase("merge", "write the merged cube's and levels' metadata", 2),
+    Phase("patch", "apply the patch", 1),
+    Phase("verify", "verify the new version's cube and levels", 2),
     Phase("report", "statistics, quicklooks and thumbnails", 7),
     Phase("stac", "write the STAC item", 2),
+    Phase("publish", "point `latest` at the new version", 1),
 )
 
 

@@ -1,16 +1,16 @@
-"""Phase 3–4 as plain steps: stage the merged cube, patch it, publish it, report on it.
+"""Phase 3–4 as plain steps: merge a version's cube, patch it, check it, publish it, report.
 
-Everything happens under a `StoreLocation` (a local folder or an s3:// prefix):
+Everything happens under a `StoreLocation` (a local folder or an s3:// prefix); a build
+writes one new version (`keys.VersionKeys`, e.g. `polar-100m-1x2048x2048-v1.1.1`):
 
-    <root>/inputs/<source id>.zarr       per-dataset cubes (uploaded)
-    <root>/inputs/<source id>.levels/    their overview levels (xcube's multi-level layout)
-    <root>/.staging/<data_id>.<hash>     the merged cube while it is built and patched
-    <root>/.staging/<stem>.levels.<hash> its merged overview levels
-    <root>/.staging/<…>.chunk-sources.json  on S3: the inputs' chunks each of them publishes
-    <root>/<data_id>                     the published cube
-    <root>/<stem>.levels/                its overview levels; `0.link` points at the cube
-    <root>/<stem>.quicklooks/            one PNG per variable, stats.json, summary.md
-    <root>/<stem>.stac-item.json         a STAC item describing the cube
+    <root>/<stem>.zarr                 the cube: chunks written by the sources' builds
+    <root>/<stem>.levels/              its overview levels; `0.link` points at the cube
+    <root>/<stem>.inputs/<id>.zarr     each source's metadata (no chunks)
+    <root>/<stem>.quicklooks/          one PNG per variable, stats.json, summary.md
+    <root>/<stem>.stac-item.json       a STAC item describing the cube
+    <root>/<series>.versions.json      the published versions and `latest` (`versions.py`)
+
+The merge writes only metadata next to the chunks; publishing is one write of the catalog.
 """
 
 from __future__ import annotations
@@ -23,23 +23,24 @@ import xarray as xr
 import zarr
 
 from polar_cube.cube.merge import (
-    copy_merged_cube,
-    copy_merged_levels,
     cube_fingerprint,
+    input_fingerprints,
     open_inputs,
     read_levels_record,
+    write_merged_cube,
+    write_merged_levels,
 )
 from polar_cube.cube.patching import PATCH_ATTR, apply_patch, patch_digest, patch_metadata
-from polar_cube.cube.publish import (
-    chunk_sources_key,
-    publish,
-    remove_stale_staging,
-    staging_key,
-    withdraw,
-)
 from polar_cube.cube.verify import CubeCheckError
+from polar_cube.cube.versions import (
+    PublishedVersion,
+    latest_is_current,
+    publish_version,
+    read_catalog,
+)
 from polar_cube.grid import TargetGrid
-from polar_cube.levels import FINGERPRINT_KEY, ZLEVELS, level_name, levels_name
+from polar_cube.keys import VersionKeys
+from polar_cube.levels import FINGERPRINT_KEY, ZLEVELS, level_name
 from polar_cube.location import StoreLocation
 from polar_cube.spec import CubeSpec
 from polar_cube.zarr_store import FINGERPRINT_ATTR, stored_attrs
@@ -47,32 +48,25 @@ from polar_cube.zarr_store import FINGERPRINT_ATTR, stored_attrs
 
 @dataclass(frozen=True)
 class StagedCube:
+    """A version's cube and levels, merged (and then patched) but not yet published."""
+
     key: str
     fingerprint: str
-    reused: bool  # an identical staged cube (and levels) from an interrupted run was found
-    levels_key: str  # its overview levels, staged next to it
-
-
-@dataclass(frozen=True)
-class PublishedCube:
-    url: str
-    key: str
-    fingerprint: str
-    quicklooks_url: str
-    reused: bool  # the published cube was already current; nothing was rewritten
+    reused: bool  # complete from an interrupted run of the same build: nothing rewritten
+    levels_key: str
 
 
 def quicklooks_key(spec: CubeSpec) -> str:
-    return f"{spec.data_id.removesuffix('.zarr')}.quicklooks"
+    return VersionKeys(spec.data_id).quicklooks
 
 
 def levels_key(spec: CubeSpec) -> str:
-    """The published overview levels: `<stem>.levels` next to the cube."""
-    return levels_name(spec.data_id)
+    """The overview levels: `<stem>.levels` next to the cube."""
+    return VersionKeys(spec.data_id).levels
 
 
 def stac_key(spec: CubeSpec) -> str:
-    return f"{spec.data_id.removesuffix('.zarr')}.stac-item.json"
+    return VersionKeys(spec.data_id).stac_item
 
 
 def zarr_attrs(location: StoreLocation, key: str) -> dict:
@@ -97,63 +91,61 @@ def open_overviews(location: StoreLocation, key: str) -> list[xr.Dataset]:
     ]
 
 
-def current_fingerprint(location: StoreLocation, spec: CubeSpec, grid: TargetGrid) -> str:
-    return cube_fingerprint(spec, grid, open_inputs(location, spec))
-
-
 def levels_fingerprint(location: StoreLocation, key: str) -> str | None:
     """The inputs fingerprint of complete overview levels at `key` (None if incomplete)."""
     return read_levels_record(location, key).get(FINGERPRINT_KEY)
 
 
-def is_published(location: StoreLocation, spec: CubeSpec, fingerprint: str, patch: dict) -> bool:
-    """The published cube and its levels were built from these inputs, the cube carries
-    this patch."""
-    attrs = zarr_attrs(location, spec.data_id)
-    return (
-        attrs.get(FINGERPRINT_ATTR) == fingerprint
-        and attrs.get(PATCH_ATTR) == patch_digest(patch)
-        and levels_fingerprint(location, levels_key(spec)) == fingerprint
+def current_version(
+    location: StoreLocation,
+    spec: CubeSpec,
+    grid: TargetGrid,
+    patch: dict,
+    fingerprints: dict[str, str],
+) -> PublishedVersion | None:
+    """The published `latest` version, if it is exactly what merging these per-dataset
+    cubes ({source id: fingerprint}) and patching them with `patch` would publish (and the
+    spec does not ask for a newer version): nothing to merge or publish."""
+    return latest_is_current(
+        read_catalog(location, spec.series),
+        cube_fingerprint(spec, grid, fingerprints),
+        patch_digest(patch),
+        spec.version,
     )
-
-
-def cube_is_current(location: StoreLocation, spec: CubeSpec, grid: TargetGrid, patch: dict) -> bool:
-    """The published cube and its levels are what merging the current inputs and patching
-    them with `patch` would make: nothing to merge or publish."""
-    return is_published(location, spec, current_fingerprint(location, spec, grid), patch)
 
 
 def stage_merged_cube(
     location: StoreLocation, spec: CubeSpec, grid: TargetGrid, patch: dict | None = None
 ) -> StagedCube:
-    """Merge the inputs and their overview levels into staging names (reusing identical
-    complete ones) by copying their stored chunk objects, never decoding them.
+    """Merge the sources of the version `spec` names (`spec.at_version`) into its cube and
+    levels: only metadata is written, next to the chunks their builds wrote. A cube and
+    levels merged from the same inputs by an interrupted run are kept.
 
-    `patch`: the patch the staged cube is about to get. A staged cube that an interrupted
-    run patched with another one is merged again: a patch sets and deletes attributes, it
-    cannot take back what an earlier patch set.
+    `patch`: the patch the cube is about to get. A cube that an interrupted run patched
+    with another one is merged again: a patch sets and deletes attributes, it cannot take
+    back what an earlier patch set.
     """
-    inputs = open_inputs(location, spec)
-    fingerprint = cube_fingerprint(spec, grid, inputs)
-    key = staging_key(spec.data_id, fingerprint)
-    staged_levels = staging_key(levels_key(spec), fingerprint)
-    remove_stale_staging(location, spec.data_id, keep=key)
-    remove_stale_staging(location, levels_key(spec), keep=staged_levels)
-    attrs = zarr_attrs(location, key)
+    keys = VersionKeys(spec.data_id)
+    inputs = open_inputs(location, spec, keys)
+    fingerprint = cube_fingerprint(spec, grid, input_fingerprints(inputs))
+    attrs = zarr_attrs(location, keys.cube)
     cube_reused = attrs.get(FINGERPRINT_ATTR) == fingerprint and (
         patch is None or attrs.get(PATCH_ATTR) in (None, patch_digest(patch))
     )
     if not cube_reused:
-        if location.exists(key):
-            location.fs.rm(location.path(key), recursive=True)  # an interrupted write
-        copy_merged_cube(location, key, inputs, spec, grid)
-        mark_complete(location, key, fingerprint)
-    levels_reused = levels_fingerprint(location, staged_levels) == fingerprint
+        _unmark(location, keys.cube, ".zmetadata")
+        write_merged_cube(location, keys, inputs, spec, grid)
+        mark_complete(location, keys.cube, fingerprint)
+    levels_reused = levels_fingerprint(location, keys.levels) == fingerprint
     if not levels_reused:
-        if location.exists(staged_levels):
-            location.fs.rm(location.path(staged_levels), recursive=True)
-        copy_merged_levels(location, staged_levels, inputs, spec, grid, fingerprint)
-    return StagedCube(key, fingerprint, cube_reused and levels_reused, staged_levels)
+        _unmark(location, keys.levels, ZLEVELS)
+        write_merged_levels(location, keys, inputs, spec, grid, fingerprint)
+    return StagedCube(keys.cube, fingerprint, cube_reused and levels_reused, keys.levels)
+
+
+def _unmark(location: StoreLocation, key: str, marker: str) -> None:
+    if location.exists(key, marker):
+        location.fs.rm_file(location.path(key, marker))
 
 
 def mark_complete(location: StoreLocation, key: str, fingerprint: str) -> None:
@@ -175,20 +167,23 @@ def patch_staged_cube(
 
 
 def discard_staged_cube(location: StoreLocation, staged: StagedCube) -> None:
-    """Remove a staged cube (and its levels) that failed its checks, so a rerun rebuilds it."""
-    for staged_key in (staged.key, staged.levels_key):
-        for key in (staged_key, chunk_sources_key(staged_key)):
-            if location.exists(key):
-                location.fs.rm(location.path(key), recursive=True)
+    """Unmark a merged cube (and levels) that failed its checks, so a rerun merges it
+    again; the chunks stay, they are the sources' (fingerprinted) builds."""
+    _unmark(location, staged.key, ".zmetadata")
+    _unmark(location, staged.levels_key, ZLEVELS)
 
 
-def publish_staged_cube(location: StoreLocation, spec: CubeSpec, staged: StagedCube) -> str:
-    """Publish the cube, then its levels. The old levels are withdrawn first, so they never
-    pair with the new cube; until the new ones are complete the levels are not openable."""
-    withdraw(location, levels_key(spec))
-    url = publish(location, staged.key, spec.data_id)
-    publish(location, staged.levels_key, levels_key(spec))
-    return url
+def publish_staged_cube(
+    location: StoreLocation, spec: CubeSpec, staged: StagedCube, patch: dict
+) -> PublishedVersion:
+    """Publish the version: one write of the catalog points `latest` at it."""
+    return publish_version(
+        location,
+        spec,
+        staged.fingerprint,
+        patch_digest(patch),
+        [v.name for v in spec.variables],
+    )
 
 
 def save_report(location: StoreLocation, spec: CubeSpec, stats: list, summary: str) -> None:
