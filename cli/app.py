@@ -101,7 +101,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         patch_path=args.patch,
         dask_address=args.dask_address,
     )
-    _print_cube(built.url, args.bucket_block)
+    _print_cube(built.url, args.bucket_block, series=checked.spec.series)
     return 0
 
 
@@ -112,16 +112,23 @@ def _print_datasets(built) -> None:
         print(f"  {item.path}  [{state}]  {', '.join(item.variables)}")
 
 
-def open_snippet(url: str, storage_options: dict | None = None, *, xcube: bool = False) -> str:
+def open_snippet(
+    url: str, storage_options: dict | None = None, *, xcube: bool = False, series: str = ""
+) -> str:
     """Python that opens the published cube (with xcube: also its overview levels) in any Python
-    with xarray and s3fs (and xcube): no polar_cube, no Prefect. `storage_options` (for an
-    s3:// url) hold an endpoint and maybe a profile name, never keys: those come from the AWS
-    profile or the environment."""
+    with xarray and s3fs (and xcube): no polar_cube, no Prefect. With `series` it opens the
+    version `latest` names, read from the catalog `<series>.versions.json` next to `url`.
+    `storage_options` (for an s3:// url) hold an endpoint and maybe a profile name, never
+    keys: those come from the AWS profile or the environment."""
     from json import dumps as literal  # a str, or a dict of str: valid Python too
 
     remote = url.startswith("s3://")
     folder, name = url.removeprefix("s3://").rstrip("/").rsplit("/", 1)
-    lines = ["from xcube.core.store import new_data_store" if xcube else "import xarray as xr", ""]
+    catalog = f"{series}.versions.json"
+    lines = ["import json", ""] if series else []
+    if series and not xcube:
+        lines += ["import fsspec"]
+    lines += ["from xcube.core.store import new_data_store" if xcube else "import xarray as xr", ""]
     with_options = []
     if remote:
         options = storage_options or {}
@@ -137,32 +144,62 @@ def open_snippet(url: str, storage_options: dict | None = None, *, xcube: bool =
         ]
         with_options = ["storage_options=storage_options"]
     if xcube:
-        protocol, levels = ("s3" if remote else "file"), name.removesuffix(".zarr") + ".levels"
+        protocol = "s3" if remote else "file"
         store = ", ".join([literal(protocol), f"root={literal(folder)}", *with_options])
+        lines.append(f"store = new_data_store({store})")
+        if series:
+            lines += [
+                "# the version `latest` names (or pin one: its <series>-vX.Y.Z.zarr)",
+                f'name = json.loads(store.fs.cat_file(f"{{store.root}}/{catalog}"))["latest_cube"]',
+            ]
+        else:
+            lines.append(f"name = {literal(name)}")
         lines += [
-            f"store = new_data_store({store})",
-            f"cube = store.open_data({literal(name)})",
-            f'levels = store.open_data({literal(levels)}, data_type="mldataset")',
+            "cube = store.open_data(name)",
+            'stem = name.removesuffix(".zarr")',
+            'levels = store.open_data(f"{stem}.levels", data_type="mldataset")',
+            "print(name)",
             "print(cube)",
             'print(levels.num_levels, "levels")',
         ]
+        return "\n".join(lines)
+    prefix = f"s3://{folder}" if remote else folder
+    if series:
+        opened = ", ".join([literal(f"{prefix}/{catalog}"), *(["**storage_options"] * remote)])
+        lines += [
+            "# the version `latest` names (or pin one: its <series>-vX.Y.Z.zarr)",
+            f"with fsspec.open({opened}) as f:",
+            '    name = json.load(f)["latest_cube"]',
+        ]
+        target = f'f"{prefix}/{{name}}"'
     else:
-        arguments = [literal(url), "consolidated=True", *with_options]
-        call = f"cube = xr.open_zarr({', '.join(arguments)})"
-        if len(call) > 100:
-            call = "cube = xr.open_zarr(\n" + "".join(f"    {a},\n" for a in arguments) + ")"
-        lines += [call, "print(cube)"]
+        lines.append(f"name = {literal(name)}")
+        target = literal(url)
+    arguments = [target, "consolidated=True", *with_options]
+    call = f"cube = xr.open_zarr({', '.join(arguments)})"
+    if len(call) > 100:
+        call = "cube = xr.open_zarr(\n" + "".join(f"    {a},\n" for a in arguments) + ")"
+    lines += [call, "print(name)", "print(cube)"]
     return "\n".join(lines)
 
 
 def _print_cube(
-    url: str, bucket_block: str | None, local_server=None, aws_profile: str | None = None
+    url: str,
+    bucket_block: str | None,
+    local_server=None,
+    aws_profile: str | None = None,
+    series: str = "",
 ) -> None:
     """Where the cube is, and snippets that open it without polar_cube or Prefect: xarray +
-    s3fs, then xcube (with the levels), then GDAL for a local S3 server. In a bucket they carry
-    its endpoint, never a key: the keys come from the environment (the notes say how), or
-    from `aws_profile` when the demo was asked to write one (see `snippet_storage_options`)."""
+    s3fs, then xcube (with the levels), then GDAL for a local S3 server. With `series` the
+    Python snippets open the version `latest` names (GDAL's opens the version at `url`). In a
+    bucket they carry its endpoint, never a key: the keys come from the environment (the
+    notes say how), or from `aws_profile` when the demo was asked to write one (see
+    `snippet_storage_options`)."""
     print(f"the cube is at {url}")
+    if series:
+        folder = url.rstrip("/").rsplit("/", 1)[0]
+        print(f"latest of {series}: {folder}/{series}.versions.json (`polar-cube versions`)")
     options, notes, credentials = None, [], None
     if url.startswith("s3://"):
         from polar_cube.cli.s3 import credentials_command, snippet_storage_options
@@ -173,10 +210,10 @@ def _print_cube(
     for note in notes:
         print(note)
     print("--- open the cube ---")
-    print(open_snippet(url, options))
+    print(open_snippet(url, options, series=series))
     print("---")
     print("--- open it with xcube: the cube and its overview levels ---")
-    print(open_snippet(url, options, xcube=True))
+    print(open_snippet(url, options, xcube=True, series=series))
     print("---")
     if credentials or not url.startswith("s3://"):
         from polar_cube.cli.s3 import gdal_path
@@ -222,7 +259,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from polar_cube.tasks.blocks import save_blocks
 
     workdir = Path(args.workdir)
-    check_build(args.spec, resolution=args.resolution, folders={"--workdir": workdir})
+    checked = check_build(args.spec, resolution=args.resolution, folders={"--workdir": workdir})
     server = start_s3_server(Path(args.s3_state_dir), port=args.s3_port, bucket=args.bucket)
     print(f"local S3 server at {server.endpoint_url} (stop it: polar-cube s3 stop)", flush=True)
     if args.aws_profile:  # before the build: a profile that is not ours stops it at once
@@ -247,7 +284,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
             cache_dir=str(workdir / "cache"),
             bucket_block=args.bucket_block,
         )
-    _print_cube(built.url, args.bucket_block, local_server=server, aws_profile=args.aws_profile)
+    _print_cube(
+        built.url,
+        args.bucket_block,
+        local_server=server,
+        aws_profile=args.aws_profile,
+        series=checked.spec.series,
+    )
     return 0
 
 
@@ -268,6 +311,7 @@ def make_parser() -> argparse.ArgumentParser:
     from polar_cube.cli.ops import add_ops_commands
     from polar_cube.cli.s3 import add_blocks_commands, add_s3_commands
     from polar_cube.cli.sources import add_mirror_commands
+    from polar_cube.cli.versions import add_versions_commands
     from polar_cube.cli.view import add_view_command
 
     parser = argparse.ArgumentParser(
@@ -323,6 +367,7 @@ def make_parser() -> argparse.ArgumentParser:
 
     add_s3_commands(commands)
     add_blocks_commands(commands)
+    add_versions_commands(commands)
     add_ops_commands(commands)
     add_view_command(commands)
 

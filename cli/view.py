@@ -31,8 +31,9 @@ def add_view_command(commands: argparse._SubParsersAction) -> None:
             "serve` on 127.0.0.1 in the background and print the viewer's address "
             "(idempotent); stop: stop it by its process id; status: is it running? (exit "
             "code 1 if not). The cube is --bucket-block's bucket, else the folder --cube-dir "
-            f"(default {DEFAULT_CUBE_DIR}), named by --cube-id (default: the spec's data_id at "
-            "--resolution, e.g. polar-1km-… after the 1 km demo)."
+            f"(default {DEFAULT_CUBE_DIR}), named by --cube-id (default: the version `latest` "
+            "names for the spec's cube at --resolution, e.g. polar-1km-…-v1.1.0.zarr after the "
+            "1 km demo)."
         ),
     )
     view.add_argument(
@@ -54,9 +55,11 @@ def add_view_command(commands: argparse._SubParsersAction) -> None:
         help=f"local folder the cube was published into (default {DEFAULT_CUBE_DIR})",
     )
     view.add_argument(
-        "--cube-id", metavar="NAME", help="the cube's name there, <stem>.zarr (the spec's data_id)"
+        "--cube-id",
+        metavar="NAME",
+        help="a version's cube there, <series>-vX.Y.Z.zarr (default: latest)",
     )
-    view.add_argument("--spec", default="cube.geojson", help="cube spec (for its data_id)")
+    view.add_argument("--spec", default="cube.geojson", help="cube spec (for the cube's name)")
     view.add_argument(
         "--resolution",
         type=float,
@@ -87,7 +90,7 @@ def _start(args: argparse.Namespace) -> int:
     from polar_cube.servers.viewer import start_viewer
     from polar_cube.servers.viewer_config import source_from_folder
 
-    cube_name = args.cube_id or _spec_data_id(args.spec, args.resolution)
+    cube_name = args.cube_id or _latest_cube(args)
     if args.bucket_block:
         source, options = source_from_bucket_block(args.bucket_block, cube_name)
     else:
@@ -128,11 +131,19 @@ def _status(args: argparse.Namespace) -> int:
     return 0
 
 
-def _spec_data_id(spec_path: str, resolution: float | None) -> str:
-    """The name a build of the spec at `resolution` publishes (`polar-1km-…` at 1000 m)."""
+def _latest_cube(args: argparse.Namespace) -> str:
+    """The cube `latest` names in the target's catalog, for the spec's series at
+    `--resolution` (`polar-1km-…` at 1000 m)."""
+    from polar_cube.cube.versions import latest_cube
+    from polar_cube.location import StoreLocation
     from polar_cube.spec import load_spec
 
-    return load_spec(spec_path).at_resolution(resolution).data_id
+    series = load_spec(args.spec).at_resolution(args.resolution).series
+    if args.bucket_block:
+        from polar_cube.tasks.blocks import bucket_location
+
+        return latest_cube(bucket_location(args.bucket_block), series)
+    return latest_cube(StoreLocation.local(args.cube_dir or DEFAULT_CUBE_DIR), series)
 
 
 def source_from_bucket_block(bucket_block: str, cube_name: str) -> tuple[CubeSource, dict]:
