@@ -23,6 +23,32 @@ class Clock:
         return self.now
 
 
+def test_the_phases_of_a_versioned_build_in_order():
+    """Issue 20: the chunks go straight into the new version (datasets), unchanged sources
+    are carried, merge writes metadata, and publishing (pointing `latest`) comes last."""
+    assert [p.key for p in PHASES] == [
+        "check",
+        "datasets",
+        "carry",
+        "merge",
+        "patch",
+        "verify",
+        "report",
+        "stac",
+        "publish",
+    ]
+    progress = BuildProgress()
+    spans = [progress.span(p.key) for p in PHASES]
+    assert spans[0][0] == 0 and spans[-1][1] == pytest.approx(100)
+    for (_, end), (start, _) in zip(spans, spans[1:], strict=False):  # they tile 0..100 %
+        assert start == pytest.approx(end)
+    total = sum(p.weight for p in PHASES)
+    for phase, (start, end) in zip(PHASES, spans, strict=True):
+        assert end - start == pytest.approx(100 * phase.weight / total), phase.key
+    # the datasets (download, resample, write every chunk) are most of a build's time
+    assert max(PHASES, key=lambda p: p.weight).key == "datasets"
+
+
 def test_progress_moves_through_every_phase_to_100():
     clock, seen = Clock(), []
     progress = BuildProgress(on_change=lambda p, text: seen.append((p, text)), clock=clock)
@@ -35,15 +61,21 @@ def test_progress_moves_through_every_phase_to_100():
     percents = [p for p, _ in seen]
     assert percents == sorted(percents) and percents[0] == 0 and percents[-1] == 100
     assert len(set(percents)) == len(PHASES) + 2  # each phase's start, the half, the end
-    assert seen[-1][1] == "100 % · published x.zarr in 55.0 s"
-    assert sum(p.weight for p in PHASES) == 100 and progress.span("datasets") == (1, 56)
-    assert seen[2] == (28.5, "28 % · datasets: half")  # half-way through the datasets
+    assert seen[-1][1] == "100 % · published x.zarr in 45.0 s"  # 1 + 2 + … + 9 s
+    start, end = progress.span("datasets")
+    half = (start + end) / 2
+    assert seen[2] == (pytest.approx(half), f"{half:.0f} % · datasets: half")
+    assert 40 < half < 42  # weights 1 + 80/2 of 99
     merge = [text for _, text in seen if "merge:" in text]
-    assert merge == [
-        f"{progress.span('merge')[0]:.0f} % · merge: {PHASES[3].title} (phase 4 of 10)"
+    assert merge == [f"{progress.span('merge')[0]:.0f} % · merge: {PHASES[3].title} (phase 4 of 9)"]
+    publish = [text for _, text in seen if "publish:" in text]
+    assert publish == [
+        f"{progress.span('publish')[0]:.0f} % · publish: {PHASES[8].title} (phase 9 of 9)"
     ]
     rows = {row.key: row.seconds for row in progress.timing_rows()}
-    assert rows["check"] == 1 and rows["stac"] == 10 and progress.finished == 55
+    assert list(rows) == [p.key for p in PHASES]
+    assert rows["check"] == 1 and rows["carry"] == 3 and rows["stac"] == 8
+    assert rows["publish"] == 9 and progress.finished == 45
 
 
 def test_skipped_and_failed_phases_say_why():
@@ -161,7 +193,13 @@ def test_the_summary_says_what_was_built_reused_where_and_how_long():
         "(http://127.0.0.1:8080/viewer/?dataset=polar-3km-1x2048x2048-v1.1.0) once "
         "`polar-cube view --bucket-block b --cube-id polar-3km-1x2048x2048-v1.1.0.zarr` runs"
     ) in text
-    assert "| merge | merge them into a staged cube and its overview levels | – |" in text
+    assert "| merge | write the merged cube's and levels' metadata | – |" in text
+    assert "| publish | point `latest` at the new version | – |" in text
+    lines = text.splitlines()
+    table = lines[
+        lines.index("| phase | what | time |") + 2 : lines.index("| **total** | | **2 min 10 s** |")
+    ]
+    assert [row.split(" | ")[0] for row in table] == [f"| {p.key}" for p in PHASES]  # publish last
     assert "| **total** | | **2 min 10 s** |" in text
     assert text.count("data:image/png;base64,") == 3
     assert summary().description() == (
@@ -191,6 +229,6 @@ def test_the_timing_table_shows_times_and_notes():
         "|---|---|---:|",
         "| check | check the spec, grid and patch | 0.0 s |",
     ]
-    merge = "| merge | merge them into a staged cube and its overview levels |"
+    merge = "| merge | write the merged cube's and levels' metadata |"
     assert f"{merge} skipped: the cube is already current |" in lines
     assert lines[-1] == "| **total** | | **0.0 s** |"
