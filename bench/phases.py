@@ -17,9 +17,9 @@ from dataclasses import dataclass
 DATASET_PREFIX = "cube "
 ALL_DATASETS = "all per-dataset cubes"
 OUTSIDE_TASKS = "outside tasks"
-SHARED_STEPS = ("download", "upload")  # named after a source too, but not part of its cube
-PHASE_ORDER = ("download", DATASET_PREFIX, "upload", "merge", "patch", "verify", "publish")
-PHASE_ORDER += ("report", "stac")
+SHARED_STEPS = ("download",)  # named after a source too, but not part of its cube
+PHASE_ORDER = ("download", DATASET_PREFIX, "carry", "merge", "patch", "verify", "report")
+PHASE_ORDER += ("stac", "publish")
 _PAGE = 200
 _TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 

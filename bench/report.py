@@ -193,18 +193,23 @@ def _build_section(results: Results) -> list[str]:
 def _scaling_section(results: Results) -> list[str]:
     resolutions = sorted(results.builds, reverse=True)  # coarse first
     lines = [
-        "#### Scaling: the whole build at " + " and ".join(f"{r:g} m" for r in resolutions),
+        "#### Scaling: the whole build at " + ", ".join(f"{r:g} m" for r in resolutions),
+        "",
+        "Merge and publish against the cube's size: the merge writes metadata only, the "
+        "publish one catalog object.",
         "",
         "| resolution | cells per layer | whole build (s) | all per-dataset cubes (s) | "
-        "peak RSS (GB) |",
-        "|---|---:|---:|---:|---:|",
+        "merge (s) | publish (s) | peak RSS (GB) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for resolution in resolutions:
         runs = results.builds[resolution]
         build = [r.measurement for r in runs]
         lines.append(
             f"| {resolution:g} m | {results.cells[resolution]:,} | {spread(_times(build))} | "
-            f"{spread(_phase_values(runs, ALL_DATASETS))} | {spread(_peaks(build), 2)} |"
+            f"{spread(_phase_values(runs, ALL_DATASETS))} | "
+            f"{spread(_phase_values(runs, 'merge'), 2)} | "
+            f"{spread(_phase_values(runs, 'publish'), 2)} | {spread(_peaks(build), 2)} |"
         )
     fine, coarse = resolutions[-1], resolutions[0]
     fine_runs, coarse_runs = results.builds[fine], results.builds[coarse]
@@ -214,8 +219,8 @@ def _scaling_section(results: Results) -> list[str]:
         ratio(_phase_median(fine_runs, ALL_DATASETS), _phase_median(coarse_runs, ALL_DATASETS)),
         ratio(_peak_median(fine_runs), _peak_median(coarse_runs)),
     ]
-    shown = " | ".join(_number(r, 2) for r in ratios)
-    lines.append(f"| ratio {fine:g} m ÷ {coarse:g} m | {shown} |")
+    shown = " | ".join(_number(r, 2) for r in ratios[:3])
+    lines.append(f"| ratio {fine:g} m ÷ {coarse:g} m | {shown} | | | {_number(ratios[3], 2)} |")
     return lines
 
 
@@ -239,53 +244,69 @@ class Target:
     at_resolution: float | None  # where it was measured
 
 
+# The issue's absolute times were set on a host where this gdalwarp took 21.2 s: goals are
+# scaled by the gdalwarp time measured in the same run (hosts differ by up to 2×).
+REFERENCE_GDALWARP_SECONDS = 21.2
+
+
+def host_scale(results: Results) -> float | None:
+    """gdalwarp here ÷ gdalwarp on the issue's host (None without the layer comparison)."""
+    gdalwarp = median(_times(results.layer.get("gdalwarp", [])))
+    return gdalwarp / REFERENCE_GDALWARP_SECONDS if gdalwarp else None
+
+
 def targets(results: Results) -> list[Target]:
     """The issue's targets with the measured values (None: not measured)."""
     fine = results.build_resolution
     runs = results.builds.get(fine, []) if fine is not None else []
     build = [r.measurement for r in runs]
-    coarse = 2 * fine if fine is not None else None
     layer = results.layer
     layer_time = {m: median(_times(r)) for m, r in layer.items()}
     layer_peak = {m: median(_peaks(r)) for m, r in layer.items()}
-    merge_publish = None
-    if _phase_median(runs, "merge") is not None and _phase_median(runs, "publish") is not None:
-        merge_publish = _phase_median(runs, "merge") + _phase_median(runs, "publish")
+    moving = [_phase_median(runs, p) for p in ("carry", "merge", "publish")]
+    moved = sum(v for v in moving if v is not None) if any(v is not None for v in moving) else None
+    scale = host_scale(results)
+    here = scale or 1.0
+    scaled = (
+        f" (here ≤ {{:.0f}} s: gdalwarp {scale * REFERENCE_GDALWARP_SECONDS:.1f} s ÷ 21.2 s)"
+        if scale
+        else " (not scaled: no gdalwarp run)"
+    )
     t = results.target_resolution
     return [
         Target(
-            f"whole build at {t:g} m ≤ 5 min wall (after the downloads)",
+            f"whole build at {t:g} m ≤ 100 s wall" + scaled.format(100 * here),
             median(_times(build)),
             "s",
-            lambda v: v <= 300,
+            lambda v: v <= 100 * here,
             fine,
         ),
         Target(
-            f"whole build at {t:g} m ≤ 3 GB peak RSS",
+            f"whole build at {t:g} m ≤ 2 GB peak RSS",
             median(_peaks(build)),
             "GB",
-            lambda v: v <= 3,
+            lambda v: v <= 2,
             fine,
         ),
         Target(
-            "merge + publish ≤ 10 % of the per-dataset cubes' time",
-            ratio(merge_publish, _phase_median(runs, ALL_DATASETS)),
+            "upload (carry) + merge + publish ≤ 15 % of the build's wall time",
+            ratio(moved, median(_times(build))),
             "×",
-            lambda v: v <= 0.10,
+            lambda v: v <= 0.15,
             fine,
         ),
         Target(
-            "rerun with nothing changed ≤ 30 s",
+            f"publish at {t:g} m ≤ 2 s",
+            _phase_median(runs, "publish"),
+            "s",
+            lambda v: v <= 2,
+            fine,
+        ),
+        Target(
+            "rerun with nothing changed ≤ 10 s" + scaled.format(10 * here),
             median(_times(results.reruns)),
             "s",
-            lambda v: v <= 30,
-            fine,
-        ),
-        Target(
-            f"build time {t:g} m ÷ {2 * t:g} m between 3 and 5",
-            _build_ratio(results, fine, coarse) if fine is not None else None,
-            "×",
-            lambda v: 3 <= v <= 5,
+            lambda v: v <= 10 * here,
             fine,
         ),
         Target(

@@ -28,7 +28,8 @@ from bench.report import BuildRun, Results, render
 from polar_cube.servers.processes import free_port_block
 
 REPO = Path(__file__).resolve().parents[1]
-PARTS = ("layer", "build", "scaling", "rerun")
+PARTS = ("layer", "build", "scaling", "sizes", "rerun")
+SIZES = (1000.0, 200.0)  # the part "sizes": publish time against the cube's size
 BUCKET = "polar-cube-bench"
 BUCKET_BLOCK = "polar-cube-bench-bucket"
 CREDENTIALS_BLOCK = "polar-cube-bench-credentials"
@@ -126,9 +127,11 @@ def make_plan(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Plan
     layer = args.layer_resolution or default
     fine = args.resolution or default
     wanted = {("--layer-resolution", layer)} if "layer" in args.only else set()
-    builds = [fine] if {"build", "scaling", "rerun"} & set(args.only) else []
+    builds = [fine] if {"build", "scaling", "sizes", "rerun"} & set(args.only) else []
     if "scaling" in args.only:
         builds.append(2 * fine)
+    if "sizes" in args.only:
+        builds += [r for r in SIZES if r not in builds]
     wanted |= {("--resolution", r) for r in builds}
     for option, resolution in sorted(wanted):
         problem = resolution_problem(resolution, spec.spatial_bbox)
@@ -297,8 +300,6 @@ def build_command(plan: Plan, resolution: float, mirror: str) -> list[str]:
         mirror,
         "--cache",
         str(plan.workdir / "cache"),
-        "--store",
-        str(plan.workdir / "datasets"),
         "--bucket-block",
         BUCKET_BLOCK,
     ]
@@ -312,35 +313,30 @@ def measure_build(
     from polar_cube.spec import load_spec
 
     source_ids = [s.id for s in load_spec(plan.spec_path).sources]
-    store = plan.workdir / "datasets"
-    remove(store)
     command = build_command(plan, resolution, mirror)
     what = f"the build at {resolution:g} m (run {run}/{plan.runs})"
-    try:
-        with fresh_bucket(plan.workdir):
+    with fresh_bucket(plan.workdir):
+        say(f"{what} ...")
+        measured = measure_command(
+            command, _log(plan, f"build-{resolution:g}m-run{run}"), what=what, cwd=REPO
+        )
+        _report(measured)
+        spans = read_task_spans(measured.started)
+        if not spans:
+            raise BenchError(f"{what}: the Prefect API recorded no task runs for it")
+        build = BuildRun(
+            measured,
+            phase_seconds(spans, source_ids, measured.wall_seconds),
+            phase_peaks(spans, source_ids, measured.samples),
+        )
+        again = None
+        if rerun:
+            what = f"the rerun at {resolution:g} m with nothing changed (run {run})"
             say(f"{what} ...")
-            measured = measure_command(
-                command, _log(plan, f"build-{resolution:g}m-run{run}"), what=what, cwd=REPO
+            again = measure_command(
+                command, _log(plan, f"rerun-{resolution:g}m-run{run}"), what=what, cwd=REPO
             )
-            _report(measured)
-            spans = read_task_spans(measured.started)
-            if not spans:
-                raise BenchError(f"{what}: the Prefect API recorded no task runs for it")
-            build = BuildRun(
-                measured,
-                phase_seconds(spans, source_ids, measured.wall_seconds),
-                phase_peaks(spans, source_ids, measured.samples),
-            )
-            again = None
-            if rerun:
-                what = f"the rerun at {resolution:g} m with nothing changed (run {run})"
-                say(f"{what} ...")
-                again = measure_command(
-                    command, _log(plan, f"rerun-{resolution:g}m-run{run}"), what=what, cwd=REPO
-                )
-                _report(again)
-    finally:
-        remove(store)
+            _report(again)
     return build, again
 
 

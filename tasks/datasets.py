@@ -79,7 +79,7 @@ def _write_run_name() -> str:
     target = task_run.parameters["target"]
     if isinstance(target, Path):
         return f"write-{target.name}"
-    return f"write-{target.source_id}-into-{target.keys.stem}"
+    return f"write-{target.source_id}"
 
 
 @task(
