@@ -24,51 +24,67 @@ def span(name: str, start: float, end: float) -> TaskSpan:
 BUILD = [
     span("download-magnetic_anomaly", 0, 2),
     span("download-ice_thickness_cryosmos", 1, 3),  # in parallel: the phase takes 3 s, not 4
+    span("stage-ice_thickness_cryosmos", 3, 3.5),
     span("convert-magnetic_anomaly", 3, 4),
     span("resample-magnetic_anomaly", 4, 4.5),
-    span("write-magnetic_anomaly.zarr", 4.5, 8),
-    span("write-ice_thickness_cryosmos.zarr", 8, 9),
-    span("upload-magnetic_anomaly.zarr", 9, 10),
-    span("upload-ice_thickness_cryosmos.zarr", 9.5, 10.5),
-    span("merge-polar-100m-1x2048x2048-v1.1.0.zarr", 10.5, 12),
-    span("verify-.staging/polar.zarr", 12, 12.5),
-    span("publish-polar-100m-1x2048x2048-v1.1.0.zarr", 12.5, 13),
-    span("verify-polar-100m-1x2048x2048-v1.1.0.zarr", 13, 13.5),
-    span("quicklooks-polar.zarr", 13.5, 14),  # a step this benchmark does not know yet
+    span("write-magnetic_anomaly", 4.5, 8),
+    span("write-ice_thickness_cryosmos", 8, 9),  # ice's cube ran 3-3.5 and 8-9: 1.5 s
+    span("carry-into-polar-100m-1x2048x2048-v2", 9, 10.5),
+    span("merge-polar-100m-1x2048x2048-v2", 10.5, 12),
+    span("patch-polar-100m-1x2048x2048-v2", 12, 12.25),
+    span("verify-polar-100m-1x2048x2048-v2.zarr", 12.25, 12.75),
+    span("report-polar-100m-1x2048x2048-v2", 12.75, 13.25),
+    span("stac-polar-100m-1x2048x2048-v2", 13.25, 13.5),
+    span("publish-polar-100m-1x2048x2048-v2", 13.5, 14),
+    span("quicklooks-polar.zarr", 14, 14.5),  # a step this benchmark does not know yet
 ]
 
 
 def test_a_task_belongs_to_its_source_cube_or_to_its_step():
-    assert phase_of("write-magnetic_anomaly.zarr", SOURCES) == "cube magnetic_anomaly"
+    assert phase_of("write-magnetic_anomaly", SOURCES) == "cube magnetic_anomaly"
+    assert phase_of("write-magnetic_anomaly.zarr", SOURCES) == "cube magnetic_anomaly"  # a folder
     assert phase_of("convert-ice_thickness_cryosmos", SOURCES) == "cube ice_thickness_cryosmos"
+    assert phase_of("stage-ice_thickness_cryosmos", SOURCES) == "cube ice_thickness_cryosmos"
     assert phase_of("download-magnetic_anomaly", SOURCES) == "download"
-    assert phase_of("upload-magnetic_anomaly.zarr", SOURCES) == "upload"
-    assert phase_of("merge-polar-100m-1x2048x2048-v1.1.0.zarr", SOURCES) == "merge"
+    assert phase_of("carry-into-polar-100m-1x2048x2048-v2", SOURCES) == "carry"
+    assert phase_of("merge-polar-100m-1x2048x2048-v2", SOURCES) == "merge"
+    assert phase_of("publish-polar-100m-1x2048x2048-v2", SOURCES) == "publish"
+    assert phase_of("write-unknown_source", SOURCES) == "write"  # not one of the spec's
 
 
 def test_a_phase_is_the_time_its_tasks_ran_in_build_order():
-    phases = phase_seconds(BUILD, SOURCES, total_seconds=16)
+    # the order is the build's, whatever order the API returned the task runs in
+    phases = phase_seconds(list(reversed(BUILD)), SOURCES, total_seconds=16)
     assert list(phases) == [
         "download",
         "cube magnetic_anomaly",
         "cube ice_thickness_cryosmos",
         ALL_DATASETS,
-        "upload",
+        "carry",
         "merge",
+        "patch",
         "verify",
+        "report",
+        "stac",
         "publish",
         "quicklooks",
         OUTSIDE_TASKS,
     ]
     assert phases["download"] == 3
     assert phases["cube magnetic_anomaly"] == 5
-    assert phases["cube ice_thickness_cryosmos"] == 1
-    assert phases[ALL_DATASETS] == 6
-    assert phases["upload"] == 1.5
-    # the staged and published checks (12-12.5, 13-13.5): publishing between them is not
-    # verification
-    assert phases["verify"] == 1.0
-    assert phases[OUTSIDE_TASKS] == 2  # tasks cover 0..14 without gaps
+    # staged at 3-3.5, written at 8-9: the gap between its tasks is not counted
+    assert phases["cube ice_thickness_cryosmos"] == 1.5
+    assert phases[ALL_DATASETS] == 6  # 3..9, the two cubes overlapping
+    assert phases["carry"] == 1.5
+    assert phases["merge"] == 1.5
+    assert phases["patch"] == 0.25
+    assert phases["verify"] == 0.5
+    assert phases["report"] == 0.5
+    assert phases["stac"] == 0.25
+    assert phases["publish"] == 0.5
+    assert phases["quicklooks"] == 0.5
+    assert phases[OUTSIDE_TASKS] == 1.5  # tasks cover 0..14.5 without gaps
+    assert OUTSIDE_TASKS not in phase_seconds(BUILD, SOURCES)
 
 
 def test_a_phase_peak_is_the_largest_sample_inside_it():
@@ -80,6 +96,7 @@ def test_a_phase_peak_is_the_largest_sample_inside_it():
     assert peaks[ALL_DATASETS] == 10_000
     assert peaks["download"] == 130  # t = 3.0 s
     assert peaks["merge"] == 220  # t = 12.0 s
+    assert peaks["publish"] == 240  # t = 14.0 s
     assert phase_peaks(BUILD, SOURCES, []) == {}
 
 
@@ -92,7 +109,7 @@ def test_task_spans_come_from_the_prefect_api():
     def download(source_id: str) -> None:
         time.sleep(0.2)
 
-    @task(task_run_name="write-{source_id}.zarr")
+    @task(task_run_name="write-{source_id}")
     def write(source_id: str) -> None:
         time.sleep(0.3)
 
@@ -117,9 +134,7 @@ def test_task_spans_come_from_the_prefect_api():
     spans = read_task_spans(since)
     names = sorted(s.name for s in spans)
     assert names == sorted(
-        [f"download-{s}" for s in SOURCES]
-        + [f"write-{s}.zarr" for s in SOURCES]
-        + ["merge-cube.zarr"]
+        [f"download-{s}" for s in SOURCES] + [f"write-{s}" for s in SOURCES] + ["merge-cube.zarr"]
     )  # the subflow's own placeholder task run is left out
     phases = phase_seconds(spans, SOURCES)
     assert phases["cube magnetic_anomaly"] >= 0.3
