@@ -1,4 +1,6 @@
-"""End to end through Prefect: small stand-ins served over HTTP -> one zarr per dataset."""
+"""End to end through Prefect: small stand-ins served over HTTP -> one zarr per dataset
+(`--datasets-only`, into a local store), or each source's chunks straight into a new cube
+version with its metadata in `<stem>.inputs/` (what `build-cube` asks for)."""
 
 import json
 import subprocess
@@ -10,8 +12,11 @@ import pytest
 import xarray as xr
 
 from polar_cube.grid import TargetGrid
+from polar_cube.keys import VersionKeys, is_metadata
+from polar_cube.location import StoreLocation
 from polar_cube.sources.mirror import serving_mirror
 from polar_cube.spec import load_spec
+from polar_cube.zarr_store import sibling_levels, stored_fingerprint, stored_levels_fingerprint
 
 pytestmark = pytest.mark.slow
 RESOLUTION = 3000.0  # divides the bbox; small stand-ins are this coarse
@@ -33,7 +38,36 @@ def built(small_standins, repo_spec_path, tmp_path_factory):
     with serving_mirror(small_standins) as mirror:
         first = build_datasets(source_mirror=mirror, **options)
         second = build_datasets(source_mirror=mirror, **options)
+    (work / "ended").write_text(datetime.now(UTC).isoformat())
     return first, second, work
+
+
+def version_name(spec, version):
+    return spec.at_resolution(RESOLUTION).at_version(version).data_id
+
+
+@pytest.fixture(scope="module")
+def in_versions(built, small_standins, repo_spec_path, tmp_path_factory):
+    """Into a version in a local folder (the cache of `built` already holds the sources):
+    v1.1.0 with nothing published before, then v1.1.1 with v1.1.0 as `latest`."""
+    from polar_cube.flows.build_datasets import build_datasets
+
+    out = tmp_path_factory.mktemp("versions")
+    spec = load_spec(repo_spec_path)
+    options = dict(
+        spec=spec,
+        grid=TargetGrid.from_spec(spec, RESOLUTION),
+        cache_dir=str(built[2] / "cache"),
+        store_dir=str(out / "unused-store"),
+        output_dir=str(out / "bucket"),
+    )
+    first_version, next_version = version_name(spec, "1.1.0"), version_name(spec, "1.1.1")
+    with serving_mirror(small_standins) as mirror:
+        first = build_datasets(source_mirror=mirror, version=first_version, **options)
+        carried = build_datasets(
+            source_mirror=mirror, version=next_version, latest=first_version, **options
+        )
+    return first, carried, out
 
 
 def test_every_source_becomes_a_labelled_cube(built, repo_spec_path):
@@ -111,7 +145,7 @@ def test_cli_only_one_variable_and_a_missing_source(small_standins, repo_spec_pa
                 mirror,
                 "--cache",
                 str(tmp_path / "cache"),
-                "--store",
+                "--output",
                 str(tmp_path / "out"),
             ],
             capture_output=True,
@@ -142,7 +176,8 @@ def test_the_datasets_progress_ends_at_100_with_its_percentage_in_words(built, r
     spec = load_spec(repo_spec_path).at_resolution(RESOLUTION)
     count = len(spec.sources)
     started = datetime.fromisoformat((built[2] / "started").read_text())
-    ours = [a for a in asyncio.run(progress_artifacts()) if a.created >= started]
+    ended = datetime.fromisoformat((built[2] / "ended").read_text())
+    ours = [a for a in asyncio.run(progress_artifacts()) if started <= a.created <= ended]
     finished = [a for a in ours if float(a.data) == 100]
     assert len(finished) == 2  # both builds of the fixture (other tests' builds came before)
     for artifact in finished:
@@ -150,3 +185,54 @@ def test_the_datasets_progress_ends_at_100_with_its_percentage_in_words(built, r
         assert artifact.description.startswith(
             f"100 % · {spec.data_id}: {count} of {count} per-dataset cubes (latest: "
         )
+
+
+def test_into_a_version_the_chunks_go_into_its_cube_and_the_metadata_apart(
+    in_versions, built, repo_spec_path
+):
+    first, _, out = in_versions
+    spec = load_spec(repo_spec_path)
+    keys = VersionKeys(version_name(spec, "1.1.0"))
+    bucket = out / "bucket"
+    assert sorted(b.source_id for b in first) == sorted(s.id for s in spec.sources)
+    assert not any(b.reused or b.carried_from for b in first)
+    assert {b.path for b in first} == {str(bucket / keys.cube)}
+    assert not (out / "unused-store").exists()  # no per-dataset copy anywhere else
+    assert {p.name for p in bucket.iterdir()} == {keys.cube, keys.levels, keys.inputs}
+    local = {b.source_id: b for b in built[0]}
+    for item in first:
+        metadata = bucket / keys.input_key(item.source_id)
+        assert stored_fingerprint(metadata) == item.fingerprint == local[item.source_id].fingerprint
+        levels = sibling_levels(StoreLocation.local(metadata))
+        assert stored_levels_fingerprint(levels) == item.fingerprint
+        for name in item.variables:
+            assert (metadata / name / ".zarray").is_file(), name
+            assert not [p for p in (metadata / name).iterdir() if not is_metadata(p.name)], name
+            written = {
+                p.name: p.read_bytes() for p in (bucket / keys.cube / name).iterdir() if p.is_file()
+            }
+            store = built[2] / "datasets" / f"{item.source_id}.zarr" / name
+            expected = {
+                p.name: p.read_bytes()
+                for p in store.iterdir()
+                if p.is_file() and not is_metadata(p.name)
+            }
+            assert written and written == expected, name  # the same chunks, byte for byte
+    assert not [p for p in (bucket / keys.cube).rglob("*") if is_metadata(p.name)]  # not merged
+
+
+def test_into_the_next_version_unchanged_sources_are_carried_not_rebuilt(
+    in_versions, repo_spec_path
+):
+    first, carried, out = in_versions
+    spec = load_spec(repo_spec_path)
+    earlier, draft = (
+        VersionKeys(version_name(spec, "1.1.0")),
+        VersionKeys(version_name(spec, "1.1.1")),
+    )
+    assert sorted(b.source_id for b in carried) == sorted(b.source_id for b in first)
+    assert all(b.reused and b.carried_from == earlier.cube for b in carried)
+    assert [b.fingerprint for b in carried] == [b.fingerprint for b in first]
+    assert not any(downloaded for downloaded in (b.downloaded for b in carried))
+    # nothing was written into the new version: carrying it over is build-cube's (carry)
+    assert not [p for p in (out / "bucket").iterdir() if p.name.startswith(draft.stem)]
