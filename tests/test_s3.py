@@ -1,13 +1,16 @@
 """S3 storage: a real local SeaweedFS server, real Prefect blocks, s3fs and zarr over S3."""
 
 import argparse
+import dataclasses
 import json
 import os
+import re
 import socket
 import stat
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import pytest
@@ -327,66 +330,196 @@ def test_cli_blocks_create_names_what_is_missing(tmp_path, capsys, monkeypatch):
         args.func(args)
 
 
-def test_merge_and_publish_copy_chunk_objects_server_side(
-    options, small_standins, repo_spec_path, tmp_path_factory, monkeypatch
-):
-    """On S3 each chunk object is copied once, with CopyObject, from its input straight to the
-    published cube, never decoded: the staged cube holds only metadata and the list of chunk
-    sources; the published chunks are the inputs' bytes; the cube equals the decoding merge."""
-    import dataclasses
+# S3 requests that create, replace or remove objects (s3fs sends every request through
+# S3FileSystem._call_s3, whoever calls it: xarray, zarr, our own steps)
+WRITES = {
+    "put_object",
+    "copy_object",
+    "upload_part",
+    "upload_part_copy",
+    "create_multipart_upload",
+    "complete_multipart_upload",
+    "delete_object",
+    "delete_objects",
+}
 
-    from polar_cube.cube import target as steps
-    from polar_cube.cube.merge import merge_inputs, open_inputs
-    from polar_cube.cube.publish import chunk_sources_key
-    from polar_cube.cube.upload import remote_files, upload_cube
+
+def record_s3_calls(monkeypatch) -> list[tuple[str, str | None, str | None]]:
+    """(request, key, copy source key) of every S3 request from here on."""
+    calls = []
+    original = s3fs.S3FileSystem._call_s3
+
+    async def recording(self, method, *args, **kwargs):
+        source = (kwargs.get("CopySource") or {}).get("Key")
+        calls.append((method, kwargs.get("Key"), source))
+        return await original(self, method, *args, **kwargs)
+
+    monkeypatch.setattr(s3fs.S3FileSystem, "_call_s3", recording)
+    return calls
+
+
+def variable_chunk(key: str | None, names) -> bool:
+    """A chunk object of one of the variables `names` (`…/<var>/1.0`, `…/<var>/0.1.2`), in a
+    cube or in one of its overview levels; not metadata, not a coordinate's chunk."""
+    if not key:
+        return False
+    *_, variable, name = key.split("/")
+    return variable in names and re.fullmatch(r"\d+(\.\d+)+", name) is not None
+
+
+def chunk_listing(location, keys, names) -> dict[str, tuple]:
+    """(ETag, LastModified) of every variable chunk object in the version's cube and levels."""
+    location.fs.invalidate_cache()
+    found = {}
+    for key in (keys.cube, keys.levels):
+        for path, info in location.fs.find(location.path(key), detail=True).items():
+            if variable_chunk(path, names):
+                found[path] = (info["ETag"], info["LastModified"])
+    return found
+
+
+@dataclass(frozen=True)
+class Drafted:
+    """A first version in the bucket with every source's chunks written into it, unmerged."""
+
+    location: object
+    spec: object
+    grid: object
+    keys: object
+    datasets: dict
+    chunks: dict  # chunk_listing right after the writes
+
+
+@pytest.fixture(scope="module")
+def drafted(bucket_block, small_standins, repo_spec_path, tmp_path_factory):
     from polar_cube.grid import TargetGrid
+    from polar_cube.keys import VersionKeys
     from polar_cube.location import StoreLocation
     from polar_cube.spec import load_spec
-    from tests.test_merge import (
-        CHUNK_SIZE,
-        build_inputs,
-        chunk_objects,
-        input_chunks,
-        refuse_chunk_codec,
-    )
+    from tests.test_merge import CHUNK_SIZE, build_inputs, write_inputs
 
     spec = load_spec(repo_spec_path)
     grid = dataclasses.replace(TargetGrid.from_spec(spec, 3000.0), chunk_size=CHUNK_SIZE)
     datasets = build_inputs(small_standins, spec, grid, tmp_path_factory.mktemp("s3-merge"))
-    location = StoreLocation(f"s3://{BUCKET}/merge", options)
-    for cube in sorted(datasets.glob("*.zarr")):
-        upload_cube(cube, location)
+    location = StoreLocation(f"s3://{BUCKET}/merge", storage_options_from_blocks(bucket_block))
+    keys = VersionKeys(spec.data_id)
+    write_inputs(datasets, location, keys, grid)  # straight into the bucket, as a build does
+    names = [v.name for v in spec.variables]
+    chunks = chunk_listing(location, keys, names)
+    time.sleep(1.1)  # LastModified has whole seconds: a rewrite from now on would show
+    return Drafted(location, spec, grid, keys, datasets, chunks)
 
-    server_side_copies = []
-    copy_basic = s3fs.S3FileSystem._copy_basic
 
-    async def counting_copy_basic(self, path1, path2, **kwargs):
-        server_side_copies.append(path2)
-        return await copy_basic(self, path1, path2, **kwargs)
+def test_the_sources_chunks_are_in_the_version_and_only_their_metadata_apart(drafted):
+    from polar_cube.keys import is_metadata
+    from polar_cube.location import remote_files
 
-    monkeypatch.setattr(s3fs.S3FileSystem, "_copy_basic", counting_copy_basic)
+    location, spec, keys = drafted.location, drafted.spec, drafted.keys
+    names = [v.name for v in spec.variables]
+    for variable in spec.variables:
+        in_cube = [k for k in drafted.chunks if k.startswith(location.path(keys.cube) + "/")]
+        assert [k for k in in_cube if k.split("/")[-2] == variable.name], variable.name
+        in_levels = [k for k in drafted.chunks if k.startswith(location.path(keys.levels) + "/")]
+        assert [k for k in in_levels if k.split("/")[-2] == variable.name], variable.name
+        stored = remote_files(location, keys.input_key(variable.source), variable.name)
+        assert stored and all(is_metadata(k) for k in stored), variable.name
+    inputs = remote_files(location, keys.inputs)
+    assert inputs and not [k for k in inputs if variable_chunk(k, names)]
+    assert not location.exists(keys.cube, ".zmetadata")  # not merged: no cube yet
+
+
+def test_merge_writes_metadata_only_and_publishing_is_one_catalog_write(drafted, monkeypatch):
+    """On S3 the merge (and patch) PUT only metadata next to the chunks the builds wrote, and
+    never copy, rewrite, read or decode a chunk; the version is published by one PUT of the
+    catalog. Every chunk object keeps its ETag and LastModified; the cube holds the values
+    the sources were built with."""
+    from polar_cube.cube import target as steps
+    from polar_cube.cube.patching import load_patch
+    from polar_cube.cube.versions import VersionError, catalog_key, latest_cube
+    from polar_cube.keys import is_metadata
+    from tests.conftest import REPO
+    from tests.test_merge import TIMESTAMPED, refuse_chunk_codec
+
+    location, spec, grid, keys = drafted.location, drafted.spec, drafted.grid, drafted.keys
+    names = [v.name for v in spec.variables]
+    patch_path = REPO / "patch.yaml"
+    patch = load_patch(patch_path)
+    calls = record_s3_calls(monkeypatch)
     refuse_chunk_codec(monkeypatch)
 
-    staged = steps.stage_merged_cube(location, spec, grid)
-    expected = {v.name: input_chunks(location, spec, v) for v in spec.variables}
-    for name, chunks in expected.items():
-        assert chunks and not chunk_objects(location, staged.key, name), name
-    assert location.exists(chunk_sources_key(staged.key))
-    assert server_side_copies == []  # staging copied nothing
-    steps.publish_staged_cube(location, spec, staged)
-    for name, chunks in expected.items():
-        assert chunk_objects(location, spec.data_id, name) == chunks, name
-    copied_once = [
-        location.path(spec.data_id, name, chunk) for name in expected for chunk in expected[name]
+    staged = steps.stage_merged_cube(location, spec, grid, patch)
+    assert (staged.key, staged.levels_key) == (keys.cube, keys.levels) and not staged.reused
+    assert steps.patch_staged_cube(location, staged, patch, patch_path)
+    merging = [c for c in calls if c[0] in WRITES]
+    assert merging and {method for method, _, _ in merging} == {"put_object"}  # no copies
+    assert [key for _, key, _ in merging if variable_chunk(key, names)] == []
+    assert not [
+        key for method, key, _ in calls if method == "get_object" and variable_chunk(key, names)
     ]
-    assert sorted(c for c in server_side_copies if c in set(copied_once)) == sorted(copied_once)
-    for key in (staged.key, staged.levels_key):  # staging and its lists are gone
-        assert not [k for k in remote_files(location, key) if k]  # (an empty folder may stay)
-        assert not location.exists(chunk_sources_key(key))
+    version = (f"merge/{keys.cube}/", f"merge/{keys.levels}/")
+    assert all(key.startswith(version) for _, key, _ in merging)  # only into the new version
+    assert any(is_metadata(key) for _, key, _ in merging)
+    with pytest.raises(VersionError, match="no published version"):
+        latest_cube(location, spec.series)  # merged and patched, not yet published
+
+    calls.clear()
+    published = steps.publish_staged_cube(location, spec, staged, patch)
+    assert [c for c in calls if c[0] in WRITES] == [
+        ("put_object", f"merge/{catalog_key(spec.series)}", None)
+    ]
+    assert published.cube == latest_cube(location, spec.series) == keys.cube
+    assert published.fingerprint == staged.fingerprint
 
     monkeypatch.undo()
-    published = steps.open_cube(location, spec.data_id).load()
-    xr.testing.assert_equal(published, merge_inputs(open_inputs(location, spec), spec, grid))
+    assert chunk_listing(location, keys, names) == drafted.chunks  # not one chunk rewritten
+    cube = steps.open_cube(location, keys.cube)
+    assert cube.attrs["title"] == "Polar Data Cube v1.1.0"  # the patch's
+    for variable in spec.variables:
+        values = drafted.datasets[variable.source][variable.name].values.astype("float32")
+        assert np.isfinite(values).any(), variable.name
+        np.testing.assert_array_equal(cube[variable.name].values, values, err_msg=variable.name)
+    for name in TIMESTAMPED:
+        assert name in cube.attrs
+
+
+def test_carrying_copies_each_chunk_object_server_side_never_through_this_machine(
+    drafted, monkeypatch
+):
+    """A source unchanged since the version that has it is carried into the next one with
+    one CopyObject per object: no chunk is read (GET) or written (PUT) by this process,
+    the copies have the same bytes (ETag), and the old version is left as it was."""
+    from polar_cube.cube.carry import carry_sources
+    from polar_cube.keys import VersionKeys
+
+    location, spec, keys = drafted.location, drafted.spec, drafted.keys
+    carried_ids = ["magnetic_anomaly", "subglacial_lakes_thwaites"]
+    names = [v.name for s in carried_ids for v in spec.variables_of(s)]
+    following = spec.at_version("1.1.1")
+    new = VersionKeys(following.data_id)
+    calls = record_s3_calls(monkeypatch)
+
+    copied = carry_sources(location, following, {s: keys for s in carried_ids}, new)
+
+    chunk_copies = [(key, source) for method, key, source in calls if method == "copy_object"]
+    chunk_copies = [(k, s) for k, s in chunk_copies if variable_chunk(k, names)]
+    expected = {k: v for k, v in drafted.chunks.items() if k.split("/")[-2] in names}
+    assert copied == len(chunk_copies) == len(expected) > 2 * len(names)
+    assert sorted(source for _, source in chunk_copies) == sorted(
+        k.removeprefix(f"{BUCKET}/") for k in expected
+    )
+    moved = [c for c in calls if c[0] in ("put_object", "get_object", "upload_part")]
+    assert not [c for c in moved if variable_chunk(c[1], [v.name for v in spec.variables])]
+    monkeypatch.undo()
+    after = chunk_listing(location, new, names)
+    assert {k.replace(new.stem, keys.stem): etag for k, (etag, _) in after.items()} == {
+        k: etag for k, (etag, _) in expected.items()
+    }
+    for source_id in carried_ids:  # its metadata too, markers included
+        assert location.exists(new.input_key(source_id), ".zmetadata")
+        assert location.exists(new.input_levels_key(source_id), ".zlevels")
+    others = [v.name for v in spec.variables if v.name not in names]
+    assert not chunk_listing(location, new, others)  # only the sources asked for
+    assert chunk_listing(location, keys, [v.name for v in spec.variables]) == drafted.chunks
 
 
 def test_cli_blocks_create_checks_the_keys_before_saving(server, capsys, monkeypatch):
