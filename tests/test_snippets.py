@@ -618,9 +618,11 @@ def test_adding_a_source_builds_the_cube_as_the_page_says(tmp_path):
     spec = load_spec(folder / "my-cube.geojson")
     source, variable = new_source_and_variable(spec)
     named = spec.at_resolution(3000).data_id
-    assert sorted(p.name for p in (folder / "data" / "my-datasets").glob("*.zarr")) == sorted(
+    inputs = folder / "data" / "my-cube" / named.replace(".zarr", ".inputs")
+    assert sorted(p.name for p in inputs.glob("*.zarr")) == sorted(
         f"{s.id}.zarr" for s in spec.sources
-    )
+    )  # every source's part of the version, the new one included
+    assert not (folder / "data" / "datasets").exists()  # no local per-dataset copies
     cube = xr.open_zarr(folder / "data" / "my-cube" / named, consolidated=True)
     assert set(cube.data_vars) - {"crs"} == {v.name for v in spec.variables}
     elevation = cube[variable.name]
@@ -676,7 +678,7 @@ def test_a_broken_command_fails_its_check(file, name, old, new, message):
 
 def test_a_broken_synopsis_or_layout_fails_its_check():
     synopsis = snippet("README.md", "commands")
-    broken = synopsis.replace("[--datasets-only]", "[--datasets-only] [--dry-run]")
+    broken = synopsis.replace("[--patch FILE]", "[--patch FILE] [--dry-run]")
     assert any("no option --dry-run" in p for p in synopsis_problems(broken))
     broken = synopsis.replace("--scale small|full OUT_DIR", "--scale small|medium OUT_DIR")
     assert any("--scale takes ['full', 'small']" in p for p in synopsis_problems(broken))
