@@ -13,8 +13,18 @@ import rasterio
 import xarray as xr
 import yaml
 
-from polar_cube.dataset import convert_source, describe_dataset, resample_layers, write_dataset
+from polar_cube.cube import target as steps
+from polar_cube.dataset import (
+    InVersion,
+    convert_source,
+    dataset_is_current,
+    describe_dataset,
+    resample_layers,
+    write_dataset,
+)
 from polar_cube.grid import TargetGrid
+from polar_cube.keys import VersionKeys
+from polar_cube.location import StoreLocation
 from polar_cube.sources.fetch import fetch_source
 from polar_cube.sources.mirror import serving_mirror
 from polar_cube.sources.standins import make_standins, write_described_standin
@@ -93,7 +103,8 @@ def test_a_source_without_a_standin_is_named(tmp_path):
 
 
 def test_the_new_source_becomes_a_dataset_without_prefect(tmp_path):
-    """Stand-in -> HTTP mirror -> download -> reader -> resample -> per-dataset zarr."""
+    """Stand-in -> HTTP mirror -> download -> reader -> resample -> per-dataset cube written
+    into a cube version (chunks in its cube, metadata in its `.inputs/`)."""
     spec = load_spec(write_extended_spec(tmp_path)[0])
     source, variable = new_source_and_variable(spec)
     standins = tmp_path / "sources"
@@ -110,8 +121,18 @@ def test_the_new_source_becomes_a_dataset_without_prefect(tmp_path):
         fetched = fetch_source(source, tmp_path / "cache", mirror=mirror)
     converted = convert_source(spec, fetched)
     dataset = describe_dataset(resample_layers(converted, grid), spec, fetched, converted, grid)
-    path = write_dataset(dataset, tmp_path / "datasets" / f"{source.id}.zarr", grid)
-    cube = xr.open_zarr(path, consolidated=True)
+    location = StoreLocation.local(tmp_path / "cube")
+    keys = VersionKeys(spec.at_resolution(RESOLUTION).data_id)
+    into = InVersion(location, keys, source.id)
+    write_dataset(dataset, into, grid)  # as `build-cube` writes it: into the new version
+    assert dataset_is_current(into, spec, fetched, grid)
+    metadata = xr.open_zarr(into.metadata.root, consolidated=True)
+    assert set(metadata.data_vars) - {"crs"} == {variable.name}
+    assert metadata.attrs["polar_cube_source_id"] == source.id
+    # its chunks are in the version's cube: merged alone, the cube shows the layer
+    alone = spec.model_copy(update={"sources": [source], "variables": [variable]})
+    staged = steps.stage_merged_cube(location, alone.at_resolution(RESOLUTION), grid)
+    cube = steps.open_cube(location, staged.key)
     assert set(cube.data_vars) - {"crs"} == {variable.name}
     check_layer(cube[variable.name], source, variable, values, grid)
 

@@ -43,11 +43,13 @@ from polar_cube.dataset import (
     describe_dataset,
 )
 from polar_cube.grid import TargetGrid
+from polar_cube.keys import VersionKeys
 from polar_cube.location import StoreLocation
 from polar_cube.sources.mirror import serving_mirror
 from polar_cube.spec import load_spec
 from polar_cube.zarr_store import (
     CF_CONVENTIONS,
+    FINGERPRINT_ATTR,
     GRID_MAPPING,
     NCZARR_ATTR,
     VALUE_TYPED_ATTRS,
@@ -286,27 +288,33 @@ def test_the_merge_types_flags_of_inputs_written_before(lake_cube, tmp_path, mon
     """`--only` merges inputs of earlier builds: their int flag_values without hints come
     out typed in the merged cube's metadata, and the merged fingerprint names the layout."""
     location = StoreLocation.local(tmp_path)
-    old = tmp_path / "inputs" / f"{LAKES}.zarr"
-    old.parent.mkdir()
+    spec = SPEC.model_copy(
+        update={"variables": SPEC.variables_of(LAKES), "sources": [SPEC.source(LAKES)]}
+    )
+    keys = VersionKeys(spec.data_id)
+    old = Path(location.path(keys.input_key(LAKES)))  # its metadata in the version
     shutil.copytree(lake_cube, old)
     zmetadata = json.loads((old / ".zmetadata").read_text())
+    untyped = 0
     for key, attrs in zmetadata["metadata"].items():
         if key.endswith("/.zattrs") and NCZARR_ATTR in attrs:
             attrs.pop(NCZARR_ATTR)
             attrs["flag_values"] = [0, 1]
+            untyped += 1
+    assert untyped == len(spec.variables)
     (old / ".zmetadata").write_text(json.dumps(zmetadata))
-    spec = SPEC.model_copy(
-        update={"variables": SPEC.variables_of(LAKES), "sources": [SPEC.source(LAKES)]}
-    )
-    inputs = {f"inputs/{LAKES}.zarr": xr.open_zarr(old, consolidated=True)}
-    stored = merge.stored_variables(location, inputs, spec, SMALL)
+    inputs = {keys.input_key(LAKES): xr.open_zarr(old, consolidated=True)}
+    stored = merge.stored_variables(location, keys, inputs, spec, SMALL)
     assert [v.name for v in stored] == [v.name for v in spec.variables]
     for variable in stored:
+        assert variable.input_key == keys.input_key(LAKES)
         assert variable.zattrs["flag_values"] == [0.0, 1.0]
         assert variable.zattrs[NCZARR_ATTR] == {"types": {"flag_values": "<f4"}}
-    before = merge.cube_fingerprint(spec, SMALL, inputs)
+    fingerprints = merge.input_fingerprints(inputs)
+    assert fingerprints == {LAKES: inputs[keys.input_key(LAKES)].attrs[FINGERPRINT_ATTR]}
+    before = merge.cube_fingerprint(spec, SMALL, fingerprints)
     monkeypatch.setattr(merge, "MERGED_LAYOUT", "the merge before CF-1.8")
-    assert merge.cube_fingerprint(spec, SMALL, inputs) != before
+    assert merge.cube_fingerprint(spec, SMALL, fingerprints) != before
 
 
 def test_per_dataset_cubes_are_rebuilt_for_the_cf_attributes(monkeypatch):
@@ -349,7 +357,8 @@ def test_the_checker_finds_only_what_zarr_causes_in_a_per_dataset_cube(lake_cube
 @pytest.fixture(scope="module")
 def built(small_standins, tmp_path_factory):
     """The whole cube at 3000 m from the small stand-ins, published into a local folder by
-    the build flow, and its per-dataset cubes."""
+    the build flow, and the folder of its per-dataset cubes (their metadata: the chunks are
+    in the cube)."""
     from polar_cube.flows.build_cube import build_cube
 
     work = tmp_path_factory.mktemp("cf-build")
@@ -359,16 +368,17 @@ def built(small_standins, tmp_path_factory):
             resolution=3000.0,
             source_mirror=mirror,
             cache_dir=str(work / "cache"),
-            datasets_dir=str(work / "datasets"),
             output_dir=str(work / "cube"),
             patch_path=str(REPO / "patch.yaml"),
         )
-    return Path(result.url), work / "datasets"
+    cube = Path(result.url)
+    assert not result.reused and cube.name == SPEC.at_resolution(3000.0).data_id
+    return cube, cube.with_suffix(".inputs")
 
 
 def checked_cubes(built) -> list[tuple[Path, list[str]]]:
     """Every cube of the build with its data variables: the published cube, its level 1,
-    and the per-dataset cubes."""
+    and the per-dataset cubes (their metadata in the version's `.inputs/`)."""
     published, datasets = built
     spec_names = [v.name for v in SPEC.variables]
     cubes = [(published, spec_names), (published.with_suffix(".levels") / "1.zarr", spec_names)]

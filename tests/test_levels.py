@@ -1,31 +1,33 @@
-"""Overview levels through upload, chunk-copy merge and publish: xcube opens the published
-`<stem>.levels`, the merged levels are the inputs' chunk objects, an interrupted merge is
-redone, and the report reads only metadata and levels."""
+"""Overview levels written by the sources' builds straight into the version and merged
+(metadata only): xcube opens the published `<stem>.levels`, their chunks are the builds'
+writes, never decoded, an interrupted merge is redone, and the report reads only metadata
+and levels."""
 
-import os
+import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import xarray as xr
 
-from polar_cube.cube import merge
 from polar_cube.cube import target as steps
 from polar_cube.cube.merge import MergeError
-from polar_cube.cube.publish import copy_objects
 from polar_cube.cube.report import make_report
-from polar_cube.cube.upload import upload_cube
 from polar_cube.cube.verify import levels_problems, stored_stats, variable_stats
+from polar_cube.dataset import InVersion, write_dataset
 from polar_cube.grid import TargetGrid
-from polar_cube.location import StoreLocation
-from polar_cube.zarr_store import add_grid_coords, write_zarr_atomically
+from polar_cube.keys import VersionKeys, is_metadata
+from polar_cube.location import StoreLocation, remote_files
+from polar_cube.zarr_store import add_grid_coords
 from tests.conftest import layer_count
-from tests.test_merge import chunk_objects, refuse_chunk_codec
+from tests.test_merge import chunk_files, fail_writes_after, refuse_chunk_codec
 from tests.test_verify import SPEC, TIMES, field
 from tests.test_writing_pass import reference_halving
 
 GRID = TargetGrid(SPEC.spatial_ref, SPEC.spatial_bbox, 1500, 256)  # 1302 x 1414: 3 levels
-STEM = SPEC.data_id.removesuffix(".zarr")
+KEYS = VersionKeys(SPEC.data_id)
+STEM = KEYS.stem
 LEVEL_SHAPES = [(1414, 1302), (707, 651), (354, 326)]
 
 
@@ -52,24 +54,27 @@ def source_dataset(source_id: str) -> xr.Dataset:
 
 
 @pytest.fixture(scope="module")
-def datasets(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("levels-inputs")
+def drafted(tmp_path_factory) -> StoreLocation:
+    """Every source written into the first version, nothing merged (a template)."""
+    location = StoreLocation.local(tmp_path_factory.mktemp("levels-draft") / "store")
     for source in SPEC.sources:
-        write_zarr_atomically(source_dataset(source.id), folder / f"{source.id}.zarr", 256)
-    return folder
-
-
-def uploaded(datasets: Path, root: Path) -> StoreLocation:
-    location = StoreLocation.local(root)
-    for cube in sorted(datasets.glob("*.zarr")):
-        upload_cube(cube, location)
+        write_dataset(source_dataset(source.id), InVersion(location, KEYS, source.id), GRID)
     return location
 
 
+def copied(drafted: StoreLocation, root: Path) -> StoreLocation:
+    shutil.copytree(drafted.root, root)
+    return StoreLocation.local(root)
+
+
+def publish(location: StoreLocation) -> None:
+    steps.publish_staged_cube(location, SPEC, steps.stage_merged_cube(location, SPEC, GRID), {})
+
+
 @pytest.fixture(scope="module")
-def published(datasets, tmp_path_factory) -> StoreLocation:
-    location = uploaded(datasets, tmp_path_factory.mktemp("levels-store"))
-    steps.publish_staged_cube(location, SPEC, steps.stage_merged_cube(location, SPEC, GRID))
+def published(drafted, tmp_path_factory) -> StoreLocation:
+    location = copied(drafted, tmp_path_factory.mktemp("levels-store") / "store")
+    publish(location)
     return location
 
 
@@ -98,29 +103,26 @@ def test_xcube_opens_the_published_levels(published):
         np.testing.assert_allclose(level_1[axis].values, cube[axis].coarsen({axis: 2}).mean())
 
 
-def test_published_levels_are_the_inputs_chunk_objects_never_decoded(
-    datasets, tmp_path, monkeypatch
+def test_the_published_levels_are_the_builds_chunks_never_decoded_nor_moved(
+    drafted, tmp_path, monkeypatch
 ):
-    location = uploaded(datasets, tmp_path / "store")
+    location = copied(drafted, tmp_path / "store")
+    before = chunk_files(location, KEYS, SPEC)
+    level_chunks = [path for path in before if ".levels/" in str(path)]
+    assert {path.parent.parent.name for path in level_chunks} == {"1.zarr", "2.zarr"}
+    assert len(level_chunks) > 2 * len(SPEC.variables)
     refuse_chunk_codec(monkeypatch)
-    staged = steps.stage_merged_cube(location, SPEC, GRID)
-    steps.publish_staged_cube(location, SPEC, staged)
-    copied = 0
-    for level in (1, 2):
-        for variable in SPEC.variables:
-            source = f"inputs/{variable.source}.levels/{level}.zarr"
-            expected = chunk_objects(location, source, variable.name)
-            target = f"{STEM}.levels/{level}.zarr"
-            assert chunk_objects(location, target, variable.name) == expected, variable.name
-            for name in expected:
-                assert os.path.samefile(
-                    location.path(target, variable.name, name),
-                    location.path(source, variable.name, name),
-                )
-            copied += len(expected)
-    assert copied > 2 * len(SPEC.variables)
+    publish(location)
+    assert chunk_files(location, KEYS, SPEC) == before  # same files, times and bytes
+    for source in SPEC.sources:  # the sources' levels in `.inputs/` hold no chunk
+        stored = remote_files(location, KEYS.input_levels_key(source.id))
+        names = {v.name for v in SPEC.variables_of(source.id)}
+        assert ".zlevels" in stored and not [
+            k for k in stored if not is_metadata(k) and k.split("/")[-2] in names
+        ], source.id
     assert (Path(location.root) / f"{STEM}.levels" / "0.link").read_text() == f"../{SPEC.data_id}"
-    assert not list(Path(location.root, ".staging").iterdir())
+    with pytest.raises(AssertionError, match="decoded"):  # the guard above was live
+        xr.open_zarr(location.mapper(KEYS.levels, "1.zarr"))["magnetic_anomaly"].load()
 
 
 def test_the_published_levels_pass_their_checks_and_problems_are_named(published):
@@ -141,53 +143,44 @@ def test_the_published_levels_pass_their_checks_and_problems_are_named(published
     ]
 
 
-def test_an_interrupted_levels_merge_is_redone(datasets, tmp_path, monkeypatch):
-    location = uploaded(datasets, tmp_path / "store")
-    copied = []
-
-    def copy_then_fail(where, pairs):
-        for pair in pairs:
-            if ".levels" in pair[1] and sum(".levels" in t for _, t in copied) == 3:
-                raise ConnectionError("connection lost (simulated) in the levels")
-            copy_objects(where, [pair])
-            copied.append(pair)
-
-    monkeypatch.setattr(merge, "copy_objects", copy_then_fail)
+def test_an_interrupted_levels_merge_is_redone(drafted, tmp_path, monkeypatch):
+    location = copied(drafted, tmp_path / "store")
+    written = fail_writes_after(monkeypatch, 50, location.path(KEYS.levels))
     with pytest.raises(ConnectionError, match="simulated"):
         steps.stage_merged_cube(location, SPEC, GRID)
     monkeypatch.undo()
-    fingerprint = steps.current_fingerprint(location, SPEC, GRID)
-    levels_key = f".staging/{STEM}.levels.{fingerprint[:16]}"
-    assert location.exists(levels_key, "1.zarr")
-    assert steps.levels_fingerprint(location, levels_key) is None  # not taken as complete
+    assert len(written) == 50 and location.exists(KEYS.levels, "1.zarr", ".zmetadata")
+    assert not location.exists(KEYS.levels, "2.zarr", ".zmetadata")
+    assert steps.levels_fingerprint(location, KEYS.levels) is None  # not taken as complete
+    fingerprint = steps.zarr_attrs(location, KEYS.cube)["polar_cube_inputs_sha256"]
 
     staged = steps.stage_merged_cube(location, SPEC, GRID)
-    assert staged.levels_key == levels_key and not staged.reused
-    assert steps.levels_fingerprint(location, levels_key) == fingerprint
+    assert staged.levels_key == KEYS.levels and not staged.reused
+    assert staged.fingerprint == fingerprint
+    assert steps.levels_fingerprint(location, KEYS.levels) == fingerprint
     assert steps.stage_merged_cube(location, SPEC, GRID).reused
 
 
-def test_inputs_without_their_levels_are_refused(datasets, tmp_path):
-    location = uploaded(datasets, tmp_path / "store")
-    Path(location.path("inputs/magnetic_anomaly.levels/.zlevels")).unlink()
+def test_inputs_without_their_levels_are_refused(drafted, tmp_path):
+    location = copied(drafted, tmp_path / "store")
+    Path(location.path(KEYS.input_levels_key("magnetic_anomaly"), ".zlevels")).unlink()
     with pytest.raises(MergeError) as refused:
         steps.stage_merged_cube(location, SPEC, GRID)
     assert str(refused.value) == (
-        f"{location.url('inputs/magnetic_anomaly.levels')}: overview levels missing, incomplete "
-        f"or not from the build of {location.url('inputs/magnetic_anomaly.zarr')}; build and "
-        "upload it again (`polar-cube build` without --only)"
+        f"{location.url(KEYS.input_levels_key('magnetic_anomaly'))}: overview levels missing, "
+        f"incomplete or not from the build of {location.url(KEYS.input_key('magnetic_anomaly'))}"
+        "; build it again (`polar-cube build` without --only)"
     )
+    assert not location.exists(KEYS.cube, ".zmetadata")
 
 
-def test_the_report_reads_metadata_and_levels_never_the_full_cube(datasets, tmp_path):
-    location = uploaded(datasets, tmp_path / "store")
-    steps.publish_staged_cube(location, SPEC, steps.stage_merged_cube(location, SPEC, GRID))
+def test_the_report_reads_metadata_and_levels_never_the_full_cube(published, tmp_path):
+    location = copied(published, tmp_path / "store")
     cube = steps.open_cube(location, SPEC.data_id)
     recomputed = variable_stats(cube, SPEC)
     corrupted = 0
     for variable in SPEC.variables:  # any read of a full-resolution chunk now fails
         for chunk in Path(location.path(SPEC.data_id, variable.name)).glob("[0-9]*"):
-            chunk.unlink()  # a hard link to the input's chunk: replace the name only
             chunk.write_bytes(b"not a blosc frame")
             corrupted += 1
     assert corrupted > len(SPEC.variables)
@@ -207,3 +200,5 @@ def test_the_report_reads_metadata_and_levels_never_the_full_cube(datasets, tmp_
     for url in report.quicklooks:
         assert Path(url).read_bytes().startswith(b"\x89PNG")
     assert stored_stats(cube, SPEC, "cube") == report.stats
+    record = json.loads(Path(location.path(KEYS.quicklooks, "report.json")).read_text())
+    assert record["cube"]["fingerprint"] == cube.attrs["polar_cube_inputs_sha256"]

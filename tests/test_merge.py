@@ -1,29 +1,40 @@
-"""The merge copies the inputs' stored chunk objects: byte-identical, never decoded, the same
-cube as the decoding merge, clear refusals, kill-safe; publishing keeps the bytes too."""
+"""The merge writes metadata only: every source's build wrote its chunks straight into the
+version's cube, the merge never moves, encodes or decodes one; the merged cube equals the
+per-dataset cubes; clear refusals; an interrupted merge is redone; a published version
+keeps its bytes when a source is rebuilt into the next one; carrying copies across
+devices."""
 
 import dataclasses
-import os
+import json
+import shutil
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import xarray as xr
+from fsspec.implementations.local import LocalFileSystem
 from numcodecs import Blosc
 
-from polar_cube.cube import merge
 from polar_cube.cube import target as steps
+from polar_cube.cube.carry import carry_sources
 from polar_cube.cube.merge import MergeError, merge_inputs, open_inputs
-from polar_cube.cube.publish import copy_objects, staging_key
-from polar_cube.cube.upload import upload_cube
 from polar_cube.cube.verify import check_store_layout, stored_stats, variable_stats, verify_cube
-from polar_cube.dataset import convert_source, describe_dataset, resample_layers, write_dataset
+from polar_cube.cube.versions import latest_cube, next_version, read_catalog
+from polar_cube.dataset import (
+    InVersion,
+    convert_source,
+    describe_dataset,
+    resample_layers,
+    write_dataset,
+)
 from polar_cube.grid import TargetGrid
-from polar_cube.location import StoreLocation
+from polar_cube.keys import VersionKeys, is_metadata
+from polar_cube.location import StoreLocation, remote_files
 from polar_cube.sources.fetch import fetch_source
 from polar_cube.sources.mirror import serving_mirror
 from polar_cube.spec import load_spec
-from polar_cube.zarr_store import FINGERPRINT_ATTR, encoding_for, write_zarr_atomically
+from polar_cube.zarr_store import FINGERPRINT_ATTR, encoding_for
 from tests.conftest import layer_count
 
 RESOLUTION = 3000.0
@@ -31,9 +42,10 @@ CHUNK_SIZE = 256  # 3 x 3 chunks per layer at 3000 m, so there are many chunk ob
 TIMESTAMPED = ("date_created", "history")
 
 
-def build_inputs(standins: Path, spec, grid: TargetGrid, work: Path) -> Path:
-    """The per-dataset cubes of the stand-ins, made as the build flow makes them (no Prefect)."""
-    store = work / "datasets"
+def build_inputs(standins: Path, spec, grid: TargetGrid, work: Path) -> dict[str, xr.Dataset]:
+    """The per-dataset cubes of the stand-ins as the build flow describes them (no
+    Prefect), loaded: {source id: dataset}."""
+    datasets = {}
     with serving_mirror(standins) as mirror:
         for source in spec.sources:
             fetched = fetch_source(source, work / "cache", mirror=mirror)
@@ -41,8 +53,17 @@ def build_inputs(standins: Path, spec, grid: TargetGrid, work: Path) -> Path:
             dataset = describe_dataset(
                 resample_layers(converted, grid), spec, fetched, converted, grid
             )
-            write_dataset(dataset, store / f"{source.id}.zarr", grid)
-    return store
+            datasets[source.id] = dataset.load()
+    return datasets
+
+
+def write_inputs(
+    datasets: dict[str, xr.Dataset], location: StoreLocation, keys: VersionKeys, grid
+) -> None:
+    """Each per-dataset cube written straight into the version `keys`, as `build-cube`
+    writes it (`InVersion`: chunks into the cube and levels, metadata into `.inputs/`)."""
+    for source_id, dataset in datasets.items():
+        write_dataset(dataset, InVersion(location, keys, source_id), grid)
 
 
 def chunk_objects(location: StoreLocation, key: str, variable: str) -> dict[str, bytes]:
@@ -52,8 +73,20 @@ def chunk_objects(location: StoreLocation, key: str, variable: str) -> dict[str,
     return {n: location.fs.cat_file(f"{base}/{n}") for n in names if not n.startswith(".")}
 
 
-def input_chunks(location: StoreLocation, spec, variable) -> dict[str, bytes]:
-    return chunk_objects(location, f"inputs/{variable.source}.zarr", variable.name)
+def chunk_files(location: StoreLocation, keys: VersionKeys, spec) -> dict[Path, tuple]:
+    """{file: (inode, mtime, bytes)} of every chunk of the spec's variables in the version's
+    cube and levels."""
+    found = {}
+    for key in (keys.cube, *(f"{keys.levels}/{p.name}" for p in levels_of(location, keys))):
+        for variable in spec.variables:
+            for path in Path(location.path(key, variable.name)).glob("[0-9]*"):
+                stat = path.stat()
+                found[path] = (stat.st_ino, stat.st_mtime_ns, path.read_bytes())
+    return found
+
+
+def levels_of(location: StoreLocation, keys: VersionKeys) -> list[Path]:
+    return sorted(Path(location.path(keys.levels)).glob("*.zarr"))
 
 
 def refuse_chunk_codec(monkeypatch) -> None:
@@ -70,6 +103,28 @@ def refuse_chunk_codec(monkeypatch) -> None:
         monkeypatch.setattr(Blosc, method, guarded)
 
 
+def fail_writes_after(monkeypatch, count: int, under: str) -> list[str]:
+    """Make the `count`+1-th object written below the path `under` fail (a lost
+    connection); returns the paths written until then."""
+    written = []
+    original = LocalFileSystem.pipe_file
+
+    def write_then_fail(self, path, value, *args, **kwargs):
+        if str(path).startswith(under):
+            if len(written) == count:
+                raise ConnectionError(f"connection lost (simulated) after {count} objects")
+            written.append(str(path))
+        return original(self, path, value, *args, **kwargs)
+
+    monkeypatch.setattr(LocalFileSystem, "pipe_file", write_then_fail)
+    return written
+
+
+def copy_store(template: StoreLocation, root: Path) -> StoreLocation:
+    shutil.copytree(template.root, root)
+    return StoreLocation.local(root)
+
+
 @pytest.fixture(scope="module")
 def spec(repo_spec_path):
     return load_spec(repo_spec_path)
@@ -81,27 +136,38 @@ def grid(spec):
 
 
 @pytest.fixture(scope="module")
+def keys(spec) -> VersionKeys:
+    return VersionKeys(spec.data_id)
+
+
+@pytest.fixture(scope="module")
 def datasets(small_standins, spec, grid, tmp_path_factory):
     return build_inputs(small_standins, spec, grid, tmp_path_factory.mktemp("merge"))
 
 
-@pytest.fixture
-def location(datasets, tmp_path):
-    """A local-folder store with every per-dataset cube uploaded to inputs/."""
-    location = StoreLocation.local(tmp_path / "store")
-    for cube in sorted(datasets.glob("*.zarr")):
-        upload_cube(cube, location)
+@pytest.fixture(scope="module")
+def drafted(datasets, keys, grid, tmp_path_factory) -> StoreLocation:
+    """Every per-dataset cube written into the first version, nothing merged (a template)."""
+    location = StoreLocation.local(tmp_path_factory.mktemp("merge-draft") / "store")
+    write_inputs(datasets, location, keys, grid)
     return location
 
 
+@pytest.fixture
+def location(drafted, tmp_path) -> StoreLocation:
+    return copy_store(drafted, tmp_path / "store")
+
+
 @pytest.mark.filterwarnings("ignore:All-NaN slice:RuntimeWarning")
-def test_stats_of_the_writing_pass_equal_a_full_recomputation(datasets, spec):
-    """Every stand-in's per-dataset cube: the statistics stored while writing it are those
-    computed again from its data, for every variable and time step."""
+def test_stats_of_the_writing_pass_equal_a_full_recomputation(drafted, keys, datasets, spec):
+    """Every stand-in's per-dataset cube: the statistics stored in its metadata while its
+    chunks were written into the version are those computed again from its data, for every
+    variable and time step."""
     compared = 0
-    for path in sorted(datasets.glob("*.zarr")):
-        cube = xr.open_zarr(path, consolidated=True)
-        stored, recomputed = stored_stats(cube, spec, str(path)), variable_stats(cube, spec)
+    for source_id, dataset in datasets.items():
+        key = keys.input_key(source_id)
+        metadata = xr.open_zarr(drafted.mapper(key), consolidated=True)
+        stored, recomputed = stored_stats(metadata, spec, key), variable_stats(dataset, spec)
         assert [(s.name, s.time) for s in stored] == [(s.name, s.time) for s in recomputed]
         for mine, full in zip(stored, recomputed, strict=True):
             assert (mine.units, mine.valid_fraction) == (full.units, full.valid_fraction)
@@ -111,26 +177,26 @@ def test_stats_of_the_writing_pass_equal_a_full_recomputation(datasets, spec):
     assert compared == layer_count(spec)
 
 
-def test_merged_chunks_are_the_inputs_bytes_and_never_decoded(location, spec, grid, monkeypatch):
+def test_the_merge_writes_metadata_only_and_never_touches_a_chunk(
+    location, keys, spec, grid, monkeypatch
+):
+    before = chunk_files(location, keys, spec)
+    assert len(before) > 4 * len(spec.variables)
+    for variable in spec.variables:  # every variable has chunks there, its input none
+        assert chunk_objects(location, keys.cube, variable.name), variable.name
+        stored = remote_files(location, keys.input_key(variable.source), variable.name)
+        assert stored and all(is_metadata(k) for k in stored), variable.name
     refuse_chunk_codec(monkeypatch)
     staged = steps.stage_merged_cube(location, spec, grid)
-    assert not staged.reused
-    copied = 0
-    for variable in spec.variables:
-        expected = input_chunks(location, spec, variable)
-        assert expected, f"{variable.name}: no stored chunk in the input"
-        assert chunk_objects(location, staged.key, variable.name) == expected, variable.name
-        for name in expected:  # a local folder links them: the very same file
-            merged = location.path(staged.key, variable.name, name)
-            source = location.path("inputs", f"{variable.source}.zarr", variable.name, name)
-            assert os.path.samefile(merged, source)
-        copied += len(expected)
-    assert copied > 2 * len(spec.variables)
+    assert (staged.key, staged.levels_key) == (keys.cube, keys.levels) and not staged.reused
+    assert chunk_files(location, keys, spec) == before  # same files, times and bytes
     with pytest.raises(AssertionError, match="decoded"):  # the guard above was live
         steps.open_cube(location, staged.key)["magnetic_anomaly"].load()
 
 
-def test_merged_cube_equals_the_decoding_merge_and_passes_the_checks(location, spec, grid):
+def test_merged_cube_equals_the_per_dataset_cubes_and_passes_the_checks(
+    location, keys, spec, grid, datasets
+):
     staged = steps.stage_merged_cube(location, spec, grid)
     where = location.url(staged.key)
     check_store_layout(location.mapper(staged.key), where)
@@ -139,21 +205,28 @@ def test_merged_cube_equals_the_decoding_merge_and_passes_the_checks(location, s
     assert merged.attrs[FINGERPRINT_ATTR] == staged.fingerprint
     assert "spatial_ref" not in merged.variables
     assert {merged[v.name].attrs["grid_mapping"] for v in spec.variables} == {"crs"}
-    expected = merge_inputs(open_inputs(location, spec), spec, grid)
+    # the merge of the inputs' metadata, with the values of the per-dataset cubes as built
+    expected = merge_inputs(open_inputs(location, spec, keys), spec, grid)
+    for variable in spec.variables:
+        values = datasets[variable.source][variable.name].values.astype("float32")
+        expected[variable.name] = expected[variable.name].copy(data=values)
+        assert np.isfinite(values).any(), variable.name
     for name in TIMESTAMPED:
         assert merged.attrs.pop(name)[:4] == expected.attrs.pop(name)[:4]
-    xr.testing.assert_identical(merged.load(), expected.load())
+    xr.testing.assert_identical(merged.load(), expected)
 
 
-def rewrite_input(location: StoreLocation, source_id: str, change, work: Path) -> None:
-    """Upload, in place of an input, a re-written copy with `change(dataset, encoding)`."""
-    dataset = xr.open_zarr(location.mapper(f"inputs/{source_id}.zarr"), consolidated=True)
-    dataset = dataset.load()
+def rewrite_input(location: StoreLocation, keys: VersionKeys, dataset, change) -> None:
+    """Write, in place of a source's metadata in the version, the metadata another writer
+    gives `dataset` with `change(dataset, encoding)` (its chunks with it, the cube's stay)."""
+    dataset = dataset.copy()
     encoding = encoding_for(dataset, CHUNK_SIZE)
     dataset = change(dataset, encoding) or dataset
-    cube = work / f"{source_id}.zarr"
-    dataset.to_zarr(cube, mode="w", zarr_format=2, consolidated=True, encoding=encoding)
-    upload_cube(cube, location)
+    key = keys.input_key(dataset.attrs["polar_cube_source_id"])
+    location.fs.rm(location.path(key), recursive=True)
+    dataset.to_zarr(
+        location.mapper(key), mode="w", zarr_format=2, consolidated=True, encoding=encoding
+    )
 
 
 def other_codec(dataset, encoding):
@@ -183,110 +256,132 @@ def without_thw_124(dataset, encoding):
         (
             "magnetic_anomaly",
             other_codec,
-            "inputs/magnetic_anomaly.zarr: magnetic_anomaly: compressor "
+            "{inputs}/magnetic_anomaly.zarr: magnetic_anomaly: compressor "
             "blosc(cname=zstd, clevel=3, shuffle=1, blocksize=0), "
             "the cube's is blosc(cname=lz4, clevel=7, shuffle=1, blocksize=0)",
         ),
         (
             "magnetic_anomaly",
             float64,
-            "inputs/magnetic_anomaly.zarr: magnetic_anomaly: dtype <f8 (float64), "
+            "{inputs}/magnetic_anomaly.zarr: magnetic_anomaly: dtype <f8 (float64), "
             "the cube's is <f4 (float32)",
         ),
         (
             "magnetic_anomaly",
             nodata_fill,
-            "inputs/magnetic_anomaly.zarr: magnetic_anomaly: fill_value -9999.0, the cube's is NaN",
+            "{inputs}/magnetic_anomaly.zarr: magnetic_anomaly: fill_value -9999.0, "
+            "the cube's is NaN",
         ),
         (
             "ice_thickness_cryosmos",
             other_time_axis,
-            "inputs/ice_thickness_cryosmos.zarr: time axis (1 step: 2019-01-01) differs from "
-            "inputs/subglacial_lakes_thwaites.zarr's (2 steps: 2013-01-01, 2017-01-01)",
+            "{inputs}/ice_thickness_cryosmos.zarr: time axis (1 step: 2019-01-01) differs from "
+            "{inputs}/subglacial_lakes_thwaites.zarr's (2 steps: 2013-01-01, 2017-01-01)",
         ),
         (
             "subglacial_lakes_thwaites",
             without_thw_124,
-            "inputs lack spec variable(s): thw_124 (in inputs/subglacial_lakes_thwaites.zarr)",
+            "inputs lack spec variable(s): thw_124 (in {inputs}/subglacial_lakes_thwaites.zarr)",
         ),
     ],
+    ids=["codec", "dtype", "fill value", "time axis", "variable"],
 )
 def test_incompatible_input_is_refused_before_anything_is_written(
-    location, spec, grid, tmp_path, source_id, change, message
+    location, keys, datasets, spec, grid, source_id, change, message
 ):
-    rewrite_input(location, source_id, change, tmp_path)
+    rewrite_input(location, keys, datasets[source_id], change)
     with pytest.raises(MergeError) as refused:
         steps.stage_merged_cube(location, spec, grid)
+    message = message.format(inputs=keys.inputs)
     if not message.startswith("inputs lack"):
         message = f"inputs cannot be merged chunk for chunk:\n  {message}"
     assert str(refused.value) == message
-    assert [p for p in Path(location.root, ".staging").rglob("*")] == []
+    for key in (keys.cube, keys.levels):  # the sources' chunks, and no metadata at all
+        stored = remote_files(location, key)
+        assert stored and not [k for k in stored if is_metadata(k)], key
 
 
 def test_interrupted_merge_is_not_complete_and_a_rerun_completes_it(
-    location, spec, grid, monkeypatch
+    location, keys, spec, grid, monkeypatch
 ):
-    copied = []
-
-    def copy_then_fail(where, pairs):
-        for pair in pairs:
-            if len(copied) == 5:
-                raise ConnectionError("connection lost (simulated) after 5 chunks")
-            copy_objects(where, [pair])
-            copied.append(pair)
-
-    monkeypatch.setattr(merge, "copy_objects", copy_then_fail)
+    chunks = chunk_files(location, keys, spec)
+    written = fail_writes_after(monkeypatch, 20, location.path(keys.cube))
     with pytest.raises(ConnectionError, match="simulated"):
         steps.stage_merged_cube(location, spec, grid)
-    key = staging_key(spec.data_id, steps.current_fingerprint(location, spec, grid))
-    assert all(Path(target).is_file() for _, target in copied)
-    assert not location.exists(key, ".zmetadata")
-    assert FINGERPRINT_ATTR not in steps.zarr_attrs(location, key)
+    assert len(written) == 20 and all(Path(path).is_file() for path in written)
+    assert not location.exists(keys.cube, ".zmetadata")
+    group = json.loads(Path(location.path(keys.cube, ".zattrs")).read_text())
+    assert "title" not in group and FINGERPRINT_ATTR not in group  # they come last
+    assert FINGERPRINT_ATTR not in steps.zarr_attrs(location, keys.cube)
 
     monkeypatch.undo()
     staged = steps.stage_merged_cube(location, spec, grid)
-    assert staged.key == key and not staged.reused  # the partial one was not taken as done
-    assert steps.zarr_attrs(location, key)[FINGERPRINT_ATTR] == staged.fingerprint
-    for variable in spec.variables:
-        expected = input_chunks(location, spec, variable)
-        assert chunk_objects(location, key, variable.name) == expected, variable.name
+    assert staged.key == keys.cube and not staged.reused  # the partial one was not taken as done
+    assert steps.zarr_attrs(location, keys.cube)[FINGERPRINT_ATTR] == staged.fingerprint
+    assert chunk_files(location, keys, spec) == chunks
     assert steps.stage_merged_cube(location, spec, grid).reused
 
 
-def test_published_cube_keeps_its_bytes_when_an_input_is_replaced(
-    location, spec, grid, datasets, tmp_path
-):
+def publish(location: StoreLocation, spec, grid) -> None:
     staged = steps.stage_merged_cube(location, spec, grid)
-    steps.publish_staged_cube(location, spec, staged)
-    magnetic = next(v for v in spec.variables if v.name == "magnetic_anomaly")
-    original = input_chunks(location, spec, magnetic)
-    assert chunk_objects(location, spec.data_id, "magnetic_anomaly") == original
-    values = steps.open_cube(location, spec.data_id)["magnetic_anomaly"].values
+    steps.publish_staged_cube(location, spec, staged, {})
 
-    rebuilt = xr.open_zarr(datasets / "magnetic_anomaly.zarr", consolidated=True).load()
+
+def test_a_published_version_keeps_its_bytes_when_a_source_is_rebuilt_into_the_next(
+    location, keys, spec, grid, datasets
+):
+    publish(location, spec, grid)
+    original = {v.name: chunk_objects(location, keys.cube, v.name) for v in spec.variables}
+    values = steps.open_cube(location, keys.cube)["magnetic_anomaly"].values
+
+    following = spec.at_version(next_version(read_catalog(location, spec.series), spec.version))
+    new = VersionKeys(following.data_id)
+    rebuilt = datasets["magnetic_anomaly"].copy()
     data = rebuilt["magnetic_anomaly"]
     rebuilt["magnetic_anomaly"] = data.copy(data=data.values + 1)
-    cube = write_zarr_atomically(rebuilt, tmp_path / "magnetic_anomaly.zarr", CHUNK_SIZE)
-    upload_cube(cube, location)
+    rebuilt.attrs[FINGERPRINT_ATTR] = "rebuilt"
+    write_dataset(rebuilt, InVersion(location, new, "magnetic_anomaly"), grid)
+    unchanged = {s.id: keys for s in spec.sources if s.id != "magnetic_anomaly"}
+    carry_sources(location, following, unchanged, new)
+    publish(location, following, grid)
+    assert latest_cube(location, spec.series) == new.cube != keys.cube
 
-    replaced = input_chunks(location, spec, magnetic)
-    assert replaced.keys() == original.keys()
-    assert all(replaced[name] != original[name] for name in original)
-    assert chunk_objects(location, spec.data_id, "magnetic_anomaly") == original
-    published = steps.open_cube(location, spec.data_id)["magnetic_anomaly"].values
-    np.testing.assert_array_equal(published, values)
+    replaced = chunk_objects(location, new.cube, "magnetic_anomaly")
+    assert replaced.keys() == original["magnetic_anomaly"].keys()
+    assert all(replaced[name] != original["magnetic_anomaly"][name] for name in replaced)
+    for name, chunks in original.items():  # the published version is as it was
+        assert chunk_objects(location, keys.cube, name) == chunks, name
+        if name != "magnetic_anomaly":  # the carried ones: the same bytes
+            assert chunk_objects(location, new.cube, name) == chunks, name
+    np.testing.assert_array_equal(
+        steps.open_cube(location, keys.cube)["magnetic_anomaly"].values, values
+    )
+    np.testing.assert_array_equal(
+        steps.open_cube(location, new.cube)["magnetic_anomaly"].values, values + 1
+    )
 
 
-def test_staging_on_another_device_gets_file_copies(location, spec, grid):
+def test_carrying_into_another_device_gets_file_copies(location, keys, spec, grid):
     shm = Path("/dev/shm")
     if not shm.is_dir() or shm.stat().st_dev == Path(location.root).stat().st_dev:
-        pytest.skip("no second filesystem (/dev/shm) to merge across")
+        pytest.skip("no second filesystem (/dev/shm) to carry across")
+    publish(location, spec, grid)
+    following = spec.at_version(next_version(read_catalog(location, spec.series), spec.version))
+    new = VersionKeys(following.data_id)
     with tempfile.TemporaryDirectory(dir=shm) as other_device:
-        Path(location.root, ".staging").symlink_to(other_device)
-        staged = steps.stage_merged_cube(location, spec, grid)
+        for key in (new.cube, new.levels, new.inputs):
+            Path(other_device, key).mkdir()
+            Path(location.path(key)).symlink_to(Path(other_device, key))
+        copied = carry_sources(location, following, {s.id: keys for s in spec.sources}, new)
+        assert copied > 4 * len(spec.variables)
         for variable in spec.variables:
-            expected = input_chunks(location, spec, variable)
-            assert chunk_objects(location, staged.key, variable.name) == expected
+            expected = chunk_objects(location, keys.cube, variable.name)
+            assert chunk_objects(location, new.cube, variable.name) == expected
             for name in expected:
-                merged = Path(location.path(staged.key, variable.name, name))
-                assert merged.stat().st_dev == shm.stat().st_dev and merged.stat().st_nlink == 1
+                carried = Path(location.path(new.cube, variable.name, name)).resolve()
+                assert carried.stat().st_dev == shm.stat().st_dev
+                assert carried.stat().st_nlink == 1
+        publish(location, following, grid)
+        old, carried = steps.open_cube(location, keys.cube), steps.open_cube(location, new.cube)
+        for variable in spec.variables:
+            xr.testing.assert_identical(old[variable.name], carried[variable.name])

@@ -247,8 +247,14 @@ def _write_metadata(
     grid: TargetGrid,
     level: int,
 ) -> None:
-    """Coordinates and `crs`, then each variable's metadata of the merged `level` at `key`."""
+    """Coordinates and `crs`, then each variable's metadata of the merged `level` at `key`;
+    arrays an earlier merge of this (unpublished) version left there that this one does not
+    write go first (a variable since dropped from the spec: consolidating the cube would
+    list it again)."""
     variables = stored_variables(location, keys, inputs, spec, grid, level)
+    timed = any(v.dims[0] == "time" for v in variables)
+    merged = {v.name for v in variables} | {"x", "y", GRID_MAPPING} | ({"time"} if timed else set())
+    _remove_other_arrays(location, key, merged)
     _write_coordinates(location, key, inputs, variables, grid, level)
     location.fs.pipe(
         {
@@ -257,6 +263,17 @@ def _write_metadata(
             for name, metadata in ((".zarray", variable.zarray), (".zattrs", variable.zattrs))
         }
     )
+
+
+def _remove_other_arrays(location: StoreLocation, key: str, keep: set[str]) -> None:
+    """Remove the arrays (metadata and chunks) at `key` not named in `keep`."""
+    location.fs.invalidate_cache()  # s3fs caches listings; the builds wrote since
+    if not location.exists(key):
+        return
+    for entry in location.fs.ls(location.path(key), detail=True):
+        name = entry["name"].rstrip("/").rsplit("/", 1)[-1]
+        if entry["type"] == "directory" and name not in keep:
+            location.fs.rm(entry["name"], recursive=True)
 
 
 def stored_variables(
