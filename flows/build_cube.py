@@ -169,6 +169,10 @@ def _build(
             progress=progress_span(progress, progress_id, "datasets", "per-dataset cubes"),
         )
         fingerprints = {item.source_id: item.fingerprint for item in built}
+        # with --only, the other sources stay as `latest` has them
+        others = [s.id for s in spec.sources if s.id not in fingerprints]
+        kept = steps.sources_in(location, latest.keys, others) if latest and others else {}
+        fingerprints |= kept
         current = steps.current_version(location, spec, grid, patch, fingerprints)
         if current:
             logger.info("%s is already current; nothing to publish", location.url(current.cube))
@@ -178,6 +182,7 @@ def _build(
         else:
             published = draft_spec
             carried = {b.source_id: VersionKeys(b.carried_from) for b in built if b.carried_from}
+            carried |= {source_id: latest.keys for source_id in kept}
             if carried:
                 progress.start("carry")
                 carry_unchanged(location, spec, carried, draft)
@@ -191,9 +196,12 @@ def _build(
             verify_staged_cube(location, staged, published, grid)
         progress.start("report")
         report = report_cube(location, published)
-        progress.start("stac")
-        stac_item = write_stac(location, published, grid, report.quicklooks)
-        if not current:
+        if current:  # a published version is never rewritten, its STAC item neither
+            progress.skip("stac", "the latest version's STAC item is kept")
+            stac_item = location.url(steps.stac_key(published))
+        else:
+            progress.start("stac")
+            stac_item = write_stac(location, published, grid, report.quicklooks)
             progress.start("publish")
             publish_cube(location, published, staged, patch)
     reused = current is not None

@@ -398,22 +398,6 @@ def write_zarr_atomically(dataset: xr.Dataset, target: Path, chunk_size: int) ->
     return target
 
 
-def write_zarr_in_place(dataset: xr.Dataset, target: StoreLocation, chunk_size: int):
-    """Write `dataset` and its levels straight to `target` (a bucket prefix `<stem>.zarr`,
-    where nothing can be renamed): the old cube's consolidated metadata and levels record go
-    first, then all its objects, so an interrupted write is never taken for a complete cube
-    (no `.zmetadata` or `.zlevels`) and is rewritten whole by the next run."""
-    levels = sibling_levels(target)
-    for marker in (target.child(".zmetadata"), levels.child(ZLEVELS)):
-        if marker.exists():
-            marker.fs.rm_file(marker.path())
-    for where in (target, levels):
-        if where.exists():
-            where.fs.rm(where.path(), recursive=True)
-    write_zarr(dataset, target, levels, chunk_size)
-    return target
-
-
 @dataclass(frozen=True)
 class SplitTarget:
     """Where the chunk objects of a per-dataset cube go when its metadata is kept apart:

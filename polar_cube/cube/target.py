@@ -43,7 +43,7 @@ from polar_cube.keys import VersionKeys
 from polar_cube.levels import FINGERPRINT_KEY, ZLEVELS, level_name
 from polar_cube.location import StoreLocation
 from polar_cube.spec import CubeSpec
-from polar_cube.zarr_store import FINGERPRINT_ATTR, stored_attrs
+from polar_cube.zarr_store import FINGERPRINT_ATTR, stored_attrs, stored_fingerprint
 
 
 @dataclass(frozen=True)
@@ -112,6 +112,16 @@ def current_version(
         patch_digest(patch),
         spec.version,
     )
+
+
+def sources_in(location: StoreLocation, keys: VersionKeys, source_ids: list[str]) -> dict:
+    """{source id: fingerprint} of those of `source_ids` the version `keys` holds complete."""
+    found = {}
+    for source_id in source_ids:
+        fingerprint = stored_fingerprint(location.child(keys.input_key(source_id)))
+        if fingerprint:
+            found[source_id] = fingerprint
+    return found
 
 
 def stage_merged_cube(

@@ -115,6 +115,8 @@ def write_catalog(location: StoreLocation, catalog: Catalog) -> None:
     if location.is_local:
         final = Path(location.path(key))
         final.parent.mkdir(parents=True, exist_ok=True)
+        for leftover in final.parent.glob(f".{final.name}.tmp-*"):  # a killed write's
+            leftover.unlink(missing_ok=True)
         temporary = final.with_name(f".{final.name}.tmp-{uuid.uuid4().hex[:8]}")
         temporary.write_bytes(data)
         os.replace(temporary, final)
