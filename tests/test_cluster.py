@@ -1,7 +1,8 @@
 """The parent flow on a dask cluster whose worker shares no disk with the flow: the worker
 runs as another Unix user (`nobody`) with its own HOME and TMPDIR and cannot read the flow's
-cache, per-dataset store or output folders, so sources reach it through the bucket
-(`sources/<id>/`) and it writes the per-dataset cubes straight into the bucket (`inputs/`).
+cache or folders, so sources reach it through the bucket (`sources/<id>/`, staged because the
+cluster shares nothing) and it writes every source's chunks straight into the new cube version
+in the bucket (`<stem>.zarr`, `<stem>.levels`; each source's metadata in `<stem>.inputs/`).
 The published cube equals a local build, a rerun rewrites nothing, and no S3 key leaks into
 the cluster's logs or task keys."""
 
@@ -23,6 +24,7 @@ import pytest
 import xarray as xr
 
 import tests.test_cube_flow as cube_flow
+from polar_cube.keys import VersionKeys, is_metadata
 from polar_cube.spec import load_spec
 from polar_cube.tasks.blocks import load_bucket, save_blocks, storage_options_from_blocks
 from tests.dask_key_recorder import KEYS_FILE_VARIABLE
@@ -164,8 +166,8 @@ def cluster_blocks(s3_server):
 
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
-    """The flow's folders (cache, per-dataset store), root's and 0700; the cache holds a probe
-    file the worker must not be able to read."""
+    """The flow's folders (the cache), root's and 0700; the cache holds a probe file the
+    worker must not be able to read."""
     work = tmp_path_factory.mktemp("cluster-flow")
     work.chmod(0o700)
     (work / "cache").mkdir(mode=0o700)
@@ -192,15 +194,13 @@ def listing(options) -> dict[str, tuple]:
 
 
 def lasting(objects: dict, spec) -> dict:
-    """The objects a rerun must leave alone: staged sources, per-dataset cubes, the published
-    cube and its levels (not the report, quicklooks or STAC item)."""
-    stem = spec.data_id.removesuffix(".zarr")
-    kept = ("sources", "inputs", spec.data_id, f"{stem}.levels")
-    return {
-        k: v
-        for k, v in objects.items()
-        if k.startswith(tuple(f"{BUCKET_FOLDER}/{p}/" for p in kept))
-    }
+    """The objects a rerun must leave alone: staged sources, the published version's cube,
+    levels and per-dataset metadata, and the catalog (`latest`); not the report, quicklooks
+    or STAC item."""
+    keys = VersionKeys(spec.data_id)
+    kept = tuple(f"{BUCKET_FOLDER}/{p}/" for p in ("sources", keys.cube, keys.levels, keys.inputs))
+    catalog = f"{BUCKET_FOLDER}/{spec.series}.versions.json"
+    return {k: v for k, v in objects.items() if k.startswith(kept) or k == catalog}
 
 
 @pytest.fixture(scope="module")
@@ -210,11 +210,7 @@ def local_build(repo_spec_path, work, mirror, tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("cluster-local")
     options = build_options(repo_spec_path, work, mirror)
-    options.update(
-        bucket_block=None,
-        output_dir=str(folder / "cube"),
-        datasets_dir=str(folder / "datasets"),
-    )
+    options.update(bucket_block=None, output_dir=str(folder / "cube"))
     return build_cube(**options)
 
 
@@ -222,7 +218,9 @@ def local_build(repo_spec_path, work, mirror, tmp_path_factory):
 def cluster_build(cluster, cluster_blocks, repo_spec_path, work, mirror):
     from polar_cube.flows.build_cube import build_cube
 
-    return build_cube(**cluster_options(repo_spec_path, work, mirror, cluster.address))
+    with pytest.MonkeyPatch.context() as patch:  # a per-dataset store, were one used, here
+        patch.setattr("polar_cube.flows.build_datasets.DEFAULT_STORE", work / "datasets")
+        return build_cube(**cluster_options(repo_spec_path, work, mirror, cluster.address))
 
 
 @dataclass(frozen=True)
@@ -284,16 +282,26 @@ def test_sources_are_staged_in_the_bucket_with_a_manifest_written_last(
         assert all(info["LastModified"] <= last for info in staged.values())
 
 
-def test_per_dataset_cubes_are_written_into_the_bucket_only(
+def test_the_worker_writes_every_chunk_straight_into_the_version_in_the_bucket(
     cluster_build, cluster_blocks, repo_spec_path, work
 ):
     fs = s3(cluster_blocks)
     spec = load_spec(repo_spec_path).at_resolution(RESOLUTION)
-    for source in spec.select_sources(None):
-        for name in (f"{source.id}.zarr", f"{source.id}.levels"):
-            assert fs.find(f"{BUCKET_FOLDER}/inputs/{name}"), name
-    datasets = work / "datasets"
-    assert not [*datasets.rglob("*.zarr"), *datasets.rglob("*.levels")]
+    keys = VersionKeys(spec.data_id)
+    for variable in spec.variables:
+        for part in (f"{keys.cube}/{variable.name}", f"{keys.levels}/1.zarr/{variable.name}"):
+            stored = fs.find(f"{BUCKET_FOLDER}/{part}")
+            assert [k for k in stored if not is_metadata(k)], part  # its chunks
+    for source in spec.select_sources(None):  # each source's metadata, and no chunk, apart
+        for key in (keys.input_key(source.id), keys.input_levels_key(source.id)):
+            stored = fs.find(f"{BUCKET_FOLDER}/{key}")
+            assert stored, key
+            names = {v.name for v in spec.variables_of(source.id)}
+            chunks = [k for k in stored if not is_metadata(k) and k.split("/")[-2] in names]
+            assert chunks == [], chunks[:5]
+    assert not fs.exists(f"{BUCKET_FOLDER}/inputs")  # no per-dataset cubes beside the version
+    assert {p.name for p in work.iterdir()} == {"cache"}  # nothing written on this machine
+    assert not [p for p in work.rglob("*") if p.suffix in (".zarr", ".levels")]
 
 
 def test_the_published_cube_equals_a_local_build(
@@ -319,9 +327,12 @@ def test_the_published_cube_equals_a_local_build(
 def test_a_rerun_on_the_cluster_reuses_everything(cluster_rerun, cluster_build, repo_spec_path):
     spec = load_spec(repo_spec_path).at_resolution(RESOLUTION)
     assert cluster_rerun.built.reused and cluster_rerun.built.url == cluster_build.url
+    assert cluster_build.url.endswith("-v1.1.0.zarr") and not cluster_build.reused
     before, after = lasting(cluster_rerun.before, spec), lasting(cluster_rerun.after, spec)
-    for part in ("sources", "inputs", spec.data_id):
+    keys = VersionKeys(spec.data_id)
+    for part in ("sources", keys.cube, keys.levels, keys.inputs):
         assert any(k.startswith(f"{BUCKET_FOLDER}/{part}/") for k in before), part
+    assert f"{BUCKET_FOLDER}/{spec.series}.versions.json" in before
     assert after.keys() == before.keys()
     changed = sorted(k for k in before if after[k] != before[k])
     assert not changed, changed[:20]
