@@ -56,6 +56,20 @@ def _add_build_options(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="only the per-dataset cubes, into --store (no version, merge or patch)",
     )
+    parser.add_argument(
+        "--zarr-format",
+        type=int,
+        choices=[2, 3],
+        default=2,
+        help="2 (default: GDAL 3.6 and xcube read it) or 3: sharded, its own series "
+        "(<name>-zarr3-shards<N>-v<version>.zarr)",
+    )
+    parser.add_argument(
+        "--shards",
+        type=int,
+        metavar="N",
+        help="with --zarr-format 3: a shard holds N x N chunks (default 4)",
+    )
 
 
 def cmd_build(args: argparse.Namespace) -> int:
@@ -73,6 +87,13 @@ def cmd_build(args: argparse.Namespace) -> int:
         patch_path=None if args.datasets_only else args.patch,
         folders=folders,
     )
+    zarr_format = getattr(args, "zarr_format", 2)
+    shards = getattr(args, "shards", None)
+    series = checked.spec.at_format(zarr_format, shards).series  # refuses --shards with 2
+    if args.datasets_only and zarr_format != 2:
+        from polar_cube.spec import SpecError
+
+        raise SpecError("--zarr-format 3 is for a cube version, not --datasets-only")
     if args.datasets_only:
         from polar_cube.flows.build_datasets import build_datasets
 
@@ -100,8 +121,9 @@ def cmd_build(args: argparse.Namespace) -> int:
         output_dir=args.output,
         patch_path=args.patch,
         dask_address=args.dask_address,
+        **({"zarr_format": zarr_format, "shards": shards} if zarr_format != 2 else {}),
     )
-    _print_cube(built.url, args.bucket_block, series=checked.spec.series)
+    _print_cube(built.url, args.bucket_block, series=series)
     return 0
 
 

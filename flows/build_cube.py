@@ -60,7 +60,12 @@ def _run_name() -> str:
     params = flow_run.parameters
     target = params.get("bucket_block") or "local-folder"
     on_dask = "-on-dask" if params.get("dask_address") else ""
-    label = run_label(params.get("spec_path"), params.get("resolution"))
+    label = run_label(
+        params.get("spec_path"),
+        params.get("resolution"),
+        params.get("zarr_format"),
+        params.get("shards"),
+    )
     return f"cube-{label}-to-{target}{on_dask}"
 
 
@@ -75,6 +80,8 @@ def build_cube(
     output_dir: str | None = None,
     patch_path: str = "patch.yaml",
     dask_address: str | None = None,
+    zarr_format: int = 2,
+    shards: int | None = None,
 ) -> BuiltCube:
     """Build a new version of the cube (`<series>-vX.Y.Z.zarr`, see `cube/versions.py`):
     every per-dataset cube's chunks (with statistics and overview levels) written straight
@@ -88,8 +95,12 @@ def build_cube(
     address with a bucket shares nothing with this machine but the bucket: its workers read
     the staged sources and write the per-dataset cubes straight into `inputs/` (nothing to
     upload afterwards).
+
+    `zarr_format` 3: the cube (and its levels) as zarr 3, in shards of `shards` × `shards`
+    chunks (default 4), as its own series `<name>-zarr3-shards<N>` (`CubeSpec.at_format`):
+    its versions never mix with the zarr 2 ones. Zarr 2 (the default) is what GDAL 3.6 reads.
     """
-    progress, progress_id = start_progress(run_label(spec_path, resolution))
+    progress, progress_id = start_progress(run_label(spec_path, resolution, zarr_format, shards))
     try:
         return _build(
             progress,
@@ -103,6 +114,8 @@ def build_cube(
             output_dir=output_dir,
             patch_path=patch_path,
             dask_address=dask_address,
+            zarr_format=zarr_format,
+            shards=shards,
         )
     except PolarCubeError as error:  # bad input or a broken environment: one clear line
         get_run_logger().error("polar-cube: error: %s", error)
@@ -126,13 +139,15 @@ def _build(
     output_dir: str | None,
     patch_path: str,
     dask_address: str | None,
+    zarr_format: int = 2,
+    shards: int | None = None,
 ) -> BuiltCube:
     """The body of `build_cube`, moving `progress` through its phases."""
     logger = get_run_logger()
     progress.start("check")
     # bad input fails here, before hours of work (the CLI checks the same before starting)
     checked = check_build(spec_path, resolution=resolution, only=only, patch_path=patch_path)
-    spec, grid, patch = checked.spec, checked.grid, checked.patch
+    spec, grid, patch = checked.spec.at_format(zarr_format, shards), checked.grid, checked.patch
     location = resolve_location(bucket_block, output_dir)
     # workers that cannot see this machine's disk read the sources from the bucket
     stage_sources = bool(bucket_block) and shares_nothing(dask_address)
@@ -167,6 +182,7 @@ def _build(
             latest=latest.cube if latest else None,
             stage_sources=stage_sources,
             progress=progress_span(progress, progress_id, "datasets", "per-dataset cubes"),
+            **({"zarr_format": zarr_format, "shards": shards} if zarr_format != 2 else {}),
         )
         fingerprints = {item.source_id: item.fingerprint for item in built}
         # with --only, the other sources stay as `latest` has them

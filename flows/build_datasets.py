@@ -39,16 +39,24 @@ class BuiltFromSource(ds.BuiltDataset):
     downloaded: bool = False
 
 
-def run_label(spec: CubeSpec | dict | str | None, resolution: float | None = None) -> str:
-    """The cube's name at that resolution without `.zarr` (`polar-1km-…`): what the UI shows
-    for a run (given the spec, its JSON as Prefect keeps a flow's parameters, or the path
-    to it)."""
+def run_label(
+    spec: CubeSpec | dict | str | None,
+    resolution: float | None = None,
+    zarr_format: int | None = 2,
+    shards: int | None = None,
+) -> str:
+    """The cube's name at that resolution without `.zarr` (`polar-1km-…`; zarr 3:
+    `polar-1km-…-zarr3-shards4-…`): what the UI shows for a run (given the spec, its JSON as
+    Prefect keeps a flow's parameters, or the path to it)."""
     try:
         if isinstance(spec, str | None):
             spec = load_spec(spec or "cube.geojson")
         if isinstance(spec, dict):
             spec = CubeSpec.model_validate(spec)
-        return spec.at_resolution(resolution).data_id.removesuffix(".zarr")
+        spec = spec.at_resolution(resolution)
+        if zarr_format and zarr_format != 2:
+            spec = spec.at_format(zarr_format, shards)
+        return spec.data_id.removesuffix(".zarr")
     except Exception:  # the run itself reports a bad spec; the name must not fail first
         return "cube"
 
@@ -57,7 +65,10 @@ def _run_name() -> str:
     params = flow_run.parameters
     grid, only = params.get("grid"), params.get("only")
     resolution = grid.resolution if isinstance(grid, TargetGrid) else (grid or {}).get("resolution")
-    name = f"datasets-{run_label(params.get('spec'), resolution)}"
+    label = run_label(
+        params.get("spec"), resolution, params.get("zarr_format"), params.get("shards")
+    )
+    name = f"datasets-{label}"
     return name + (f"-only-{'-'.join(only)}" if only else "")
 
 
@@ -76,6 +87,8 @@ def build_datasets(
     latest: str | None = None,
     stage_sources: bool = False,
     progress: ProgressSpan | None = None,
+    zarr_format: int = 2,
+    shards: int | None = None,
 ) -> list[BuiltFromSource]:
     """Download every needed source at once, then build the per-dataset cubes one by one
     (one at a time keeps memory bounded; each write is parallel over chunks), on `grid`.
@@ -89,7 +102,12 @@ def build_datasets(
     `stage_sources`: stage every source into the bucket's `sources/<id>/` first and read it
     from there (for a cluster that shares nothing with this machine but the bucket).
     `progress`: the part of the parent run's progress these cubes cover.
+    `zarr_format` 3 (with `version`): zarr 3 in shards of `shards` × `shards` chunks, the
+    spec's zarr 3 series (`CubeSpec.at_format`; a spec already naming one is kept).
     """
+    spec = spec.at_format(zarr_format, shards) if zarr_format != 2 else spec
+    if zarr_format != 2 and not version:
+        raise ValueError("zarr_format 3 is for a cube version, not --datasets-only")
     logger = get_run_logger()
     store = Path(store_dir) if store_dir else DEFAULT_STORE
     cache = Path(cache_dir) if cache_dir else default_cache_dir()

@@ -24,7 +24,7 @@ from polar_cube.rasterize import PolygonLayer, rasterize_layer, read_polygons
 from polar_cube.resample import resample_layer
 from polar_cube.sources.fetch import FetchedSource
 from polar_cube.sources.readers import SourceFormatError, SourceLayer, open_source
-from polar_cube.spec import CubeSpec, VariableSpec
+from polar_cube.spec import CubeSpec, VariableSpec, zarr_layout
 from polar_cube.version import software_version
 from polar_cube.zarr_store import (
     CF_CONVENTIONS,
@@ -47,6 +47,14 @@ OUTPUT_LAYOUT = (
 )
 
 
+def output_layout(spec: CubeSpec) -> str:
+    """`OUTPUT_LAYOUT`, or for a zarr 3 series (`CubeSpec.at_format`) what it holds instead."""
+    zarr_format, shards = zarr_layout(spec.data_id)
+    if zarr_format == 2:
+        return OUTPUT_LAYOUT
+    return OUTPUT_LAYOUT.replace("zarr2-consolidated", f"zarr3-consolidated shards {shards}")
+
+
 @dataclass(frozen=True)
 class ConvertedVariable:
     """A variable's source layers, one per time step (`None` for a static variable)."""
@@ -63,7 +71,7 @@ def dataset_fingerprint(spec: CubeSpec, fetched: FetchedSource, grid: TargetGrid
         "source_sha256": fetched.sha256,
         "grid": [grid.crs, list(grid.bbox), grid.resolution, grid.chunk_size],
         "software": software_version(),
-        "layout": OUTPUT_LAYOUT,
+        "layout": output_layout(spec),
     }
     return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()
 
@@ -271,6 +279,7 @@ def write_dataset(dataset: xr.Dataset, target: Path | InVersion, grid: TargetGri
     """The writing pass: the cube, its statistics and its `.levels`; into a local folder
     (swapped in whole), or straight into a version being built (its metadata markers last)."""
     if isinstance(target, InVersion):
-        write_zarr_split(dataset, target.metadata, target.chunks, grid.chunk_size)
+        shards = zarr_layout(target.keys.cube)[1]  # a zarr 3 series' version: sharded
+        write_zarr_split(dataset, target.metadata, target.chunks, grid.chunk_size, shards)
     else:
         write_zarr_atomically(dataset, target, grid.chunk_size)

@@ -394,6 +394,30 @@ class CubeSpec(_Strict):
             update={"data_id": f"{self.series}-v{version}.zarr", "version": version}
         )
 
+    def at_format(self, zarr_format: int = 2, shards: int | None = None) -> CubeSpec:
+        """This spec written as zarr `zarr_format`: 2 (the default) is itself; 3 names its
+        own series, `-zarr3-shards<N>` before `-v<version>` (`polar-3km-1x2048x2048-zarr3-
+        shards4-v1.1.0.zarr`), so that the versions of a series never mix formats. A shard
+        holds `shards` × `shards` inner chunks (default `DEFAULT_SHARDS`)."""
+        if zarr_format == 2:
+            if shards is not None:
+                raise SpecError("--shards is for --zarr-format 3 only")
+            return self
+        if zarr_format != 3:
+            raise SpecError(f"zarr format {zarr_format}: 2 or 3")
+        shards = DEFAULT_SHARDS if shards is None else int(shards)
+        if shards < 1:
+            raise SpecError(f"--shards {shards}: at least 1")
+        if zarr_layout(self.data_id) != (2, None):
+            return self  # already a zarr 3 series
+        data_id = f"{self.series}-zarr3-shards{shards}-v{self.version}.zarr"
+        return self.model_copy(update={"data_id": data_id})
+
+    @property
+    def zarr_layout(self) -> tuple[int, int | None]:
+        """(zarr format, shards) its cube is written in (`at_format`): (2, None) or (3, N)."""
+        return zarr_layout(self.data_id)
+
     def at_resolution(self, resolution: float | None) -> CubeSpec:
         """This spec on a grid of `resolution` metres (None: its own), its `data_id` naming
         that resolution, so that cubes of different resolutions never share a name:
@@ -415,6 +439,21 @@ class CubeSpec(_Strict):
         return self.model_copy(
             update={"data_id": data_id, "spatial_res": (float(resolution), float(resolution))}
         )
+
+
+# A zarr 3 cube's series ends in `-zarr3-shards<N>` (`CubeSpec.at_format`): every key of its
+# versions (`<series>-vX.Y.Z.zarr`, `.levels/…`, `.inputs/…`) says so, and the code that
+# reads or writes one follows the name (`zarr_layout`).
+DEFAULT_SHARDS = 4
+_ZARR3_NAME = re.compile(r"-zarr3-shards(\d+)-v[^/]*?\.(?:zarr|levels|inputs)(?=/|$)")
+
+
+def zarr_layout(name: str | Path) -> tuple[int, int | None]:
+    """(zarr format, shards) of a cube version's object named by `name` (its cube, levels,
+    inputs or anything below them, a key, a path or a URL): (3, N) in a `-zarr3-shards<N>`
+    series, else (2, None)."""
+    found = _ZARR3_NAME.findall(str(name).rstrip("/"))
+    return (3, int(found[-1])) if found else (2, None)
 
 
 def resolution_label(metres: float) -> str:

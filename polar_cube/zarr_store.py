@@ -13,6 +13,8 @@ import json
 import math
 import shutil
 import uuid
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +24,9 @@ import numpy as np
 import xarray as xr
 import zarr
 from numcodecs import Blosc
+from zarr.codecs import BloscCodec
 
+from polar_cube import zarr3_shards
 from polar_cube.grid import TargetGrid
 from polar_cube.levels import (
     FINGERPRINT_KEY,
@@ -41,6 +45,7 @@ from polar_cube.levels import (
     read_record,
 )
 from polar_cube.location import StoreLocation
+from polar_cube.spec import zarr_layout
 from polar_cube.stats import BLOCK_FIELDS, STATS_ATTR, block_stats, combine_block_stats, time_labels
 
 GRID_MAPPING = "crs"
@@ -150,6 +155,23 @@ def encoding_for(dataset: xr.Dataset, chunk_size: int) -> dict[str, dict]:
     return encoding
 
 
+def encoding_for_v3(
+    dataset: xr.Dataset, chunk_size: int, shards: int | None = None
+) -> dict[str, dict]:
+    """`encoding_for` as zarr 3: the same float32, NaN fill, time and blosc (lz4, 7, byte
+    shuffle: the same bytes per chunk); with `shards`, inner chunks 1 × `chunk_size` ×
+    `chunk_size` in shards of `shards` × `shards` of them (`zarr3_shards`), else unsharded
+    chunks (keys `c/i/j`)."""
+    encoding = encoding_for(dataset, chunk_size)
+    for name, entry in encoding.items():
+        if name == "time":
+            continue
+        entry["compressors"] = [BloscCodec(**zarr3_shards._BLOSC)]
+        if shards:
+            entry["shards"] = (*entry["chunks"][:-2], *(c * shards for c in entry["chunks"][-2:]))
+    return encoding
+
+
 def rechunk_for_writing(dataset: xr.Dataset, chunk_size: int) -> xr.Dataset:
     chunks = {"y": chunk_size, "x": chunk_size}
     if "time" in dataset.dims:
@@ -176,6 +198,7 @@ def write_zarr(
     chunk_size: int,
     cube_name: str | None = None,
     chunks: SplitTarget | None = None,
+    shards: int | None = None,
 ) -> None:
     """The writing pass, on the current dask scheduler (see `polar_cube.compute.dask_compute`):
     the cube at `cube` (zarr 2, consolidated, float32, NaN fill, empty chunks not stored) with
@@ -186,8 +209,13 @@ def write_zarr(
 
     With `chunks` the chunk objects go to `chunks.cube` and `chunks.levels` instead (a
     version's cube and levels, under the same keys), and `cube`/`levels` get only the
-    metadata."""
-    dataset = rechunk_for_writing(dataset, chunk_size)
+    metadata.
+
+    With `shards`: zarr 3 instead, the cube's arrays in shards of `shards` × `shards` inner
+    chunks (one dask block per shard, written by `zarr3_shards.write_shard`), the levels
+    unsharded zarr 3 (tiles under `c/i/j`); consolidated into the root `zarr.json`."""
+    zarr_format = 3 if shards else 2
+    dataset = rechunk_for_writing(dataset, chunk_size * (shards or 1))
     layers = {
         name: dataset[name].data.astype("float32")
         for name, variable in dataset.data_vars.items()
@@ -196,34 +224,57 @@ def write_zarr(
     others = sorted(set(map(str, dataset.data_vars)) - set(layers) - {GRID_MAPPING})
     if others:  # only (…, y, x) layers are written block by block
         raise ValueError(f"{cube.root}: {', '.join(others)}: not a (y, x) or (time, y, x) layer")
-    _create_arrays(dataset, cube, encoding_for(dataset, chunk_size), consolidated=False)
+    encoding = encoding_for_v3(dataset, chunk_size, shards) if shards else None
+    _create_arrays(
+        dataset,
+        cube,
+        encoding or encoding_for(dataset, chunk_size),
+        consolidated=False,
+        zarr_format=zarr_format,
+    )
     chunk_cube = chunks.cube if chunks else cube
     stats = {
-        name: _store_blocks(data, chunk_cube.child(name), chunk_size, True)
+        name: _store_blocks(data, chunk_cube.child(name), chunk_size, True, shards=shards)
         for name, data in layers.items()
     }
     level_chunks = chunks.levels if chunks else levels
-    level_writes, record = _plan_levels(dataset, layers, levels, chunk_size, level_chunks)
+    level_writes, record = _plan_levels(
+        dataset, layers, levels, chunk_size, level_chunks, zarr_format=zarr_format
+    )
     block_rows, _ = dask.compute(stats, level_writes)
     name = cube_name or cube.root.rstrip("/").rsplit("/", 1)[-1]
     levels.fs.pipe_file(levels.path(LINK), link_text(name).encode())
     levels.fs.pipe_file(levels.path(ZLEVELS), encode_record(record))
-    _record_stats(cube, dataset, block_rows)
+    _record_stats(cube, dataset, block_rows, zarr_format=zarr_format)
 
 
 def _create_arrays(
-    dataset: xr.Dataset, store: StoreLocation, encoding: dict, consolidated: bool = True
+    dataset: xr.Dataset,
+    store: StoreLocation,
+    encoding: dict,
+    consolidated: bool = True,
+    zarr_format: int = 2,
 ) -> None:
     """Metadata, coordinates and the grid mapping; the data arrays are filled block by block."""
-    dataset.to_zarr(
-        _zarr_store(store),
-        mode="w",
-        zarr_format=2,
-        consolidated=consolidated,
-        compute=False,
-        encoding=encoding,
-        write_empty_chunks=False,
-    )
+    with zarr3_consolidation():
+        dataset.to_zarr(
+            _zarr_store(store),
+            mode="w",
+            zarr_format=zarr_format,
+            consolidated=consolidated,
+            compute=False,
+            encoding=encoding,
+            write_empty_chunks=False,
+        )
+
+
+@contextmanager
+def zarr3_consolidation():
+    """Quiet zarr's warning that consolidated metadata is not (yet) in the zarr 3 spec: the
+    zarr 3 cubes consolidate it in the root `zarr.json` as zarr-python and xarray read it."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Consolidated metadata", UserWarning)
+        yield
 
 
 def _zarr_store(where: StoreLocation):
@@ -232,14 +283,29 @@ def _zarr_store(where: StoreLocation):
 
 
 def _store_blocks(
-    data: da.Array, array: StoreLocation, chunk_size: int, with_stats: bool
+    data: da.Array,
+    array: StoreLocation,
+    chunk_size: int,
+    with_stats: bool,
+    *,
+    shards: int | None = None,
+    zarr_format: int = 2,
 ) -> da.Array:
     """One task per block that writes it as the chunk of the zarr array at `array` (chunks
     1 × `chunk_size` × `chunk_size`, or without time) and returns its statistics (shape: the
     block grid + the fields) or a 0 per block. Each block covers whole chunks (edge blocks
-    may end short)."""
+    may end short).
+
+    With `shards` each block is one zarr 3 shard of `shards` × `shards` chunks (edge blocks
+    may end short); with `zarr_format` 3 the chunks are zarr 3's (keys `c/i/j`)."""
     block_grid = tuple((1,) * len(chunks) for chunks in data.chunks)
     chunk_shape = (1,) * (data.ndim - 2) + (chunk_size, chunk_size)
+    extra = {}
+    if shards:
+        shard = (1,) * (data.ndim - 2) + (chunk_size * shards, chunk_size * shards)
+        extra = {"shard_shape": shard}
+    elif zarr_format != 2:
+        extra = {"zarr_format": zarr_format}
     if with_stats:  # per block: its statistics along a new last axis
         out = {"chunks": (*block_grid, (BLOCK_FIELDS,)), "new_axis": data.ndim, "dtype": "float64"}
     else:
@@ -251,43 +317,69 @@ def _store_blocks(
         chunk_shape=chunk_shape,
         with_stats=with_stats,
         token="write-block-and-stats" if with_stats else "write-level-block",
+        **extra,
         **out,
     )
 
 
 def _write_block(
-    block: np.ndarray, array: StoreLocation, chunk_shape: tuple, with_stats: bool, block_info=None
+    block: np.ndarray,
+    array: StoreLocation,
+    chunk_shape: tuple,
+    with_stats: bool,
+    block_info=None,
+    shard_shape: tuple | None = None,
+    zarr_format: int = 2,
 ) -> np.ndarray:
     """Store `block` as the chunk(s) of the array at `array` it covers (a level's block may
-    span several tiles, starting on a tile edge); return its statistics or a 0."""
+    span several tiles, starting on a tile edge), or as the zarr 3 shard it is (with
+    `shard_shape`); return its statistics or a 0."""
     start = [first for first, _ in block_info[0]["array-location"]]
     stats = block_stats(block) if with_stats else None
     if stats is not None and not stats[..., 0].item():
         return stats  # like zarr's write_empty_chunks=False: no all-NaN chunk
+    if shard_shape is not None:
+        index = tuple(s // c for s, c in zip(start, shard_shape, strict=True))
+        zarr3_shards.write_shard(
+            array, index, block, inner_chunk_shape=chunk_shape, shard_shape=shard_shape
+        )
+        return stats if with_stats else np.zeros((1,) * block.ndim, dtype="int8")
     steps = [range(0, size, chunk) for size, chunk in zip(block.shape, chunk_shape, strict=True)]
     for offset in itertools.product(*steps):
         part = block[tuple(slice(o, o + c) for o, c in zip(offset, chunk_shape, strict=True))]
         if stats is None and np.isnan(part).all():
             continue
         index = tuple((s + o) // c for s, o, c in zip(start, offset, chunk_shape, strict=True))
-        write_chunk(array, index, part, chunk_shape)
+        write_chunk(array, index, part, chunk_shape, zarr_format=zarr_format)
     if with_stats:
         return stats
     return np.zeros((1,) * block.ndim, dtype="int8")
 
 
 def write_chunk(
-    array: StoreLocation | Path, index: tuple[int, ...], block: np.ndarray, chunk_shape
+    array: StoreLocation | Path,
+    index: tuple[int, ...],
+    block: np.ndarray,
+    chunk_shape,
+    zarr_format: int = 2,
 ) -> None:
     """Store `block` as chunk `index` of the float32 zarr 2 array at `array` (created with
     `encoding_for`): padded to the chunk shape with the NaN fill, encoded with the cube's
     codec, in the file or object `i.j` (or `t.i.j`). Encoding it here, not through zarr,
-    skips zarr's all-fill scan and its event loop: the block is already known to hold data."""
+    skips zarr's all-fill scan and its event loop: the block is already known to hold data.
+    `zarr_format` 3: an unsharded zarr 3 chunk (the same bytes) in the object `c/i/j`."""
     block = np.asarray(block, dtype="float32")
     if block.shape != tuple(chunk_shape):
         padded = np.full(chunk_shape, np.nan, dtype="float32")
         padded[tuple(slice(0, size) for size in block.shape)] = block
         block = padded
+    if zarr_format == 3:
+        encoded = zarr3_shards._INNER_CODEC.encode(
+            np.ascontiguousarray(block, dtype="<f4").view("u1").reshape(-1)
+        )
+        array = array if isinstance(array, StoreLocation) else StoreLocation.local(array)
+        array.fs.pipe_file(array.path(zarr3_shards.shard_key(index)), encoded)
+        return
     encoded = _COMPRESSOR.encode(np.ascontiguousarray(block))
     key = ".".join(str(i) for i in index)
     if isinstance(array, Path) or array.is_local:
@@ -302,10 +394,11 @@ def _plan_levels(
     levels: StoreLocation,
     chunk_size: int,
     level_chunks: StoreLocation,
+    zarr_format: int = 2,
 ) -> tuple[list[da.Array], dict]:
     """Create levels 1… at `levels` and return the tasks that fill them (their chunks under
     `level_chunks`), each level halved from the blocks of the one above (level 1 from the
-    cube's blocks), and the `.zlevels` record."""
+    cube's blocks), and the `.zlevels` record. `zarr_format` 3: unsharded zarr 3 levels."""
     methods = {name: agg_method(dataset[name].attrs) for name in layers}
     count = level_count((dataset.sizes["y"], dataset.sizes["x"]))
     tile = level_chunk_size(chunk_size)
@@ -314,10 +407,14 @@ def _plan_levels(
         current = {name: _halved(data, methods[name], tile) for name, data in current.items()}
         level_dataset = _level_dataset(dataset, current, level)
         where = levels.child(level_name(level))
-        _create_arrays(level_dataset, where, encoding_for(level_dataset, tile))
+        if zarr_format == 3:
+            encoding = encoding_for_v3(level_dataset, tile)
+            _create_arrays(level_dataset, where, encoding, zarr_format=3)
+        else:
+            _create_arrays(level_dataset, where, encoding_for(level_dataset, tile))
         chunks_at = level_chunks.child(level_name(level))
         writes += [
-            _store_blocks(data, chunks_at.child(name), tile, False)
+            _store_blocks(data, chunks_at.child(name), tile, False, zarr_format=zarr_format)
             for name, data in current.items()
         ]
     fingerprint = dataset.attrs.get(FINGERPRINT_ATTR)
@@ -355,16 +452,20 @@ def _level_dataset(dataset: xr.Dataset, arrays: dict[str, da.Array], level: int)
 
 
 def _record_stats(
-    cube: StoreLocation, dataset: xr.Dataset, block_rows: dict[str, np.ndarray]
+    cube: StoreLocation,
+    dataset: xr.Dataset,
+    block_rows: dict[str, np.ndarray],
+    zarr_format: int = 2,
 ) -> None:
     """Each variable's statistics as its `polar_cube_stats` attribute; then consolidate."""
     store = _zarr_store(cube)
-    group = zarr.open_group(store, mode="r+", zarr_format=2)
+    group = zarr.open_group(store, mode="r+", zarr_format=zarr_format)
     for name, rows in block_rows.items():
         cells = dataset.sizes["y"] * dataset.sizes["x"]
         records = combine_block_stats(rows, time_labels(dataset[name]), cells)
         group[name].attrs.update({STATS_ATTR: records})
-    zarr.consolidate_metadata(store, zarr_format=2)
+    with zarr3_consolidation():
+        zarr.consolidate_metadata(store, zarr_format=zarr_format)
 
 
 def write_zarr_atomically(dataset: xr.Dataset, target: Path, chunk_size: int) -> Path:
@@ -408,15 +509,20 @@ class SplitTarget:
 
 
 def write_zarr_split(
-    dataset: xr.Dataset, metadata: StoreLocation, chunks: SplitTarget, chunk_size: int
+    dataset: xr.Dataset,
+    metadata: StoreLocation,
+    chunks: SplitTarget,
+    chunk_size: int,
+    shards: int | None = None,
 ) -> StoreLocation:
     """Write `dataset`'s chunks (and its levels' chunks) straight into a cube version and
     its metadata at `metadata` (a `<id>.zarr` prefix, its levels next to it): the dataset's
     metadata markers go first, then its variables' old chunks (an interrupted or outdated
     write), then everything is written, markers last. Other sources' variables in the same
-    version are never touched."""
+    version are never touched. `shards`: zarr 3 (see `write_zarr`)."""
     levels = sibling_levels(metadata)
-    for marker in (metadata.child(".zmetadata"), levels.child(ZLEVELS)):
+    completion = metadata.child(zarr3_shards.ZARR_JSON if shards else ".zmetadata")
+    for marker in (completion, levels.child(ZLEVELS)):
         if marker.exists():
             marker.fs.rm_file(marker.path())
     old = [metadata, levels]
@@ -427,12 +533,12 @@ def write_zarr_split(
     for where in old:
         if where.exists():
             where.fs.rm(where.path(), recursive=True)
-    if chunks.cube.is_local:  # the chunk writer writes files into existing folders
+    if chunks.cube.is_local and not shards:  # the chunk writer writes into existing folders
         for name in names:
             Path(chunks.cube.path(name)).mkdir(parents=True, exist_ok=True)
             for k in range(1, _level_count(dataset)):
                 Path(chunks.levels.path(level_name(k), name)).mkdir(parents=True, exist_ok=True)
-    write_zarr(dataset, metadata, levels, chunk_size, chunks=chunks)
+    write_zarr(dataset, metadata, levels, chunk_size, chunks=chunks, shards=shards)
     return metadata
 
 
@@ -461,7 +567,11 @@ def remove_stale_temporaries(target: Path) -> None:
 
 
 def stored_fingerprint(target: Path | StoreLocation) -> str | None:
-    """The inputs fingerprint a complete cube at `target` was built from, if any."""
+    """The inputs fingerprint a complete cube at `target` was built from, if any (a zarr 3
+    one, named so (`spec.zarr_layout`): from its root `zarr.json`'s consolidated metadata)."""
+    root = target.root if isinstance(target, StoreLocation) else str(target)
+    if zarr_layout(root)[0] == 3:
+        return stored_attrs_v3(_read_if_there(target, zarr3_shards.ZARR_JSON)).get(FINGERPRINT_ATTR)
     return stored_attrs(_read_if_there(target, ".zmetadata")).get(FINGERPRINT_ATTR)
 
 
@@ -486,3 +596,14 @@ def stored_attrs(zmetadata: Path | bytes | None) -> dict:
     if not zmetadata:
         return {}
     return json.loads(zmetadata)["metadata"].get(".zattrs", {})
+
+
+def stored_attrs_v3(zarr_json: bytes | None) -> dict:
+    """Global attributes from a zarr 3 group's `zarr.json` (its bytes, or None: {}) when it
+    holds consolidated metadata (what marks a complete cube), else {}."""
+    if not zarr_json:
+        return {}
+    document = json.loads(zarr_json)
+    if not document.get("consolidated_metadata"):
+        return {}
+    return document.get("attributes", {})

@@ -30,7 +30,7 @@ from polar_cube.errors import writing_to
 from polar_cube.grid import TargetGrid
 from polar_cube.keys import VersionKeys
 from polar_cube.location import StoreLocation
-from polar_cube.spec import CubeSpec
+from polar_cube.spec import CubeSpec, zarr_layout
 from polar_cube.storage import reaching_storage
 from polar_cube.tasks.retry import retry_if_transient
 from polar_cube.zarr_store import FINGERPRINT_ATTR
@@ -119,7 +119,8 @@ def _check_cube_and_levels(
     """The cube at `key` and its overview levels at `levels_key` against the spec and grid
     (metadata and coordinates only)."""
     where = location.url(key)
-    check_store_layout(location.mapper(key), where)
+    zarr_format = zarr_layout(key)[0]  # a zarr 3 series' (`CubeSpec.at_format`)
+    check_store_layout(location.mapper(key), where, zarr_format)
     verify_cube(steps.open_cube(location, key), spec, grid, where)
     verify_levels(
         location.mapper(levels_key),
@@ -128,6 +129,7 @@ def _check_cube_and_levels(
         location.url(levels_key),
         fingerprint=steps.zarr_attrs(location, key).get(FINGERPRINT_ATTR),
         cube_name=spec.data_id,
+        zarr_format=zarr_format,
     )
 
 

@@ -21,6 +21,7 @@ from fsspec.asyn import sync
 from polar_cube.keys import VersionKeys, is_metadata, metadata_order
 from polar_cube.location import StoreLocation, remote_files
 from polar_cube.spec import CubeSpec
+from polar_cube.zarr3_shards import ZARR_JSON
 
 COPIES_IN_FLIGHT = 32  # concurrent server-side copies on an object store
 COPY_BATCH = 256  # objects per copy call
@@ -79,10 +80,11 @@ def carry_sources(
 
 
 def _chunk_pattern(names: list[str], levels: bool) -> re.Pattern:
-    """Chunk keys (`<var>/i.j`, `<var>/t.i.j`; in levels `<k>.zarr/<var>/…`) of `names`."""
+    """Chunk keys (`<var>/i.j`, `<var>/t.i.j`; zarr 3: `<var>/c/i/j`, `<var>/c/t/i/j`; in
+    levels `<k>.zarr/<var>/…`) of `names`."""
     variables = "|".join(re.escape(name) for name in names)
     level = r"\d+\.zarr/" if levels else ""
-    return re.compile(rf"{level}(?:{variables})/\d+(?:\.\d+)+")
+    return re.compile(rf"{level}(?:{variables})/(?:\d+(?:\.\d+)+|c(?:/\d+)+)")
 
 
 def metadata_batches(keys: Iterable[str]) -> list[list[str]]:
@@ -92,6 +94,8 @@ def metadata_batches(keys: Iterable[str]) -> list[list[str]]:
     batches: dict[tuple, list[str]] = {}
     for key in keys:
         rank = (metadata_order(key)[0] + 1, metadata_order(key)[1]) if is_metadata(key) else (0, 0)
+        if key.rsplit("/", 1)[-1] == ZARR_JSON:  # zarr 3: arrays' before their group's
+            rank = (1, -key.count("/"))
         batches.setdefault(rank, []).append(key)
     return [sorted(batches[rank]) for rank in sorted(batches)]
 

@@ -15,7 +15,9 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import math
 from dataclasses import dataclass
+from functools import cache
 
 import numpy as np
 import xarray as xr
@@ -41,8 +43,9 @@ from polar_cube.levels import (
     read_record,
 )
 from polar_cube.location import StoreLocation
-from polar_cube.spec import CubeSpec
+from polar_cube.spec import CubeSpec, zarr_layout
 from polar_cube.version import software_version
+from polar_cube.zarr3_shards import _BLOSC, ZARR_JSON, array_metadata
 from polar_cube.zarr_store import _COMPRESSOR as CUBE_COMPRESSOR
 from polar_cube.zarr_store import (
     CF_CONVENTIONS,
@@ -52,6 +55,7 @@ from polar_cube.zarr_store import (
     add_grid_coords,
     encoding_for,
     typed_attrs,
+    zarr3_consolidation,
 )
 
 LEFTOVERS = ("spatial_ref",)
@@ -80,7 +84,7 @@ def open_inputs(
     inputs = {}
     for source in spec.sources:
         key = keys.input_key(source.id)
-        if not location.exists(key, ".zmetadata"):
+        if not is_complete(location, key):
             raise MergeError(
                 f"{location.url(key)}: missing or incomplete; build it first "
                 "(`polar-cube build` without --only)"
@@ -98,6 +102,23 @@ def open_inputs(
                 "(`polar-cube build` without --only)"
             )
     return inputs
+
+
+def is_complete(location: StoreLocation, key: str) -> bool:
+    """The zarr at `key` has consolidated metadata: `.zmetadata` (zarr 2), or in a zarr 3
+    series (`spec.zarr_layout`) a root `zarr.json` holding it."""
+    if zarr_layout(key)[0] == 2:
+        return location.exists(key, ".zmetadata")
+    path = location.path(key, ZARR_JSON)
+    if not location.fs.exists(path):
+        return False
+    return bool(json.loads(location.fs.cat_file(path)).get("consolidated_metadata"))
+
+
+def consolidate(location: StoreLocation, key: str) -> None:
+    """Consolidate the metadata of the zarr at `key` in its format (`spec.zarr_layout`)."""
+    with zarr3_consolidation():  # zarr 3: "consolidated metadata is not in the spec"
+        zarr.consolidate_metadata(location.mapper(key), zarr_format=zarr_layout(key)[0])
 
 
 def input_fingerprints(inputs: dict[str, xr.Dataset]) -> dict[str, str | None]:
@@ -188,6 +209,8 @@ class StoredVariable:
 
     @property
     def dims(self) -> list[str]:
+        if "_ARRAY_DIMENSIONS" not in self.zattrs and "dimension_names" in self.zarray:
+            return list(self.zarray["dimension_names"])  # zarr 3
         return self.zattrs["_ARRAY_DIMENSIONS"]
 
 
@@ -206,7 +229,17 @@ def write_merged_cube(
     _write_metadata(location, keys.cube, keys, inputs, spec, grid, level=0)
     attrs = cube_attributes(spec, grid, inputs)
     del attrs[FINGERPRINT_ATTR]  # the completion marker comes last
-    location.fs.pipe_file(location.path(keys.cube, ".zattrs"), _json(attrs))
+    _write_group_attrs(location, keys.cube, attrs)
+
+
+def _write_group_attrs(location: StoreLocation, key: str, attrs: dict) -> None:
+    """The group's attributes: `.zattrs`, or a zarr 3 series' root `zarr.json` (without
+    consolidated metadata: consolidating marks it complete)."""
+    if zarr_layout(key)[0] == 2:
+        location.fs.pipe_file(location.path(key, ".zattrs"), _json(attrs))
+        return
+    group = {"zarr_format": 3, "node_type": "group", "attributes": attrs}
+    location.fs.pipe_file(location.path(key, ZARR_JSON), _json(group))
 
 
 def write_merged_levels(
@@ -227,10 +260,8 @@ def write_merged_levels(
     for level in range(1, count):
         target = f"{keys.levels}/{level_name(level)}"
         _write_metadata(location, target, keys, inputs, spec, grid, level)
-        location.fs.pipe_file(
-            location.path(target, ".zattrs"), _json(cube_attributes(spec, grid, inputs))
-        )
-        zarr.consolidate_metadata(location.mapper(target), zarr_format=2)
+        _write_group_attrs(location, target, cube_attributes(spec, grid, inputs))
+        consolidate(location, target)
     for variable in spec.variables:
         methods[variable.name] = agg_method(variable.attrs)
     location.fs.pipe_file(location.path(keys.levels, LINK), link_text(keys.cube).encode())
@@ -256,6 +287,14 @@ def _write_metadata(
     merged = {v.name for v in variables} | {"x", "y", GRID_MAPPING} | ({"time"} if timed else set())
     _remove_other_arrays(location, key, merged)
     _write_coordinates(location, key, inputs, variables, grid, level)
+    if zarr_layout(key)[0] == 3:
+        location.fs.pipe(
+            {
+                location.path(key, v.name, ZARR_JSON): _json({**v.zarray, "attributes": v.zattrs})
+                for v in variables
+            }
+        )
+        return
     location.fs.pipe(
         {
             location.path(key, variable.name, name): _json(metadata)
@@ -291,15 +330,27 @@ def stored_variables(
     metadata = {key: _consolidated_metadata(location, key) for key in sorted(wanted)}
     gdal_crs = {"wkt": grid.pyproj_crs.to_wkt()}
     variables, missing, problems = [], [], []
+    zarr_format, shards = zarr_layout(keys.cube)
     for variable in spec.variables:
         key = source_zarr_key(keys, variable.source, level)
-        zarray = metadata[key].get(f"{variable.name}/.zarray")
-        if zarray is None:
-            missing.append(f"{variable.name} (in {key})")
-            continue
-        zattrs = dict(metadata[key].get(f"{variable.name}/.zattrs", {}))
         where = f"{key}: {variable.name}"
-        problems += _encoding_problems(where, zarray, zattrs.get("_ARRAY_DIMENSIONS"), grid, level)
+        if zarr_format == 3:
+            array = metadata[key].get(f"{variable.name}/{ZARR_JSON}")
+            if array is None:
+                missing.append(f"{variable.name} (in {key})")
+                continue
+            zarray = {k: v for k, v in array.items() if k != "attributes"}
+            zattrs = dict(array.get("attributes", {}))
+            dims = zarray.get("dimension_names")
+            problems += _encoding_problems_v3(where, zarray, dims, grid, level, shards)
+        else:
+            zarray = metadata[key].get(f"{variable.name}/.zarray")
+            if zarray is None:
+                missing.append(f"{variable.name} (in {key})")
+                continue
+            zattrs = dict(metadata[key].get(f"{variable.name}/.zattrs", {}))
+            dims = zattrs.get("_ARRAY_DIMENSIONS")
+            problems += _encoding_problems(where, zarray, dims, grid, level)
         # typed again here: inputs written before CF-1.8 (kept by `--only`) carry int flags
         zattrs = typed_attrs({**zattrs, "grid_mapping": GRID_MAPPING, "_CRS": gdal_crs})
         variables.append(StoredVariable(key, variable.name, zarray, zattrs))
@@ -312,7 +363,18 @@ def stored_variables(
 
 
 def _consolidated_metadata(location: StoreLocation, key: str) -> dict:
-    """The consolidated metadata of the zarr at `key` ({} if it has none)."""
+    """The consolidated metadata of the zarr at `key` ({} if it has none); of a zarr 3 one
+    as {"<array>/zarr.json": its metadata}."""
+    if zarr_layout(key)[0] == 3:
+        path = location.path(key, ZARR_JSON)
+        if not location.fs.exists(path):
+            return {}
+        consolidated = json.loads(location.fs.cat_file(path)).get("consolidated_metadata") or {}
+        return {
+            f"{name}/{ZARR_JSON}": meta
+            for name, meta in consolidated.get("metadata", {}).items()
+            if meta.get("node_type") == "array"
+        }
     path = location.path(key, ".zmetadata")
     if not location.fs.exists(path):
         return {}
@@ -350,6 +412,64 @@ def _encoding_problems(
                 f"the cube's is {_describe(field, wanted)}"
             )
     return problems
+
+
+# what `_encoding_problems_v3` compares (the shape and dimension names apart)
+_V3_FIELDS = ("zarr_format", "node_type", "data_type", "fill_value", "chunk_grid", "codecs")
+
+
+def _encoding_problems_v3(
+    where: str,
+    zarray: dict,
+    dims: list[str] | None,
+    grid: TargetGrid,
+    level: int,
+    shards: int | None,
+) -> list[str]:
+    """`_encoding_problems` for a zarr 3 series: its arrays' stored metadata must be what
+    the writer makes (`zarr_store.encoding_for_v3`): the cube's in shards of `shards` ×
+    `shards` chunks (`zarr3_shards.array_metadata`), its levels' unsharded tiles."""
+    if not dims:
+        return [f"{where}: no dimension_names (not written by xarray)"]
+    shape = tuple(zarray.get("shape", ()))
+    if len(shape) != len(dims):
+        return [f"{where}: shape {list(shape)} does not match its dimensions {dims}"]
+    expected = _expected_v3(shape, tuple(dims), grid.chunk_size, level, shards)
+    problems = []
+    if level:
+        found, wanted = list(shape[-2:]), list(level_shape(grid.shape, level))
+        if found != wanted:
+            problems.append(f"{where}: y, x shape {found}, level {level} of the grid is {wanted}")
+    if zarray.get("chunk_key_encoding", {}).get("name", "default") != "default":
+        problems.append(f"{where}: chunk_key_encoding {json.dumps(zarray['chunk_key_encoding'])}")
+    for field in _V3_FIELDS:
+        found, wanted = zarray.get(field), expected.get(field)
+        if json.dumps(found, sort_keys=True) != json.dumps(wanted, sort_keys=True):
+            problems.append(
+                f"{where}: {field} {json.dumps(found)}, the cube's is {json.dumps(wanted)}"
+            )
+    return problems
+
+
+@cache
+def _expected_v3(
+    shape: tuple[int, ...], dims: tuple[str, ...], chunk_size: int, level: int, shards: int | None
+) -> dict:
+    if not level:
+        return array_metadata(shape, chunk_size, shards or 1, dims, {})
+    tile = level_chunk_size(chunk_size)
+    store: dict = {}
+    zarr.create_array(
+        store=zarr.storage.MemoryStore(store),
+        shape=shape,
+        dtype="float32",
+        chunks=tuple(1 if dim == "time" else tile for dim in dims),
+        compressors=zarr.codecs.BloscCodec(**_BLOSC),
+        fill_value=math.nan,
+        dimension_names=dims,
+        zarr_format=3,
+    )
+    return json.loads(store[ZARR_JSON].to_bytes())
 
 
 def _describe(field: str, value: object) -> str:
@@ -409,11 +529,13 @@ def _write_coordinates(
     if level:
         on_level = level_coords(dataset["x"], dataset["y"], dataset[GRID_MAPPING], level)
         dataset = on_level.assign_coords({name: dataset[name] for name in coords})
-    write_zarr_metadata(location, key, dataset, encoding_for(dataset, grid.chunk_size))
+    write_zarr_metadata(
+        location, key, dataset, encoding_for(dataset, grid.chunk_size), zarr_layout(key)[0]
+    )
 
 
 def write_zarr_metadata(
-    location: StoreLocation, key: str, dataset: xr.Dataset, encoding: dict
+    location: StoreLocation, key: str, dataset: xr.Dataset, encoding: dict, zarr_format: int = 2
 ) -> None:
     """Write `dataset` (small: coordinates) as zarr 2 at `key` without removing anything
     there (xarray's `mode="w"` would delete the chunks the builds wrote): rendered in memory,
@@ -422,7 +544,7 @@ def write_zarr_metadata(
     dataset.to_zarr(
         zarr.storage.MemoryStore(rendered),
         mode="w",
-        zarr_format=2,
+        zarr_format=zarr_format,
         consolidated=False,
         encoding=encoding,
         write_empty_chunks=False,

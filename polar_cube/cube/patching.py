@@ -16,8 +16,14 @@ import yaml
 
 from polar_cube.errors import PolarCubeError, read_input_file
 from polar_cube.location import StoreLocation
+from polar_cube.spec import zarr_layout
 from polar_cube.version import software_version
-from polar_cube.zarr_store import NCZARR_ATTR, VALUE_TYPED_ATTRS, typed_attrs
+from polar_cube.zarr_store import (
+    NCZARR_ATTR,
+    VALUE_TYPED_ATTRS,
+    typed_attrs,
+    zarr3_consolidation,
+)
 
 PATCH_ATTR = "polar_cube_patch_sha256"
 DELETE = "__delete__"  # xcube's value for removing an attribute
@@ -106,4 +112,8 @@ def apply_patch(location: StoreLocation, key: str, metadata: dict[str, dict[str,
     """xcube's patch_dataset on the cube at `key`; it re-consolidates the metadata."""
     from xcube.cli.patch import patch_dataset
 
+    if zarr_layout(key)[0] == 3:  # xcube's patch opens and consolidates either format
+        with zarr3_consolidation():
+            patch_dataset(location.url(key), location.storage_options, metadata, dry_run=False)
+        return
     patch_dataset(location.url(key), location.storage_options, metadata, dry_run=False)

@@ -23,6 +23,7 @@ import xarray as xr
 import zarr
 
 from polar_cube.cube.merge import (
+    consolidate,
     cube_fingerprint,
     input_fingerprints,
     open_inputs,
@@ -42,8 +43,14 @@ from polar_cube.grid import TargetGrid
 from polar_cube.keys import VersionKeys
 from polar_cube.levels import FINGERPRINT_KEY, ZLEVELS, level_name
 from polar_cube.location import StoreLocation
-from polar_cube.spec import CubeSpec
-from polar_cube.zarr_store import FINGERPRINT_ATTR, stored_attrs, stored_fingerprint
+from polar_cube.spec import CubeSpec, zarr_layout
+from polar_cube.zarr3_shards import ZARR_JSON
+from polar_cube.zarr_store import (
+    FINGERPRINT_ATTR,
+    stored_attrs,
+    stored_attrs_v3,
+    stored_fingerprint,
+)
 
 
 @dataclass(frozen=True)
@@ -70,9 +77,19 @@ def stac_key(spec: CubeSpec) -> str:
 
 
 def zarr_attrs(location: StoreLocation, key: str) -> dict:
-    """Global attributes of a complete (consolidated) cube at `key`; {} when there is none."""
+    """Global attributes of a complete (consolidated) cube at `key`; {} when there is none.
+    (A zarr 3 series' cube, `spec.zarr_layout`: from its root `zarr.json`.)"""
+    if zarr_layout(key)[0] == 3:
+        path = location.path(key, ZARR_JSON)
+        return stored_attrs_v3(location.fs.cat_file(path) if location.fs.exists(path) else None)
     path = location.path(key, ".zmetadata")
     return stored_attrs(location.fs.cat_file(path) if location.fs.exists(path) else None)
+
+
+def completion_marker(key: str) -> str:
+    """What marks the zarr at `key` complete, removed to unmark it: its consolidated
+    metadata, `.zmetadata` (zarr 2) or the root `zarr.json` holding it (zarr 3)."""
+    return ZARR_JSON if zarr_layout(key)[0] == 3 else ".zmetadata"
 
 
 def open_cube(location: StoreLocation, key: str) -> xr.Dataset:
@@ -143,7 +160,7 @@ def stage_merged_cube(
         patch is None or attrs.get(PATCH_ATTR) in (None, patch_digest(patch))
     )
     if not cube_reused:
-        _unmark(location, keys.cube, ".zmetadata")
+        _unmark(location, keys.cube, completion_marker(keys.cube))
         write_merged_cube(location, keys, inputs, spec, grid)
         mark_complete(location, keys.cube, fingerprint)
     levels_reused = levels_fingerprint(location, keys.levels) == fingerprint
@@ -160,9 +177,9 @@ def _unmark(location: StoreLocation, key: str, marker: str) -> None:
 
 def mark_complete(location: StoreLocation, key: str, fingerprint: str) -> None:
     """Set the fingerprint attribute once every chunk is written: it marks a complete cube."""
-    group = zarr.open_group(location.mapper(key), mode="r+", zarr_format=2)
+    group = zarr.open_group(location.mapper(key), mode="r+", zarr_format=zarr_layout(key)[0])
     group.attrs[FINGERPRINT_ATTR] = fingerprint
-    zarr.consolidate_metadata(location.mapper(key), zarr_format=2)
+    consolidate(location, key)
 
 
 def patch_staged_cube(
@@ -179,7 +196,7 @@ def patch_staged_cube(
 def discard_staged_cube(location: StoreLocation, staged: StagedCube) -> None:
     """Unmark a merged cube (and levels) that failed its checks, so a rerun merges it
     again; the chunks stay, they are the sources' (fingerprinted) builds."""
-    _unmark(location, staged.key, ".zmetadata")
+    _unmark(location, staged.key, completion_marker(staged.key))
     _unmark(location, staged.levels_key, ZLEVELS)
 
 

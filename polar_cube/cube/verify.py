@@ -30,6 +30,7 @@ from polar_cube.levels import (
 )
 from polar_cube.spec import CubeSpec, VariableSpec
 from polar_cube.stats import STATS_ATTR, time_labels
+from polar_cube.zarr3_shards import ZARR_JSON
 from polar_cube.zarr_store import GRID_MAPPING
 
 LEFTOVER_CRS_NAME = "spatial_ref"  # what rioxarray adds; the cube uses `crs` only
@@ -81,8 +82,14 @@ def verify_cube(
         raise CubeCheckError(_message(where, problems))
 
 
-def check_store_layout(mapper: MutableMapping, where: str) -> None:
-    """Raise CubeCheckError unless the store is zarr format 2 with consolidated metadata."""
+def check_store_layout(mapper: MutableMapping, where: str, zarr_format: int = 2) -> None:
+    """Raise CubeCheckError unless the store is zarr format 2 with consolidated metadata
+    (`zarr_format` 3: a zarr 3 group whose root `zarr.json` holds consolidated metadata)."""
+    if zarr_format == 3:
+        problems = _zarr3_layout_problems(mapper)
+        if problems:
+            raise CubeCheckError(_message(where, problems))
+        return
     problems = []
     group = _read_json(mapper, ".zgroup")
     if group is None:
@@ -100,11 +107,64 @@ def check_store_layout(mapper: MutableMapping, where: str) -> None:
         raise CubeCheckError(_message(where, problems))
 
 
+def _zarr3_layout_problems(mapper: MutableMapping) -> list[str]:
+    group = _read_json(mapper, ZARR_JSON)
+    if group is None:
+        hint = " (found .zgroup: zarr format 2)" if _has_key(mapper, ".zgroup") else ""
+        return [f"{ZARR_JSON}: missing, not a zarr format 3 group{hint}"]
+    problems = []
+    if group.get("zarr_format") != 3 or group.get("node_type") != "group":
+        problems.append(
+            f"{ZARR_JSON}: zarr_format {group.get('zarr_format')!r}, node_type "
+            f"{group.get('node_type')!r}, expected a zarr format 3 group"
+        )
+    if not (group.get("consolidated_metadata") or {}).get("metadata"):
+        problems.append(f"{ZARR_JSON}: no consolidated metadata")
+    return problems
+
+
+def _level_arrays(mapper: MutableMapping, name: str, zarr_format: int) -> dict | None:
+    """{variable: (shape, chunk shape)} of level `name` from its consolidated metadata."""
+    if zarr_format == 3:
+        group = _read_json(mapper, f"{name}/{ZARR_JSON}") or {}
+        metadata = (group.get("consolidated_metadata") or {}).get("metadata")
+        if not metadata:
+            return None
+        return {
+            array: (meta.get("shape", []), _v3_chunks(meta))
+            for array, meta in metadata.items()
+            if meta.get("node_type") == "array"
+        }
+    consolidated = _read_json(mapper, f"{name}/.zmetadata")
+    if not consolidated:
+        return None
+    return {
+        key.removesuffix("/.zarray"): (zarray.get("shape", []), zarray.get("chunks", []))
+        for key, zarray in consolidated.get("metadata", {}).items()
+        if key.endswith("/.zarray")
+    }
+
+
+def _v3_chunks(meta: dict) -> list[int]:
+    """The (inner) chunk shape of a zarr 3 array's metadata."""
+    codecs = meta.get("codecs") or [{}]
+    if codecs[0].get("name") == "sharding_indexed":
+        return list(codecs[0]["configuration"]["chunk_shape"])
+    return list(meta.get("chunk_grid", {}).get("configuration", {}).get("chunk_shape", []))
+
+
 def levels_problems(
-    mapper: MutableMapping, spec: CubeSpec, grid: TargetGrid, *, fingerprint: str, cube_name: str
+    mapper: MutableMapping,
+    spec: CubeSpec,
+    grid: TargetGrid,
+    *,
+    fingerprint: str,
+    cube_name: str,
+    zarr_format: int = 2,
 ) -> list[str]:
     """Every way the overview levels in `mapper` differ from what the cube `cube_name` with
-    inputs `fingerprint` on `grid` needs, one line each (metadata only, no chunk is read)."""
+    inputs `fingerprint` on `grid` needs, one line each (metadata only, no chunk is read).
+    `zarr_format` 3: zarr 3 levels, consolidated in each level's root `zarr.json`."""
     record = read_record(_read_bytes(mapper, ZLEVELS))
     if not record:
         return [f"{ZLEVELS}: missing, the overview levels are not complete"]
@@ -124,25 +184,22 @@ def levels_problems(
     chunk = [level_chunk_size(grid.chunk_size)] * 2
     for level in range(1, count):
         name = level_name(level)
-        consolidated = _read_json(mapper, f"{name}/.zmetadata")
-        if not consolidated:
+        arrays = _level_arrays(mapper, name, zarr_format)
+        if not arrays:
             problems.append(f"{name}: missing or without consolidated metadata")
             continue
-        metadata = consolidated.get("metadata", {})
         shape = list(level_shape(grid.shape, level))
         for variable in spec.variables:
-            zarray = metadata.get(f"{variable.name}/.zarray")
-            if zarray is None:
+            if variable.name not in arrays:
                 problems.append(f"{name}: {variable.name} missing")
                 continue
-            if zarray.get("shape", [])[-2:] != shape:
+            found_shape, found_chunks = arrays[variable.name]
+            if found_shape[-2:] != shape:
                 problems.append(
-                    f"{name}: {variable.name} y, x shape {zarray.get('shape')}, expected {shape}"
+                    f"{name}: {variable.name} y, x shape {found_shape}, expected {shape}"
                 )
-            if zarray.get("chunks", [])[-2:] != chunk:
-                problems.append(
-                    f"{name}: {variable.name} chunks {zarray.get('chunks')}, expected {chunk}"
-                )
+            if found_chunks[-2:] != chunk:
+                problems.append(f"{name}: {variable.name} chunks {found_chunks}, expected {chunk}")
     return problems
 
 
@@ -154,9 +211,12 @@ def verify_levels(
     *,
     fingerprint: str,
     cube_name: str,
+    zarr_format: int = 2,
 ) -> None:
     """Raise CubeCheckError listing every problem of the levels at `where`, if there is any."""
-    problems = levels_problems(mapper, spec, grid, fingerprint=fingerprint, cube_name=cube_name)
+    problems = levels_problems(
+        mapper, spec, grid, fingerprint=fingerprint, cube_name=cube_name, zarr_format=zarr_format
+    )
     if problems:
         raise CubeCheckError(_message(where, problems))
 
