@@ -111,4 +111,4 @@ def deployment_run(tmp_path_factory) -> Iterator[DeploymentRun]:
             subprocess.run(
                 [".venv/bin/polar-cube", *stop], cwd=folder, env=env, capture_output=True
             )
-        shutil.rmtree(folder / "data" / "demo", ignore_errors=True)  # the cache and cubes
+        shutil.rmtree(folder / "data" / "demo", ignore_errors=True)  # the download cache

@@ -51,13 +51,22 @@ def test_bad_spec_is_one_clear_line_not_a_traceback(tmp_path, repo_spec_path):
         ("-250", "--resolution -250: must be a positive number of metres"),
     ],
 )
-def test_resolution_that_does_not_fit_the_grid(repo_spec_path, tmp_path, resolution, problem):
+@pytest.mark.parametrize(
+    "target",
+    [["--output"], ["--datasets-only", "--store"]],
+    ids=["cube-into-output", "datasets-only-into-store"],
+)
+def test_resolution_that_does_not_fit_the_grid(
+    repo_spec_path, tmp_path, resolution, problem, target
+):
+    """Refused before anything is made: neither the cube's folder (`--output`) nor, with
+    `--datasets-only`, the per-dataset cubes' (`--store`)."""
     result = run_cli(
         "build",
         "--spec",
         str(repo_spec_path),
         f"--resolution={resolution}",
-        "--store",
+        *target,
         str(tmp_path / "out"),
     )
     assert result.returncode == 2
@@ -69,8 +78,42 @@ def test_resolution_that_does_not_fit_the_grid(repo_spec_path, tmp_path, resolut
 
 def test_help_lists_the_commands():
     result = run_cli("--help")
-    for command in ("build", "demo", "sources", "spec"):
+    for command in ("build", "demo", "sources", "spec", "view", "versions", "rollback", "prune"):
         assert command in result.stdout
     build_help = run_cli("build", "--help").stdout
-    for option in ("--spec", "--only", "--resolution", "--source-mirror", "--cache", "--store"):
+    for option in (
+        "--spec",
+        "--only",
+        "--resolution",
+        "--source-mirror",
+        "--cache",
+        "--bucket-block",
+        "--output",
+        "--patch",
+        "--datasets-only",
+        "--store",
+    ):
         assert option in build_help
+    assert "with --datasets-only: where per-dataset cubes go" in " ".join(build_help.split())
+    for command in ("versions", "rollback", "prune"):
+        usage = " ".join(run_cli(command, "--help").stdout.split())
+        for option in ("--bucket-block NAME | --output DIR", "--spec", "--resolution M"):
+            assert option in usage, (command, option)
+    assert "VERSION" in run_cli("rollback", "--help").stdout
+    assert "--keep N" in run_cli("prune", "--help").stdout
+
+
+def test_the_version_commands_need_their_arguments():
+    """`rollback` without a version, `prune` without --keep: argparse's usage error (exit 2)
+    before anything is read; --bucket-block and --output exclude each other."""
+    for args, problem in [
+        (["rollback"], "the following arguments are required: VERSION"),
+        (["prune"], "the following arguments are required: --keep"),
+        (
+            ["versions", "--bucket-block", "b", "--output", "d"],
+            "argument --output: not allowed with argument --bucket-block",
+        ),
+    ]:
+        result = run_cli(*args)
+        assert result.returncode == 2, args
+        assert result.stderr.splitlines()[-1].endswith(f"error: {problem}"), result.stderr

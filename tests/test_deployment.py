@@ -3,6 +3,7 @@
 work pool, the demo deployment, a worker and a watched run), and the commands' own checks
 on a server of their own."""
 
+import json
 import os
 import re
 import shutil
@@ -107,22 +108,38 @@ def client(deployment_run):
             yield client
 
 
-def open_in_bucket(run, key: str) -> xr.Dataset:
+def bucket_options(run) -> dict:
     server = run.s3_server()
-    options = {
+    return {
         "key": server.access_key,
         "secret": server.secret_key,
         "client_kwargs": {"endpoint_url": server.endpoint_url, "region_name": "us-east-1"},
     }
+
+
+def open_in_bucket(run, key: str) -> xr.Dataset:
+    options = bucket_options(run)
     return xr.open_zarr(f"s3://polar-cube/{key}", consolidated=True, storage_options=options)
 
 
+def read_in_bucket(run, key: str) -> dict:
+    """A JSON object of the bucket (e.g. a version catalog), read afresh."""
+    import fsspec
+
+    fs = fsspec.filesystem("s3", skip_instance_cache=True, **bucket_options(run))
+    return json.loads(fs.cat_file(f"polar-cube/{key}"))
+
+
 def test_the_readme_block_runs_as_written_and_the_cube_is_in_the_bucket(deployment_run):
-    """Issue 18: the README's block, verbatim, in a fresh folder, with no internet."""
+    """Issue 18: the README's block, verbatim, in a fresh folder, with no internet. The run
+    published the first version of the 1 km cube, and the catalog names it `latest`."""
     assert "finished: Completed" in deployment_run.output
     spec = load_spec(REPO / "cube.geojson").at_resolution(DEMO_RESOLUTION)
-    cube = open_in_bucket(deployment_run, spec.data_id)
     assert spec.data_id == "polar-1km-1x2048x2048-v1.1.0.zarr"
+    catalog = read_in_bucket(deployment_run, "polar-1km-1x2048x2048.versions.json")
+    assert (catalog["latest"], catalog["latest_cube"]) == ("1.1.0", spec.data_id)
+    assert [v["cube"] for v in catalog["versions"]] == [spec.data_id]
+    cube = open_in_bucket(deployment_run, spec.data_id)
     assert {v.name for v in spec.variables} <= set(cube.data_vars)
     assert cube.sizes == {"time": 2, "y": 2121, "x": 1953}
     assert cube.attrs["title"] == "Polar Data Cube v1.1.0"
@@ -146,7 +163,6 @@ def test_the_demo_deployment_names_the_mirror_and_the_resolution(deployment_run,
         "source_mirror": "http://127.0.0.1:8400",
         "resolution": DEMO_RESOLUTION,
         "cache_dir": str(demo / "cache"),
-        "datasets_dir": str(demo / "datasets"),
     }
     (schedule,) = deployment.schedules
     assert schedule.schedule.cron == "0 3 1 * *" and schedule.schedule.timezone == "UTC"
@@ -175,26 +191,21 @@ def bucket_listing(run, prefix: str) -> dict[str, tuple]:
     """Every object under `polar-cube/<prefix>`: (ETag, LastModified) by key."""
     import fsspec
 
-    server = run.s3_server()
-    fs = fsspec.filesystem(
-        "s3",
-        key=server.access_key,
-        secret=server.secret_key,
-        client_kwargs={"endpoint_url": server.endpoint_url, "region_name": "us-east-1"},
-        skip_instance_cache=True,
-    )
+    fs = fsspec.filesystem("s3", skip_instance_cache=True, **bucket_options(run))
     found = fs.find("polar-cube", prefix=prefix, detail=True)
     return {k: (i.get("ETag"), i.get("LastModified")) for k, i in found.items()}
 
 
 def test_a_3km_build_through_a_mirror_on_another_port(deployment_run):
     """Issue 18: the cache is keyed by what a source is, not by the mirror's address (nothing
-    is downloaded again), and a build at another resolution publishes under its own name
-    without touching the 1 km cube."""
+    is downloaded again), and a build at another resolution publishes the first version of
+    its own series without touching the 1 km one (its versions' objects and its catalog)."""
     run = deployment_run
-    one_km = load_spec(REPO / "cube.geojson").at_resolution(1000).data_id.removesuffix(".zarr")
+    one_km = load_spec(REPO / "cube.geojson").at_resolution(1000).series
     before = bucket_listing(run, one_km)
     assert len(before) > 100  # the cube's chunks and metadata, its levels and quicklooks
+    assert f"polar-cube/{one_km}.versions.json" in before
+    assert f"polar-cube/{one_km}-v1.1.0.zarr/.zmetadata" in before
     log = run.folder / "data" / "mirror" / "mirror.log"
     port = free_port_block(1)
     started = run.polar_cube("sources", "start", "--port", str(port))
@@ -204,17 +215,19 @@ def test_a_3km_build_through_a_mirror_on_another_port(deployment_run):
     demo = run.folder / "data" / "demo"
     built = run.polar_cube(
         *("build", "--resolution", "3000", "--source-mirror", f"http://127.0.0.1:{port}"),
-        *("--cache", str(demo / "cache"), "--store", str(demo / "datasets")),
-        *("--bucket-block", "polar-cube-bucket"),
+        *("--cache", str(demo / "cache"), "--bucket-block", "polar-cube-bucket"),
     )
     run.polar_cube("sources", "stop")
     assert built.returncode == 0, built.stdout[-3000:] + built.stderr[-3000:]
     assert log.read_text().count('"GET ') == requests_before  # not one download
     three_km = "polar-3km-1x2048x2048-v1.1.0.zarr"
-    assert f"the cube is at s3://polar-cube/{three_km}" in built.stdout
-    assert f"s3://polar-cube/{three_km}" in built.stdout.split("--- open the cube ---")[1]
+    assert f"the cube is at s3://polar-cube/{three_km}\n" in built.stdout
+    # the printed snippet opens the version the 3 km series' catalog names
+    catalog = "s3://polar-cube/polar-3km-1x2048x2048.versions.json"
+    assert catalog in built.stdout.split("--- open the cube ---")[1]
+    assert read_in_bucket(run, catalog.removeprefix("s3://polar-cube/"))["latest_cube"] == three_km
     assert open_in_bucket(run, three_km).sizes == {"time": 2, "y": 707, "x": 651}
-    assert bucket_listing(run, one_km) == before  # the 1 km cube, untouched
+    assert bucket_listing(run, one_km) == before  # the 1 km series, untouched
 
 
 def test_server_and_worker_run_in_their_own_sessions_and_start_is_idempotent(server, worker):

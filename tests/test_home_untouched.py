@@ -62,13 +62,20 @@ def test_demo_writes_nothing_under_home(tmp_path):
         assert (project / "data/prefect/home/prefect.db").is_file()
         assert (project / "data/s3/server.json").is_file()
 
-        # the printed snippets, in one bash after the printed line, from the same folder
+        # the printed snippets, in one bash after the printed line, from the same folder:
+        # the xarray one opens the version `latest` names (the first: v1.1.0), read from the
+        # catalog next to it
         output = result.stdout
+        spec = load_spec(REPO / "cube.geojson").at_resolution(3000)
+        assert f"the cube is at s3://polar-cube/{spec.data_id}\n" in output
+        catalog = f"s3://polar-cube/{spec.series}.versions.json"
+        assert f"latest of {spec.series}: {catalog} (`polar-cube versions`)\n" in output
         (eval_line,) = re.findall(r'first (eval "\$\(.+\)")$', output, re.M)
         assert eval_line.endswith(' s3 credentials)"')  # the default state folder: no option
         variables = sorted(v.name for v in load_spec(REPO / "cube.geojson").variables)
         xarray = block(output, "open the cube")
         assert '"profile"' not in xarray and "polar_cube" not in xarray
+        assert catalog in xarray and spec.data_id not in xarray  # resolved when it runs
         show = "\nimport json\nprint('VARIABLES', json.dumps(sorted(cube.data_vars)))"
         opened = subprocess.run(
             ["bash", "-c", f'{eval_line}\nexec "$@"', "bash", sys.executable, "-c", xarray + show],
@@ -79,11 +86,11 @@ def test_demo_writes_nothing_under_home(tmp_path):
             env=env,
         )
         assert opened.returncode == 0, opened.stderr[-3000:]
+        assert opened.stdout.splitlines()[0] == spec.data_id  # the snippet prints `name` first
         (line,) = [x for x in opened.stdout.splitlines() if x.startswith("VARIABLES ")]
         assert set(variables) <= set(json.loads(line.removeprefix("VARIABLES ")))
 
         gdal = block(output, "open it with GDAL")
-        spec = load_spec(REPO / "cube.geojson").at_resolution(3000)
         assert gdal.endswith(f"""gdalinfo 'ZARR:"/vsis3/polar-cube/{spec.data_id}"'""")
         listed = subprocess.run(
             ["bash", "-e", "-c", gdal],

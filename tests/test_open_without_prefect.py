@@ -1,10 +1,13 @@
 """The cube opens without Prefect or polar_cube: the snippets `build` and `demo` print run in a
-plain Python (xarray + s3fs, and xcube), with the keys from `polar-cube s3 credentials` in the
-environment, or pasted as-is with an AWS profile written when asked for; GDAL's `gdalinfo`
-opens it with what `s3 credentials --gdal` prints. The blocks of the README's "Open the cube"
-run as written too. No keys are printed but by `s3 credentials`. Every AWS file used here lives
-under tmp_path (AWS_SHARED_CREDENTIALS_FILE, AWS_CONFIG_FILE): the real ~/.aws is never read or
-written."""
+plain Python (xarray + s3fs + fsspec, and xcube), with the keys from `polar-cube s3
+credentials` in the environment, or pasted as-is with an AWS profile written when asked for;
+they read the catalog `<series>.versions.json` and open the version `latest` names (printing
+its name first), so the same pasted snippet opens a newer version once one is published and
+the older one after `polar-cube rollback`. GDAL's `gdalinfo` opens the version built with what
+`s3 credentials --gdal` prints. The blocks of the README's "Open the cube" are what the demo
+prints and run as written too. No keys are printed but by `s3 credentials`. Every AWS file
+used here lives under tmp_path (AWS_SHARED_CREDENTIALS_FILE, AWS_CONFIG_FILE): the real ~/.aws
+is never read or written."""
 
 import json
 import os
@@ -23,11 +26,15 @@ from polar_cube.servers.s3server import AwsProfileError, S3ServerInfo, write_aws
 from polar_cube.spec import load_spec
 from tests.conftest import REPO
 from tests.snippets import snippet
+from tests.test_versions_cli import session_api_url
 
-# The cube built once for this module, as tests/test_cube_flow.py builds it (3 km, small
-# stand-ins, the session's SeaweedFS); importing the fixtures gives this module its own.
-from tests.test_cube_flow import BUCKET_BLOCK, blocks, built, mirror, work  # noqa: F401
-
+# The cube is built once for this module as tests/test_cube_flow.py builds it (3 km, small
+# stand-ins, the session's SeaweedFS), into a folder of the bucket of its own: the last test
+# publishes a second version there and rolls back.
+RESOLUTION = 3000.0
+BUCKET_BLOCK = "polar-open-bucket"
+BUCKET_FOLDER = "open"
+SPEC = load_spec(REPO / "cube.geojson").at_resolution(RESOLUTION)  # polar-3km-…-v1.1.0.zarr
 PROFILE = "polar-cube-local"
 FORBIDDEN = ("prefect", "prefect_aws", "prefect_dask", "polar_cube")
 AWS_VARIABLES = (
@@ -56,6 +63,57 @@ def aws_files(tmp_path, monkeypatch):
     for name in AWS_VARIABLES:
         monkeypatch.delenv(name, raising=False)
     return folder
+
+
+@pytest.fixture(scope="module")
+def mirror(small_standins):
+    from polar_cube.sources.mirror import serving_mirror
+
+    with serving_mirror(small_standins) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    return tmp_path_factory.mktemp("open-cube")
+
+
+@pytest.fixture(scope="module")
+def blocks(s3_server) -> dict:
+    """The S3Bucket block of <bucket>/open/ on the session's SeaweedFS; its s3fs options."""
+    from polar_cube.tasks.blocks import load_bucket, save_blocks, storage_options_from_blocks
+
+    save_blocks(
+        bucket_block=BUCKET_BLOCK,
+        credentials_block="polar-open-credentials",
+        bucket_name="polar-test",
+        bucket_folder=BUCKET_FOLDER,
+        endpoint_url=s3_server.endpoint_url,
+        access_key=s3_server.access_key,
+        secret_key=s3_server.secret_key,
+    )
+    return storage_options_from_blocks(load_bucket(BUCKET_BLOCK))
+
+
+def build_options(work, mirror, **extra) -> dict:
+    return dict(
+        spec_path=str(REPO / "cube.geojson"),
+        resolution=RESOLUTION,
+        source_mirror=mirror,
+        cache_dir=str(work / "cache"),
+        bucket_block=BUCKET_BLOCK,
+        **extra,
+    )
+
+
+@pytest.fixture(scope="module")
+def built(work, mirror, blocks):
+    """The first version of the 3 km cube, published into <bucket>/open/."""
+    from polar_cube.flows.build_cube import build_cube
+
+    cube = build_cube(**build_options(work, mirror))
+    assert (cube.url, cube.version) == (f"s3://polar-test/open/{SPEC.data_id}", SPEC.version)
+    return cube
 
 
 def fake_server(tmp_path, port=1, access="AKIAPOLAR", secret="polar-secret") -> S3ServerInfo:
@@ -197,10 +255,17 @@ XARRAY, XCUBE, GDAL = (
 )
 
 
-def printed(capsys, url, **kwargs) -> tuple[str, dict[str, str]]:
-    """What `build`/`demo` print after the cube is published: all of it, and each snippet."""
-    _print_cube(url, BUCKET_BLOCK, **kwargs)
+def printed(capsys, url, spec=SPEC, **kwargs) -> tuple[str, dict[str, str]]:
+    """What `build`/`demo` print after the cube is published: all of it, and each snippet.
+    The Python snippets read `latest` from the catalog (nothing in them names a version)."""
+    capsys.readouterr()
+    _print_cube(url, BUCKET_BLOCK, series=spec.series, **kwargs)
     output = capsys.readouterr().out
+    folder = url.rsplit("/", 1)[0]
+    catalog = f"{folder}/{spec.series}.versions.json"
+    assert output.startswith(
+        f"the cube is at {url}\nlatest of {spec.series}: {catalog} (`polar-cube versions`)\n"
+    )
     lines = output.splitlines()
     snippets, index = {}, 0
     while index < len(lines):
@@ -211,7 +276,15 @@ def printed(capsys, url, **kwargs) -> tuple[str, dict[str, str]]:
             index = end
         index += 1
     assert list(snippets) == [XARRAY, XCUBE, GDAL]  # a local S3 server: GDAL's too
+    for text in (snippets[XARRAY], snippets[XCUBE]):
+        assert f"{spec.series}.versions.json" in text and '["latest_cube"]' in text
+        assert not re.search(r"-v\d+\.\d+\.\d+\.zarr", text)  # no version pinned
+    assert gdal_path_of(url) in snippets[GDAL]  # GDAL's opens the version built
     return output, snippets
+
+
+def gdal_path_of(url: str) -> str:
+    return f"""'ZARR:"/vsis3/{url.removeprefix("s3://")}"'"""
 
 
 def no_prefect_environment(tmp_path, base: dict[str, str]) -> dict[str, str]:
@@ -260,11 +333,13 @@ def run_snippet(
     return result.stdout
 
 
-def check_opened(snippets, run):
+def check_opened(snippets, run, name: str | None = SPEC.data_id, title: str | None = None):
     """Run both Python snippets: each opens the cube with every spec variable (the first prints
-    it), the second also its overview levels (the coarsest one read too)."""
+    it), the second also its overview levels (the coarsest one read too). With `name`, each
+    prints first the name of the version it opened, that one; with `title`, the cube has it."""
     variables = spec_variables()
     show = '\nprint("VARIABLES", _json.dumps(sorted(cube.data_vars)))'
+    show += '\nprint("TITLE", _json.dumps(cube.attrs["title"]))'
     cube_output = run(snippets[XARRAY], show)
     assert "<xarray.Dataset>" in cube_output and "magnetic_anomaly" in cube_output
     assert set(variables) <= set(found(cube_output, "VARIABLES"))
@@ -278,6 +353,12 @@ def check_opened(snippets, run):
     assert int(levels) >= 1
     width, level_variables = found(xcube_output, "COARSEST")
     assert set(variables) <= set(level_variables) and width <= 512
+    for output in (cube_output, xcube_output):
+        if name is not None:
+            assert output.splitlines()[0] == name
+        if title is not None:
+            assert found(output, "TITLE") == title
+    return cube_output, xcube_output
 
 
 def spec_variables() -> list[str]:
@@ -320,7 +401,7 @@ def sandbox(tmp_path, s3_server) -> Path:
 
 @pytest.mark.slow
 def test_snippets_open_the_cube_with_the_exported_keys(
-    built,  # noqa: F811
+    built,
     s3_server,
     tmp_path,
     capsys,
@@ -351,7 +432,7 @@ def test_snippets_open_the_cube_with_the_exported_keys(
 
 @pytest.mark.slow
 def test_demo_snippets_run_after_the_one_line_it_prints(
-    built,  # noqa: F811
+    built,
     s3_server,
     tmp_path,
     capsys,
@@ -383,7 +464,7 @@ def test_demo_snippets_run_after_the_one_line_it_prints(
 
 @pytest.mark.slow
 def test_demo_snippets_run_pasted_as_is_with_a_profile_when_asked(
-    built,  # noqa: F811
+    built,
     s3_server,
     tmp_path,
     capsys,
@@ -446,9 +527,21 @@ def ours(text: str, replacements: dict[str, str]) -> str:
     return text
 
 
+def test_readme_open_the_cube_blocks_are_what_the_demo_prints(tmp_path, capsys):
+    """The README's Python blocks of "Open the cube" are, to the character, the snippets the
+    demo prints with its defaults (bucket polar-cube, endpoint http://127.0.0.1:8333, the
+    1 km cube): they open the version `latest` names, and print its name first."""
+    demo = make_parser().parse_args(["demo"])
+    spec = load_spec(REPO / "cube.geojson").at_resolution(demo.resolution)
+    server = fake_server(tmp_path, port=demo.s3_port)
+    _, snippets = printed(capsys, f"s3://{demo.bucket}/{spec.data_id}", spec, local_server=server)
+    assert snippet("README.md", "open-xarray") == snippets[XARRAY]
+    assert snippet("README.md", "open-xcube") == snippets[XCUBE]
+
+
 @pytest.mark.slow
 def test_readme_open_the_cube_blocks_run_as_written(
-    built,  # noqa: F811
+    built,
     s3_server,
     tmp_path,
     sandbox,
@@ -458,20 +551,21 @@ def test_readme_open_the_cube_blocks_run_as_written(
     (`.venv`, `data/s3`): the keys line then each Python snippet in one bash, GDAL's block with
     the real `gdalinfo`, the operators' block in the project's python through the block."""
     demo = make_parser().parse_args(["demo"])
-    readme_cube = load_spec(REPO / "cube.geojson").at_resolution(demo.resolution).data_id
-    spec = load_spec(REPO / "cube.geojson").at_resolution(3000)
-    assert built.url == f"s3://polar-test/cubes/{spec.data_id}"
+    readme_series = load_spec(REPO / "cube.geojson").at_resolution(demo.resolution).series
+    spec = SPEC
+    assert built.url == f"s3://polar-test/open/{spec.data_id}"
     assert (demo.bucket, demo.s3_port, demo.bucket_block) == (
         "polar-cube",
         8333,
         "polar-cube-bucket",
     )
     # the demo's defaults, as the README names them -> this test's server, bucket and cube
+    # (its series: in the catalog's name and in any version's)
     endpoint = {"http://127.0.0.1:8333": s3_server.endpoint_url}
-    cube = {readme_cube.removesuffix(".zarr"): spec.data_id.removesuffix(".zarr")}
-    in_bucket = {"s3://polar-cube/": "s3://polar-test/cubes/"}
-    in_root = {'root="polar-cube"': 'root="polar-test/cubes"'}
-    in_vsis3 = {"/vsis3/polar-cube/": "/vsis3/polar-test/cubes/"}
+    cube = {readme_series: spec.series}
+    in_bucket = {"s3://polar-cube/": "s3://polar-test/open/"}
+    in_root = {'root="polar-cube"': 'root="polar-test/open"'}
+    in_vsis3 = {"/vsis3/polar-cube/": "/vsis3/polar-test/open/"}
 
     keys_line = snippet("README.md", "open-keys")
     assert keys_line == 'eval "$(.venv/bin/polar-cube s3 credentials)"'
@@ -480,11 +574,12 @@ def test_readme_open_the_cube_blocks_run_as_written(
         XCUBE: ours(snippet("README.md", "open-xcube"), endpoint | in_root | cube),
     }
     env = no_prefect_environment(tmp_path, bare_environment(tmp_path))
-    check_opened(
+    check_opened(  # (that they print the name first: the test below)
         python,
         lambda code, show: run_snippet(
             code, show, env, cwd=sandbox, isolated=True, shell_first=keys_line
         ),
+        name=None,
     )
 
     gdal = ours(snippet("README.md", "open-gdal"), in_vsis3 | cube)
@@ -509,3 +604,64 @@ def test_readme_open_the_cube_blocks_run_as_written(
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert set(spec_variables()) <= set(found(result.stdout, "VARIABLES"))
+
+
+@pytest.mark.slow
+def test_a_pasted_snippet_opens_the_newest_version_and_the_one_rolled_back_to(
+    built,
+    blocks,
+    work,
+    mirror,
+    s3_server,
+    tmp_path,
+    capsys,
+    aws_files,
+):
+    """Last (it publishes a second version): the snippets printed after the first build, run
+    again as pasted then, open 1.1.1 once a rebuild with a changed patch has published it, and
+    1.1.0 again after `polar-cube rollback 1.1.0`; the build prints the same Python snippets
+    (GDAL's names the new version)."""
+    from polar_cube.flows.build_cube import build_cube
+
+    _, snippets = printed(capsys, built.url)
+    env = no_prefect_environment(tmp_path, bare_environment(tmp_path) | exported(s3_server))
+    workdir = tmp_path / "elsewhere"
+    workdir.mkdir()
+
+    def run(code, show):
+        return run_snippet(code, show, env, cwd=workdir, isolated=True)
+
+    original = "Polar Data Cube v1.1.0"
+    check_opened(snippets, run, name=SPEC.data_id, title=original)
+
+    patch = tmp_path / "patch.yaml"
+    text = (REPO / "patch.yaml").read_text()
+    assert f"    title: {original}\n" in text
+    patch.write_text(text.replace(f"    title: {original}\n", f"    title: {original}, again\n"))
+    rebuilt = build_cube(**build_options(work, mirror, patch_path=str(patch)))
+    newer = SPEC.at_version("1.1.1").data_id
+    assert (rebuilt.url, rebuilt.version, rebuilt.reused) == (
+        f"s3://polar-test/open/{newer}",
+        "1.1.1",
+        False,
+    )
+    output, again = printed(capsys, rebuilt.url)
+    assert_no_keys(output, s3_server)
+    assert (again[XARRAY], again[XCUBE]) == (snippets[XARRAY], snippets[XCUBE])
+    assert gdal_path_of(rebuilt.url) in again[GDAL]
+    check_opened(snippets, run, name=newer, title=f"{original}, again")
+
+    rolled = subprocess.run(
+        [str(REPO / ".venv" / "bin" / "polar-cube"), "rollback", "1.1.0"]
+        + ["--bucket-block", BUCKET_BLOCK, "--resolution", str(int(RESOLUTION))],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+        env=os.environ | {"PREFECT_API_URL": session_api_url()},  # where the block is
+    )
+    assert rolled.returncode == 0, rolled.stderr[-3000:]
+    assert rolled.stdout == f"latest of {SPEC.series} is now 1.1.0: {built.url}\n"
+    assert_no_keys(rolled.stdout + rolled.stderr, s3_server)
+    check_opened(snippets, run, name=SPEC.data_id, title=original)
+    assert not aws_files.exists()

@@ -16,13 +16,17 @@ import psutil
 import pytest
 
 from polar_cube.cli import main
+from polar_cube.cube.versions import latest_cube, read_catalog
+from polar_cube.location import StoreLocation
 from polar_cube.servers import processes
 from polar_cube.sources.mirror import serving_mirror
+from polar_cube.spec import load_spec
 
 REPO = Path(__file__).resolve().parents[1]
 UNDER_WAY = "Beginning subflow run"  # the parent flow runs and the datasets subflow started
 STARTUP_TIMEOUT = 600  # the first temporary server of a new PREFECT_HOME migrates its database
 TAG = "POLAR_CUBE_STOPS_TEST"  # inherited by every process the build starts
+SPEC = load_spec(REPO / "cube.geojson").at_resolution(3000)  # what the builds publish
 
 
 @pytest.fixture(scope="module")
@@ -52,8 +56,6 @@ class Build:
             mirror,
             "--cache",
             str(work / "cache"),
-            "--store",
-            str(work / "datasets"),
             "--output",
             str(work / "cube"),
             *extra,
@@ -181,7 +183,11 @@ def test_sigkill_leaves_no_temporary_server_and_a_rerun_completes(tmp_path, mirr
         assert alive == [], "the kernel's parent-death signal stops the temporary server"
         rerun = build.rerun()
         assert rerun.returncode == 0, rerun.stderr[-3000:]
-        assert f"the cube is at {tmp_path / 'work' / 'cube'}" in rerun.stdout
+        # the killed build published nothing: the rerun publishes the first version
+        output = StoreLocation.local(tmp_path / "work" / "cube")
+        assert f"the cube is at {output.url(SPEC.data_id)}\n" in rerun.stdout
+        assert latest_cube(output, SPEC.series) == SPEC.data_id
+        assert [v.version for v in read_catalog(output, SPEC.series).versions] == [SPEC.version]
         assert build.tagged_processes() == []
         check = _doctor("--check", cwd=tmp_path, env=build.env)
         assert f"pid {server.pid}" not in check.stdout, "the rerun removed the stale record"

@@ -19,8 +19,9 @@ def test_importing_the_library_sets_no_prefect_environment():
     environment's PREFECT_* settings alone and does not import Prefect."""
     code = (
         "import os, sys\n"
-        "import polar_cube, polar_cube.dataset, polar_cube.cube.merge, polar_cube.cube.upload\n"
-        "import polar_cube.cube.publish, polar_cube.cube.verify, polar_cube.sources.staging\n"
+        "import polar_cube, polar_cube.dataset, polar_cube.keys, polar_cube.cube.merge\n"
+        "import polar_cube.cube.carry, polar_cube.cube.target, polar_cube.cube.versions\n"
+        "import polar_cube.cube.verify, polar_cube.sources.staging\n"
         "print(sorted(k for k in os.environ if k.startswith('PREFECT_')))\n"
         "print('prefect' in sys.modules)\n"
     )

@@ -62,6 +62,7 @@ from polar_cube.servers.viewer_config import (
     web_mercator_tile,
     whole_cube_tile,
 )
+from polar_cube.spec import load_spec
 
 REPO = Path(__file__).resolve().parents[1]
 RESOLUTION = 3000.0
@@ -242,10 +243,26 @@ def test_web_mercator_tiles():
 
 
 def test_a_missing_cube_is_one_clear_line(tmp_path):
-    result = run_cli("view", "--cube-dir", str(tmp_path), "--state-dir", str(tmp_path / "view"))
+    """Nothing published (no catalog naming `latest`), or a --cube-id that is not there."""
+    series = load_spec(REPO / "cube.geojson").at_resolution(RESOLUTION).series
+    state = str(tmp_path / "view")
+    result = run_cli(
+        *("view", "--cube-dir", str(tmp_path), "--resolution", "3000", "--state-dir", state)
+    )
     assert result.returncode == 2, result.stderr
-    [line] = result.stderr.strip().splitlines()
-    assert line.startswith("polar-cube: error: no published cube at ")
+    assert result.stderr == (
+        f"polar-cube: error: {tmp_path / series}.versions.json: no published version of "
+        f"{series}; build it first (`polar-cube build`)\n"
+    )
+    named = run_cli(
+        *("view", "--cube-dir", str(tmp_path), "--cube-id", f"{series}-v1.1.0.zarr"),
+        *("--state-dir", state),
+    )
+    assert named.returncode == 2, named.stderr
+    [line] = named.stderr.strip().splitlines()
+    assert line.startswith(
+        f"polar-cube: error: no published cube at {tmp_path / series}-v1.1.0.zarr "
+    )
     assert not (tmp_path / "view" / "server.json").exists()
 
 
@@ -575,21 +592,22 @@ def published(bucket_options, small_standins, repo_spec_path, tmp_path_factory):
             resolution=RESOLUTION,
             source_mirror=mirror,
             cache_dir=str(work / "cache"),
-            datasets_dir=str(work / "datasets"),
             bucket_block=BUCKET_BLOCK,
         )
+    spec = load_spec(repo_spec_path).at_resolution(RESOLUTION)
+    assert built.url == f"s3://{BUCKET}/{BUCKET_FOLDER}/{spec.data_id}"  # the first version
     return built.url, xr.open_zarr(built.url, consolidated=True, storage_options=bucket_options)
 
 
 def cube_id(published) -> str:
-    """The built cube's name, `<stem>.zarr` (it depends on the resolution)."""
+    """The built cube's name, `<series>-vX.Y.Z.zarr` (it depends on the resolution)."""
     return published[0].rsplit("/", 1)[1]
 
 
 @pytest.fixture(scope="module")
 def viewer(published, repo_spec_path, tmp_path_factory):
-    """`polar-cube view --bucket-block … --cube-id <the built cube>` started as a user does;
-    stopped at the end."""
+    """`polar-cube view --bucket-block … --resolution 3000` started as a user does (the cube
+    `latest` names: the built one); stopped at the end."""
     state = tmp_path_factory.mktemp("view-state")
     started = run_cli(
         "view",
@@ -597,8 +615,8 @@ def viewer(published, repo_spec_path, tmp_path_factory):
         BUCKET_BLOCK,
         "--spec",
         str(repo_spec_path),
-        "--cube-id",
-        cube_id(published),
+        "--resolution",
+        "3000",
         "--port",
         "0",
         "--state-dir",
@@ -618,6 +636,7 @@ def test_the_command_prints_where_to_open_the_viewer(viewer, published):
     info, output = viewer
     url, _ = published
     assert info.cube_url == url and info.dataset_id == cube_id(published).removesuffix(".zarr")
+    assert f"(pid {info.pid}), showing {url}\n" in output  # the version `latest` names
     assert f"open: {info.server_url}/viewer/?dataset={info.dataset_id}" in output
     assert info.server_url.startswith("http://127.0.0.1:")
 
@@ -802,19 +821,32 @@ def test_no_key_in_the_configuration_log_served_pages_or_command_line(viewer, s3
 
 @pytest.mark.slow
 def test_a_cube_in_a_local_folder(published, bucket_options, tmp_path):
+    """The version, its levels and the catalog copied into a folder: `view --cube-dir` shows
+    the version the catalog names `latest`."""
     import fsspec
 
     url, cube = published
     name = url.rsplit("/", 1)[1]
     stem = name.removesuffix(".zarr")
+    series = load_spec(REPO / "cube.geojson").at_resolution(RESOLUTION).series
     fs = fsspec.filesystem("s3", **bucket_options)
     folder = tmp_path / "cube"
     for part in (name, f"{stem}.levels"):
         fs.get(f"{BUCKET}/{BUCKET_FOLDER}/{part}", str(folder / part), recursive=True)
+    catalog = f"{series}.versions.json"
+    fs.get(f"{BUCKET}/{BUCKET_FOLDER}/{catalog}", str(folder / catalog))
+    assert json.loads((folder / catalog).read_text())["latest_cube"] == name
     assert (folder / f"{stem}.levels" / "0.link").read_text() == f"../{name}"
     state = tmp_path / "view"
-    info = start_viewer(state, source_from_folder(folder, name), port=0)
+    started = run_cli(
+        *("view", "--cube-dir", str(folder), "--resolution", "3000"),
+        *("--port", "0", "--state-dir", str(state)),
+    )
+    assert started.returncode == 0, started.stderr[-3000:]
+    info = viewer_status(state)
     try:
+        assert info is not None, started.stdout
+        assert f"showing {folder / name}\n" in started.stdout
         assert json.loads(info.config_path.read_text())["DataStores"][0]["StoreId"] == "file"
         tile = whole_cube_tile(cube)
         pixels = get_png(tile_url(info.server_url, stem, "magnetic_anomaly", tile))
@@ -870,16 +902,28 @@ def main(argv: list[str] | None = None) -> int:
     where = parser.add_mutually_exclusive_group(required=True)
     where.add_argument("--cube-dir", metavar="DIR", help="folder the cube was published into")
     where.add_argument("--bucket-block", metavar="NAME", help="S3Bucket block of its bucket")
-    parser.add_argument("--cube-id", default=None, help="<stem>.zarr (default: the spec's)")
+    parser.add_argument(
+        "--cube-id", default=None, help="<series>-vX.Y.Z.zarr (default: the one `latest` names)"
+    )
     parser.add_argument("--spec", default=str(REPO / "cube.geojson"))
+    parser.add_argument("--resolution", type=float, default=None, help="the cube's (spec's)")
     parser.add_argument("--variable", default="magnetic_anomaly")  # on the context map
     parser.add_argument("--zoom-out", type=int, default=1, help="steps out from its extent")
     parser.add_argument("--out", default=str(REPO / "docs" / "viewer.png"))
     args = parser.parse_args(argv)
     from polar_cube.cli.view import source_from_bucket_block
-    from polar_cube.spec import load_spec
+    from polar_cube.cube.versions import latest_cube
+    from polar_cube.location import StoreLocation
 
-    name = args.cube_id or load_spec(args.spec).data_id
+    name = args.cube_id
+    if name is None:
+        series = load_spec(args.spec).at_resolution(args.resolution).series
+        if args.bucket_block:
+            from polar_cube.tasks.blocks import bucket_location
+
+            name = latest_cube(bucket_location(args.bucket_block), series)
+        else:
+            name = latest_cube(StoreLocation.local(args.cube_dir), series)
     if args.bucket_block:
         source, options = source_from_bucket_block(args.bucket_block, name)
     else:
