@@ -6,6 +6,7 @@ and levels), listed by the catalog; an unchanged rerun publishes nothing."""
 
 import json
 import re
+import shutil
 import time
 from pathlib import Path
 
@@ -284,3 +285,46 @@ def test_cli_passes_the_format_on_and_refuses_shards_without_it(tmp_path, monkey
     assert "zarr_format" not in calls[-1] and printed[-1] == "polar-3km-1x2048x2048"
     with pytest.raises(SystemExit):
         parser.parse_args([*common, "--zarr-format", "4"])
+
+
+@pytest.mark.slow
+def test_a_new_patch_publishes_the_next_zarr3_version_carrying_every_shard(
+    builds, small_standins, repo_spec_path
+):
+    """Into a copy of the zarr 3 build (the other tests see one version): every source
+    unchanged, so each is carried (hard links) into v1.1.1, merged and patched again;
+    v1.1.0 untouched."""
+    from polar_cube.flows.build_cube import build_cube
+
+    work, results, _ = builds
+    shutil.copytree(work / "zarr3", work / "zarr3-carry")
+    first = results["zarr3"][0]
+    first_url = str(work / "zarr3-carry" / Path(first.url).name)
+    patch = work / "patch-retitled.yaml"
+    text = (REPO / "patch.yaml").read_text()
+    patch.write_text(text.replace("title: Polar Data Cube", "title: Retitled Polar Data Cube"))
+    before = {p: p.stat().st_mtime_ns for p in Path(first_url).rglob("*") if p.is_file()}
+    with serving_mirror(small_standins) as mirror:
+        second = build_cube(
+            spec_path=str(repo_spec_path),
+            resolution=RESOLUTION,
+            source_mirror=mirror,
+            cache_dir=str(work / "cache"),
+            patch_path=str(patch),
+            output_dir=str(work / "zarr3-carry"),
+            zarr_format=3,
+            shards=SHARDS,
+        )
+    assert not second.reused and second.version == "1.1.1"
+    assert second.url.endswith("-zarr3-shards4-v1.1.1.zarr")
+    assert {p: p.stat().st_mtime_ns for p in before} == before  # the published one untouched
+    old, new = Path(first_url), Path(second.url)
+    shards = [p.relative_to(old) for p in old.rglob("c/*/*") if p.is_file()]
+    assert shards and all((new / s).samefile(old / s) for s in shards)  # hard links
+    cube = xr.open_zarr(second.url, consolidated=True)
+    assert cube.attrs["title"].startswith("Retitled")
+    earlier = xr.open_zarr(first_url, consolidated=True)
+    for variable in load_spec(repo_spec_path).variables:
+        np.testing.assert_array_equal(cube[variable.name].values, earlier[variable.name].values)
+    catalog = json.loads((old.parent / f"{old.name.split('-v')[0]}.versions.json").read_text())
+    assert catalog["latest"] == "1.1.1"
