@@ -26,6 +26,7 @@ class BuildRun:
     measurement: Measurement
     phases: dict[str, float]
     phase_peaks: dict[str, int] = field(default_factory=dict)
+    objects: int = 0  # in the bucket after the build (0: not counted)
 
 
 @dataclass
@@ -45,6 +46,8 @@ class Results:
     builds: dict[float, list[BuildRun]] = field(default_factory=dict)
     cells: dict[float, int] = field(default_factory=dict)
     reruns: list[Measurement] = field(default_factory=list)
+    formats: dict[str, list[BuildRun]] = field(default_factory=dict)  # builds in other formats
+    format_commands: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> str:
         """Every run's numbers (without the RSS samples)."""
@@ -130,6 +133,8 @@ def render(results: Results) -> str:
         parts += ["", *_build_section(results)]
     if len(results.builds) > 1:
         parts += ["", *_scaling_section(results)]
+    if results.formats and results.builds.get(results.build_resolution):
+        parts += ["", *_formats_section(results)]
     parts += ["", *_targets_section(results)]
     return "\n".join(parts) + "\n"
 
@@ -221,6 +226,29 @@ def _scaling_section(results: Results) -> list[str]:
     ]
     shown = " | ".join(_number(r, 2) for r in ratios[:3])
     lines.append(f"| ratio {fine:g} m ÷ {coarse:g} m | {shown} | | | {_number(ratios[3], 2)} |")
+    return lines
+
+
+def _formats_section(results: Results) -> list[str]:
+    fine = results.build_resolution
+    rows = {"zarr 2 (the default)": results.builds[fine], **results.formats}
+    lines = [
+        f"#### Formats: the whole build at {fine:g} m in each",
+        "",
+        "| format | whole build (s) | all per-dataset cubes (s) | merge (s) | publish (s) | "
+        "objects in the bucket | peak RSS (GB) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for label, runs in rows.items():
+        build = [r.measurement for r in runs]
+        objects = median([r.objects for r in runs if r.objects])
+        lines.append(
+            f"| {label} | {spread(_times(build))} | {spread(_phase_values(runs, ALL_DATASETS))} "
+            f"| {spread(_phase_values(runs, 'merge'), 2)} | "
+            f"{spread(_phase_values(runs, 'publish'), 2)} | "
+            f"{_number(objects, 0)} | {spread(_peaks(build), 2)} |"
+        )
+    lines += ["", "```text", *(f"{k}: {v}" for k, v in results.format_commands.items()), "```"]
     return lines
 
 

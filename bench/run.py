@@ -28,8 +28,10 @@ from bench.report import BuildRun, Results, render
 from polar_cube.servers.processes import free_port_block
 
 REPO = Path(__file__).resolve().parents[1]
-PARTS = ("layer", "build", "scaling", "sizes", "rerun")
+PARTS = ("layer", "build", "scaling", "sizes", "rerun", "zarr3")
 SIZES = (1000.0, 200.0)  # the part "sizes": publish time against the cube's size
+ZARR3 = ("--zarr-format", "3", "--shards", "4")  # the part "zarr3": the other format
+ZARR3_LABEL = "zarr 3, shards of 4 × 4 chunks"
 BUCKET = "polar-cube-bench"
 BUCKET_BLOCK = "polar-cube-bench-bucket"
 CREDENTIALS_BLOCK = "polar-cube-bench-credentials"
@@ -127,7 +129,7 @@ def make_plan(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Plan
     layer = args.layer_resolution or default
     fine = args.resolution or default
     wanted = {("--layer-resolution", layer)} if "layer" in args.only else set()
-    builds = [fine] if {"build", "scaling", "sizes", "rerun"} & set(args.only) else []
+    builds = [fine] if {"build", "scaling", "sizes", "rerun", "zarr3"} & set(args.only) else []
     if "scaling" in args.only:
         builds.append(2 * fine)
     if "sizes" in args.only:
@@ -252,7 +254,7 @@ def prefect_server(workdir: Path, port: int) -> Iterator[None]:
 
 
 @contextmanager
-def fresh_bucket(workdir: Path) -> Iterator[None]:
+def fresh_bucket(workdir: Path) -> Iterator:
     """A new SeaweedFS with an empty bucket and the blocks for it; removed afterwards."""
     from polar_cube.servers.s3server import running_s3_server, stop_s3_server
     from polar_cube.tasks.blocks import save_blocks
@@ -270,7 +272,7 @@ def fresh_bucket(workdir: Path) -> Iterator[None]:
                 access_key=info.access_key,
                 secret_key=info.secret_key,
             )
-            yield
+            yield info
     finally:
         remove(state_dir)
 
@@ -286,7 +288,9 @@ def warm_download_cache(plan: Plan, cache: Path, mirror: str) -> None:
         fetch_source(source, cache, mirror=mirror, files=needed_files(spec, source.id))
 
 
-def build_command(plan: Plan, resolution: float, mirror: str) -> list[str]:
+def build_command(
+    plan: Plan, resolution: float, mirror: str, extra: tuple[str, ...] = ()
+) -> list[str]:
     return [
         str(Path(sys.executable).parent / "polar-cube"),
         "build",
@@ -302,20 +306,33 @@ def build_command(plan: Plan, resolution: float, mirror: str) -> list[str]:
         str(plan.workdir / "cache"),
         "--bucket-block",
         BUCKET_BLOCK,
+        *extra,
     ]
 
 
+def count_objects(info) -> int:
+    """Objects in the bench bucket (the cube's versions, catalog and lock)."""
+    import s3fs
+
+    fs = s3fs.S3FileSystem(
+        key=info.access_key,
+        secret=info.secret_key,
+        client_kwargs={"endpoint_url": info.endpoint_url},
+    )
+    return len(fs.find(BUCKET))
+
+
 def measure_build(
-    plan: Plan, resolution: float, run: int, mirror: str, rerun: bool
+    plan: Plan, resolution: float, run: int, mirror: str, rerun: bool, extra: tuple = ()
 ) -> tuple[BuildRun, Measurement | None]:
     """One whole build from a warm cache into an empty store and bucket (and its rerun)."""
     from bench.phases import phase_peaks, phase_seconds, read_task_spans
     from polar_cube.spec import load_spec
 
     source_ids = [s.id for s in load_spec(plan.spec_path).sources]
-    command = build_command(plan, resolution, mirror)
-    what = f"the build at {resolution:g} m (run {run}/{plan.runs})"
-    with fresh_bucket(plan.workdir):
+    command = build_command(plan, resolution, mirror, extra)
+    what = f"the build at {resolution:g} m {' '.join(extra)} (run {run}/{plan.runs})"
+    with fresh_bucket(plan.workdir) as info:
         say(f"{what} ...")
         measured = measure_command(
             command, _log(plan, f"build-{resolution:g}m-run{run}"), what=what, cwd=REPO
@@ -328,6 +345,7 @@ def measure_build(
             measured,
             phase_seconds(spans, source_ids, measured.wall_seconds),
             phase_peaks(spans, source_ids, measured.samples),
+            objects=count_objects(info),
         )
         again = None
         if rerun:
@@ -363,6 +381,12 @@ def measure_builds(plan: Plan, sources: Path, results: Results) -> None:
                 results.builds[resolution].append(build)
                 if again is not None:
                     results.reruns.append(again)
+            if "zarr3" in plan.parts:
+                build, _ = measure_build(plan, fine, run, mirror, rerun=False, extra=ZARR3)
+                results.formats.setdefault(ZARR3_LABEL, []).append(build)
+                results.format_commands[ZARR3_LABEL] = shown(
+                    build_command(plan, fine, mirror, ZARR3)
+                )
 
 
 def run_benchmark(plan: Plan, argv: list[str]) -> Results:

@@ -7,6 +7,12 @@ import os
 import sys
 from pathlib import Path
 
+from polar_cube.errors import PolarCubeError
+
+
+class OptionError(PolarCubeError, ValueError):
+    """Options that cannot go together; the message names them."""
+
 
 def _add_build_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--spec", default="cube.geojson", help="cube spec (default ./cube.geojson)")
@@ -75,6 +81,11 @@ def _add_build_options(parser: argparse.ArgumentParser) -> None:
 def cmd_build(args: argparse.Namespace) -> int:
     from polar_cube.preflight import check_build
 
+    if args.store and not args.datasets_only:
+        raise OptionError(
+            f"--store {args.store}: only with --datasets-only (a build writes its chunks "
+            "straight into the new version of the cube)"
+        )
     folders = {"--cache": args.cache}
     if args.datasets_only:
         folders["--store"] = args.store or "data/datasets"

@@ -31,7 +31,7 @@ from pathlib import Path
 
 from polar_cube.errors import PolarCubeError
 from polar_cube.keys import VersionKeys
-from polar_cube.location import StoreLocation
+from polar_cube.location import StoreLocation, remote_files
 from polar_cube.spec import CubeSpec
 
 CATALOG_SUFFIX = ".versions.json"
@@ -220,13 +220,18 @@ def prune(location: StoreLocation, series: str, keep: int) -> list[str]:
     gone = [v.version for v in removed]
     for stem in _stored_versions(location, series):
         cube = f"{stem}.zarr"
-        if cube not in listed:
-            for key in VersionKeys(cube).all_keys():
-                if location.exists(key):
-                    location.fs.rm(location.path(key), recursive=True)
-            version = stem.removeprefix(f"{series}-v")
-            if version not in gone:
-                gone.append(f"{version} (unpublished draft)")
+        if cube in listed:
+            continue
+        deleted = False
+        for key in VersionKeys(cube).all_keys():
+            if remote_files(location, key):  # an object store may list emptied prefixes
+                location.fs.rm(location.path(key), recursive=True)
+                deleted = True
+            elif location.is_local and location.exists(key):
+                location.fs.rm(location.path(key), recursive=True)
+        version = stem.removeprefix(f"{series}-v")
+        if deleted and version not in gone:
+            gone.append(f"{version} (unpublished draft)")
     location.fs.invalidate_cache()
     return gone
 
