@@ -248,7 +248,10 @@ def _print_cube(
     print("--- open it with xcube: the cube and its overview levels ---")
     print(open_snippet(url, options, xcube=True, series=series))
     print("---")
-    if credentials or not url.startswith("s3://"):
+    from polar_cube.spec import zarr_layout
+
+    gdal_reads_it = zarr_layout(url.rstrip("/").rsplit("/", 1)[-1])[0] == 2  # GDAL 3.6: zarr 2
+    if gdal_reads_it and (credentials or not url.startswith("s3://")):
         from polar_cube.cli.s3 import gdal_path
 
         print("--- open it with GDAL ---")

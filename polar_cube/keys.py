@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from polar_cube.levels import ZLEVELS, levels_name
 
 INPUTS_PREFIX = "inputs"
-METADATA_NAMES = (".zarray", ".zattrs", ".zgroup", ".zmetadata", ZLEVELS)
+METADATA_NAMES = (".zarray", ".zattrs", ".zgroup", ".zmetadata", "zarr.json", ZLEVELS)
 
 
 def input_key(source_id: str) -> str:

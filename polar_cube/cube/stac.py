@@ -205,7 +205,7 @@ def _zarr_asset(spec: CubeSpec, cube_url: str) -> pystac.Asset:
         href=cube_url,
         media_type=ZARR_MEDIA_TYPE,
         roles=["data"],
-        title=f"{spec.title} (zarr format 2, consolidated metadata)",
+        title=f"{spec.title} (zarr format {spec.zarr_layout[0]}, consolidated metadata)",
     )
 
 

@@ -196,7 +196,7 @@ def rollback(location: StoreLocation, series: str, version: str) -> PublishedVer
     if entry is None:
         known = ", ".join(v.version for v in catalog.versions) or "none"
         raise VersionError(f"{series}: no published version {version} (published: {known})")
-    if not location.exists(entry.cube, ".zmetadata"):
+    if not any(location.exists(entry.cube, name) for name in (".zmetadata", "zarr.json")):
         raise VersionError(f"{location.url(entry.cube)}: version {version} is gone from the store")
     write_catalog(location, replace(catalog, latest=entry.version))
     return entry

@@ -261,7 +261,8 @@ def open_cube_metadata(
     options = options if source.is_s3 else {}
     with reaching_storage(source.root, options):
         fs, _ = fsspec.core.url_to_fs(source.root, **options)
-        if not fs.exists(f"{fs._strip_protocol(source.cube_url)}/.zmetadata"):
+        cube_path = fs._strip_protocol(source.cube_url)
+        if not any(fs.exists(f"{cube_path}/{name}") for name in (".zmetadata", "zarr.json")):
             raise ViewError(
                 f"no published cube at {source.cube_url} (no consolidated metadata); "
                 f"build it first, or name it with --cube-id"
