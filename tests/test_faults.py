@@ -1,17 +1,19 @@
 """Fault injection, end to end through the real command line: every way a build can meet bad
 input or a broken environment ends with exit code 2 and one `polar-cube: error: …` line naming
-the culprit, publishes nothing, caches nothing bad, and once the fault is fixed the same
-command builds a cube equal to a clean build.
+the culprit, publishes nothing (the catalog, `latest`, and every published version stay as
+they were), caches nothing bad, and once the fault is fixed the same command publishes a cube
+equal to a clean build.
 
 Real parts throughout: the small stand-in sources served over HTTP (a copy the tests break and
 repair), a Prefect server of the module's own, tmpfs mounts for a full and a read-only disk,
-and a SeaweedFS S3 server that is killed mid-upload and restarted.
+and a SeaweedFS S3 server that is killed while the chunks are written into it and restarted.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -131,8 +133,6 @@ def build_args(work: Path, mirror_url: str, *extra: str) -> list[str]:
         mirror_url,
         "--cache",
         str(work / "cache"),
-        "--store",
-        str(work / "datasets"),
         *extra,
     ]
 
@@ -159,6 +159,15 @@ def tree(folder: Path) -> dict[str, tuple[int, int]]:
     }
 
 
+def catalog_name() -> str:
+    return f"{load_spec(SPEC).at_resolution(float(RESOLUTION)).series}.versions.json"
+
+
+def latest_cube(target: Path) -> Path:
+    """The cube the catalog in the folder `target` names `latest` (what readers open)."""
+    return target / json.loads((target / catalog_name()).read_text())["latest_cube"]
+
+
 def assert_same_cube(path: Path | str, reference: dict[str, np.ndarray], options=None) -> None:
     cube = xr.open_zarr(str(path), consolidated=True, storage_options=options)
     assert sorted(reference) == sorted(map(str, cube.data_vars))
@@ -183,6 +192,7 @@ def clean(tmp_path_factory, mirror, api, data_id):
     work = tmp_path_factory.mktemp("faults-clean")
     result = polar_cube(*build_args(work, mirror.base_url, "--output", str(work / "out")), env=api)
     assert result.returncode == 0, result.stderr[-4000:]
+    assert latest_cube(work / "out") == work / "out" / data_id  # the first version, v1.1.0
     return work, cube_values(work / "out" / data_id)
 
 
@@ -267,7 +277,7 @@ def test_bad_input_is_refused_before_anything_starts(case, tmp_path, mirror):
     # no Prefect server was started (it would have made its database), nothing was written:
     # the same command with the input fixed is a clean build
     assert not list(home.rglob("*.db"))
-    for folder in ("cache", "datasets", "out"):
+    for folder in ("cache", "out"):
         assert not (tmp_path / folder).exists(), folder
 
 
@@ -287,7 +297,7 @@ def test_a_read_only_target_is_refused_before_anything_starts(
     subprocess.run(["mount", "-o", "remount,rw", str(readonly_mount)], check=True)
     repaired = polar_cube(*args, env=api)
     assert repaired.returncode == 0, repaired.stderr[-4000:]
-    assert_same_cube(readonly_mount / "out" / data_id, reference)
+    assert_same_cube(latest_cube(readonly_mount / "out"), reference)
 
 
 # --- bad sources -------------------------------------------------------------------------------
@@ -335,7 +345,7 @@ def test_a_bad_source_is_refused_never_cached_and_a_rerun_after_the_fix_equals_a
     file_name = spec.source(source_id).file_name
     url = f"{mirror.base_url}/{file_name}"
     shutil.rmtree(work / "cache" / source_id, ignore_errors=True)  # as if never downloaded
-    kept = tree(work / "out"), tree(work / "datasets")
+    kept = tree(work / "out")
     served = sources / file_name
     original = served.read_bytes()
     env = api | {"POLAR_CUBE_DOWNLOAD_ATTEMPTS": "2", "POLAR_CUBE_DOWNLOAD_TIMEOUT_SECONDS": "3"}
@@ -352,11 +362,11 @@ def test_a_bad_source_is_refused_never_cached_and_a_rerun_after_the_fix_equals_a
     assert source_id in line and url in line and expected in line, line
     cached = [p for p in (work / "cache" / source_id).rglob("*") if p.is_file()]
     assert cached == [], cached  # nothing bad cached (not even a .part)
-    assert (tree(work / "out"), tree(work / "datasets")) == kept  # nothing built or published
+    assert tree(work / "out") == kept  # nothing built or published, no version touched
 
     repaired = polar_cube(*args, env=api)
     assert repaired.returncode == 0, repaired.stderr[-4000:]
-    assert_same_cube(work / "out" / data_id, reference)
+    assert_same_cube(latest_cube(work / "out"), reference)
 
 
 def test_a_refused_connection_gives_up_in_bounded_time_naming_the_url(clean, mirror, api, data_id):
@@ -378,7 +388,7 @@ def test_a_refused_connection_gives_up_in_bounded_time_naming_the_url(clean, mir
     args = build_args(work, mirror.base_url, "--output", str(work / "out"))
     repaired = polar_cube(*args, env=api)  # the mirror named right
     assert repaired.returncode == 0, repaired.stderr[-4000:]
-    assert_same_cube(work / "out" / data_id, reference)
+    assert_same_cube(latest_cube(work / "out"), reference)
 
 
 # --- a broken environment -------------------------------------------------------------------------
@@ -418,10 +428,14 @@ def test_a_full_disk_names_the_target_and_a_rerun_with_space_completes(
     args = build_args(work, mirror.base_url, "--output", str(small_disk / "out"))
     line = the_error_line(polar_cube(*args, env=api))
     assert f"{small_disk / 'out'}" in line and "no space left on device" in line, line
-    assert not (small_disk / "out" / data_id).exists()  # nothing published
+    # the chunks went straight into the new version, which ran out of space: not published
+    assert (small_disk / "out" / data_id).is_dir()
+    assert not (small_disk / "out" / catalog_name()).exists()  # no catalog, so no `latest`
+    assert not (small_disk / "out" / data_id / ".zmetadata").exists()  # never merged
     subprocess.run(["mount", "-o", "remount,size=256m", str(small_disk)], check=True)
     repaired = polar_cube(*args, env=api)
     assert repaired.returncode == 0, repaired.stderr[-4000:]
+    assert latest_cube(small_disk / "out") == small_disk / "out" / data_id  # the same draft
     assert_same_cube(small_disk / "out" / data_id, reference)
 
 
@@ -431,7 +445,7 @@ def test_two_builds_into_one_target_one_refuses_naming_the_holder(
     work, reference = clean
     target = tmp_path / "shared-target"
     commands = []
-    for name in ("first", "second"):  # own caches and stores: only the target is shared
+    for name in ("first", "second"):  # own caches: only the target is shared
         args = build_args(tmp_path / name, mirror.base_url, "--output", str(target))
         commands.append([sys.executable, "-m", "polar_cube.cli", *args])
     runs = [
@@ -446,15 +460,21 @@ def test_two_builds_into_one_target_one_refuses_naming_the_holder(
     line = the_error_line(subprocess.CompletedProcess([], 2, "", refused))
     assert f"{target} is being built by pid {winner} on " in line, line
     assert f"{target / LOCK_FOLDER}" in line
+    assert latest_cube(target) == target / data_id
     assert_same_cube(target / data_id, reference)
     assert not list((target / LOCK_FOLDER).glob("*.json"))  # released at the end
+    published = tree(target)
 
     again = polar_cube(*commands[1][3:], env=api)  # the refused build, run again
     assert again.returncode == 0, again.stderr[-4000:]
+    assert latest_cube(target) == target / data_id  # the same sources: nothing new
     assert_same_cube(target / data_id, reference)
+    assert tree(target) == published  # the catalog and the published version as they were
 
 
-def test_an_s3_server_killed_mid_upload_then_restarted(clean, tmp_path, mirror, api, data_id):
+def test_an_s3_server_killed_while_chunks_are_written_then_restarted(
+    clean, tmp_path, mirror, api, data_id
+):
     from polar_cube.servers.s3server import running_s3_server, start_s3_server
 
     work, reference = clean
@@ -484,18 +504,22 @@ def test_an_s3_server_killed_mid_upload_then_restarted(clean, tmp_path, mirror, 
             stderr=subprocess.PIPE,
             text=True,
         )
-        stderr = []
-        for line in build.stderr:  # kill the S3 server as the uploads run
+        stderr, killed = [], False
+        for line in build.stderr:  # kill the S3 server as the chunks are written into it
             stderr.append(line)
-            if "Task run 'upload-" in line:
+            if "Task run 'write-" in line:
                 os.killpg(server.pid, signal.SIGKILL)
+                killed = True
                 break
         stderr.append(build.stderr.read())
         build.wait(timeout=600)
         result = subprocess.CompletedProcess(args, build.returncode, "", "".join(stderr))
+        assert killed, result.stderr[-6000:]
         line = the_error_line(result)
-        assert "s3://faults/" in line and server.endpoint_url in line, result.stderr[-6000:]
-        assert "cannot reach S3 endpoint" in line, line
+        # the target (the bucket, or the key being written in it) and the endpoint, named
+        endpoint = re.escape(server.endpoint_url)
+        expected = rf"polar-cube: error: s3://faults(/\S+)?: cannot reach S3 endpoint {endpoint} "
+        assert re.match(expected, line), result.stderr[-6000:]
 
         restarted = start_s3_server(state, port=port, bucket="faults")
         assert restarted.endpoint_url == server.endpoint_url
@@ -507,7 +531,12 @@ def test_an_s3_server_killed_mid_upload_then_restarted(clean, tmp_path, mirror, 
         import fsspec
 
         fs = fsspec.filesystem("s3", **options)
-        assert not fs.exists(f"faults/{data_id}/.zmetadata")  # nothing was published
+        assert not fs.exists(f"faults/{catalog_name()}")  # nothing was published
+        assert fs.find(f"faults/{data_id}")  # killed after a source's chunks went into the draft
+        assert not fs.exists(f"faults/{data_id}/.zmetadata")  # the draft was never merged
+        assert not fs.exists("faults/inputs")  # the chunks went straight into the version
         repaired = polar_cube(*args, env=api)
         assert repaired.returncode == 0, repaired.stderr[-4000:]
+        catalog = json.loads(fs.cat_file(f"faults/{catalog_name()}"))
+        assert catalog["latest_cube"] == data_id  # the draft, resumed and published
         assert_same_cube(f"s3://faults/{data_id}", reference, options)
