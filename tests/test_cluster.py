@@ -44,6 +44,7 @@ BUCKET_BLOCK = "polar-test-cluster-bucket"
 BUCKET_FOLDER = "polar-test/cluster"
 WORKER_USER = "nobody"
 PROBE = ".worker-probe"
+LOCK_FOLDER = ".polar-cube-lock"
 
 mirror = cube_flow.mirror  # the same module-scoped fixture: stand-in sources over HTTP
 
@@ -193,14 +194,11 @@ def listing(options) -> dict[str, tuple]:
     return {key: (info.get("LastModified"), info.get("ETag")) for key, info in found.items()}
 
 
-def lasting(objects: dict, spec) -> dict:
-    """The objects a rerun must leave alone: staged sources, the published version's cube,
-    levels and per-dataset metadata, and the catalog (`latest`); not the report, quicklooks
-    or STAC item."""
-    keys = VersionKeys(spec.data_id)
-    kept = tuple(f"{BUCKET_FOLDER}/{p}/" for p in ("sources", keys.cube, keys.levels, keys.inputs))
-    catalog = f"{BUCKET_FOLDER}/{spec.series}.versions.json"
-    return {k: v for k, v in objects.items() if k.startswith(kept) or k == catalog}
+def lasting(objects: dict) -> dict:
+    """The objects a rerun must leave alone: all of them (staged sources, the published
+    version: cube, levels, per-dataset metadata, report, STAC item; the catalog), the lock
+    folder aside."""
+    return {k: v for k, v in objects.items() if f"/{LOCK_FOLDER}/" not in k}
 
 
 @pytest.fixture(scope="module")
@@ -328,11 +326,12 @@ def test_a_rerun_on_the_cluster_reuses_everything(cluster_rerun, cluster_build, 
     spec = load_spec(repo_spec_path).at_resolution(RESOLUTION)
     assert cluster_rerun.built.reused and cluster_rerun.built.url == cluster_build.url
     assert cluster_build.url.endswith("-v1.1.0.zarr") and not cluster_build.reused
-    before, after = lasting(cluster_rerun.before, spec), lasting(cluster_rerun.after, spec)
+    before, after = lasting(cluster_rerun.before), lasting(cluster_rerun.after)
     keys = VersionKeys(spec.data_id)
-    for part in ("sources", keys.cube, keys.levels, keys.inputs):
+    for part in ("sources", keys.cube, keys.levels, keys.inputs, keys.quicklooks):
         assert any(k.startswith(f"{BUCKET_FOLDER}/{part}/") for k in before), part
-    assert f"{BUCKET_FOLDER}/{spec.series}.versions.json" in before
+    for name in (f"{spec.series}.versions.json", keys.stac_item):
+        assert f"{BUCKET_FOLDER}/{name}" in before, name
     assert after.keys() == before.keys()
     changed = sorted(k for k in before if after[k] != before[k])
     assert not changed, changed[:20]
