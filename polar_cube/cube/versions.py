@@ -224,7 +224,8 @@ def prune(location: StoreLocation, series: str, keep: int) -> list[str]:
             continue
         deleted = False
         for key in VersionKeys(cube).all_keys():
-            if remote_files(location, key):  # an object store may list emptied prefixes
+            stored = [k for k in remote_files(location, key) if k and not k.endswith("/")]
+            if stored:  # an object store may list emptied prefixes (SeaweedFS does)
                 location.fs.rm(location.path(key), recursive=True)
                 deleted = True
             elif location.is_local and location.exists(key):
