@@ -8,13 +8,16 @@ chunk, collects its statistics (`polar_cube.stats`) and starts its overview leve
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 import math
 import shutil
+import threading
 import uuid
 import warnings
-from contextlib import contextmanager
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,7 +47,7 @@ from polar_cube.levels import (
     link_text,
     read_record,
 )
-from polar_cube.location import StoreLocation
+from polar_cube.location import FILES_IN_FLIGHT, StoreLocation
 from polar_cube.spec import zarr_layout
 from polar_cube.stats import BLOCK_FIELDS, STATS_ATTR, block_stats, combine_block_stats, time_labels
 
@@ -241,7 +244,8 @@ def write_zarr(
     level_writes, record = _plan_levels(
         dataset, layers, levels, chunk_size, level_chunks, zarr_format=zarr_format
     )
-    block_rows, _ = dask.compute(stats, level_writes)
+    with sending_in_background(chunk_cube):
+        block_rows, _ = dask.compute(stats, level_writes)
     name = cube_name or cube.root.rstrip("/").rsplit("/", 1)[-1]
     levels.fs.pipe_file(levels.path(LINK), link_text(name).encode())
     levels.fs.pipe_file(levels.path(ZLEVELS), encode_record(record))
@@ -384,8 +388,71 @@ def write_chunk(
     key = ".".join(str(i) for i in index)
     if isinstance(array, Path) or array.is_local:
         (Path(array.root if isinstance(array, StoreLocation) else array) / key).write_bytes(encoded)
+    elif _SENDER is not None and _SENDER.fs is array.fs:
+        _SENDER.put(array.path(key), encoded)
     else:
         array.fs.pipe_file(array.path(key), encoded)
+
+
+class ChunkSender:
+    """PUTs encoded chunks on the filesystem's own event loop, `FILES_IN_FLIGHT` at a time,
+    while the dask threads that handed them over go on computing: compute and upload
+    overlap. `put` waits while `FILES_IN_FLIGHT` chunks are queued (bounded memory);
+    `wait` returns once every chunk is stored, or raises the first failure."""
+
+    def __init__(self, fs) -> None:
+        self.fs = fs
+        self._room = threading.BoundedSemaphore(FILES_IN_FLIGHT)
+        self._sending: asyncio.Semaphore | None = None
+        self._futures: list = []
+        self._lock = threading.Lock()
+
+    def put(self, path: str, data: bytes) -> None:
+        self._room.acquire()
+        future = asyncio.run_coroutine_threadsafe(self._send(path, data), self.fs.loop)
+        with self._lock:
+            self._futures.append(future)
+
+    async def _send(self, path: str, data: bytes) -> None:
+        if self._sending is None:  # made on the loop that uses it
+            self._sending = asyncio.Semaphore(FILES_IN_FLIGHT)
+        try:
+            async with self._sending:
+                await self.fs._pipe_file(path, data)
+        finally:
+            self._room.release()
+
+    def wait(self) -> None:
+        with self._lock:
+            futures = list(self._futures)
+        for future in futures:
+            future.result()
+
+
+_SENDER: ChunkSender | None = None  # while local threads write chunks into a bucket
+
+
+@contextmanager
+def sending_in_background(chunks: StoreLocation) -> Iterator[None]:
+    """Chunks written into a bucket by this process's threads are sent in the background
+    (`ChunkSender`); on leaving, every one is stored (or the first failure raised) before
+    anything is marked complete. Local folders, and dask.distributed workers (other
+    processes, which send their own), write as before."""
+    global _SENDER
+    threads = isinstance(dask.config.get("scheduler", None), str | None)
+    if chunks.is_local or not threads or _SENDER is not None:
+        yield
+        return
+    _SENDER = sender = ChunkSender(chunks.fs)
+    try:
+        yield
+    except BaseException:
+        _SENDER = None
+        with suppress(Exception):  # the write failed already: wait, report that failure
+            sender.wait()
+        raise
+    _SENDER = None
+    sender.wait()
 
 
 def _plan_levels(
