@@ -397,8 +397,10 @@ def write_chunk(
 class ChunkSender:
     """PUTs encoded chunks on the filesystem's own event loop, `FILES_IN_FLIGHT` at a time,
     while the dask threads that handed them over go on computing: compute and upload
-    overlap. `put` waits while `FILES_IN_FLIGHT` chunks are queued (bounded memory);
-    `wait` returns once every chunk is stored, or raises the first failure."""
+    overlap. `put` waits while `FILES_IN_FLIGHT` chunks are queued (bounded memory), and
+    raises once a chunk could not be stored (the write stops, as a failed PUT stops it
+    without the sender); `wait` returns once every chunk is stored, or raises the first
+    failure."""
 
     def __init__(self, fs) -> None:
         self.fs = fs
@@ -406,8 +408,11 @@ class ChunkSender:
         self._sending: asyncio.Semaphore | None = None
         self._futures: list = []
         self._lock = threading.Lock()
+        self._failure: BaseException | None = None
 
     def put(self, path: str, data: bytes) -> None:
+        if self._failure is not None:
+            raise self._failure
         self._room.acquire()
         future = asyncio.run_coroutine_threadsafe(self._send(path, data), self.fs.loop)
         with self._lock:
@@ -417,8 +422,14 @@ class ChunkSender:
         if self._sending is None:  # made on the loop that uses it
             self._sending = asyncio.Semaphore(FILES_IN_FLIGHT)
         try:
+            if self._failure is not None:
+                return  # the write failed: the rest is not sent
             async with self._sending:
                 await self.fs._pipe_file(path, data)
+        except BaseException as error:
+            if self._failure is None:
+                self._failure = error
+            raise
         finally:
             self._room.release()
 
@@ -426,7 +437,10 @@ class ChunkSender:
         with self._lock:
             futures = list(self._futures)
         for future in futures:
-            future.result()
+            with suppress(Exception):
+                future.result()
+        if self._failure is not None:
+            raise self._failure
 
 
 _SENDER: ChunkSender | None = None  # while local threads write chunks into a bucket

@@ -445,8 +445,9 @@ def test_the_layout_lists_what_is_in_the_repository():
 def test_the_benchmark_command_is_a_valid_plan():
     text = snippet("README.md", "bench-command")
     ((program, plan),) = check_commands(text)
-    assert program == "python" and plan.runs == 3 and plan.out == Path("bench/results.md")
-    assert set(plan.parts) >= {"layer", "build", "rerun", "scaling"}  # the whole table
+    assert program == "python" and plan.runs == 3 and (REPO / plan.out).is_file()
+    assert set(plan.parts) >= {"layer", "build", "rerun"}  # the whole table
+    assert {"scaling", "sizes"} & set(plan.parts)  # and builds at other sizes
     # the table's own record of the command is this one
     assert f"Command: `{text}`" in (REPO / "README.md").read_text()
 
