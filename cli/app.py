@@ -183,7 +183,8 @@ def open_snippet(
         if series:
             lines += [
                 "# the version `latest` names (or pin one: its <series>-vX.Y.Z.zarr)",
-                f'name = json.loads(store.fs.cat_file(f"{{store.root}}/{catalog}"))["latest_cube"]',
+                f'catalog = f"{{store.root}}/{catalog}"',
+                'name = json.loads(store.fs.cat_file(catalog))["latest_cube"]',
             ]
         else:
             lines.append(f"name = {literal(name)}")

@@ -647,9 +647,12 @@ def test_a_build_killed_at_any_step_leaves_latest_whole_and_a_rerun_completes_it
     assert rebuild(location, new_patch, {"magnetic_anomaly": 2}) is None
     assert version_files(location, V1) == published_v1  # never touched
     stored = sorted(p.name for p in Path(location.root).iterdir())  # a killed catalog
-    assert stored == sorted(  # write's temporary file is removed by the next write
-        [catalog_key(SERIES)]
-        + [key for spec in (V1, V2) for key in VersionKeys(spec.data_id).all_keys()[:3]]
+    assert (
+        stored
+        == sorted(  # write's temporary file is removed by the next write
+            [catalog_key(SERIES)]
+            + [key for spec in (V1, V2) for key in VersionKeys(spec.data_id).all_keys()[:3]]
+        )
     )
 
 
