@@ -224,8 +224,12 @@ def prune(location: StoreLocation, series: str, keep: int) -> list[str]:
             continue
         deleted = False
         for key in VersionKeys(cube).all_keys():
-            stored = [k for k in remote_files(location, key) if k and not k.endswith("/")]
-            if stored:  # an object store may list emptied prefixes (SeaweedFS does)
+            stored = [  # an object store may list emptied prefixes (SeaweedFS does)
+                name
+                for name, size in remote_files(location, key).items()
+                if not name.endswith("/") and (name or size)  # "": the key is one object
+            ]
+            if stored:
                 location.fs.rm(location.path(key), recursive=True)
                 deleted = True
             elif location.is_local and location.exists(key):
