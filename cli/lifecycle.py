@@ -48,6 +48,7 @@ _PR_SET_PDEATHSIG = 1
 
 _stopping = threading.Lock()
 _own_records: list[Path] = []
+_own_servers: list[subprocess.Popen] = []
 
 
 @contextmanager
@@ -91,14 +92,18 @@ def stop_now(signum: int) -> NoReturn:
         while True:
             time.sleep(60)
     what = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
-    # os.write, not print: the interrupted thread may hold the stream's lock.
-    os.write(2, f"polar-cube: stopped by {what}; rerun the same command to resume\n".encode())
+    stderr = os.dup(2)
     try:
         _silence_output()  # what the threads still running say about their dying peers
         _hold_new_processes()
+        _kill_own_servers()
         processes.stop_children(keep=processes.background_pids(), grace_seconds=STOP_GRACE_SECONDS)
         _forget_own_records()
     finally:
+        # Last, once the children that share our stderr are gone: the line ends the output.
+        # os.write, not print: the interrupted thread may hold the stream's lock.
+        line = f"polar-cube: stopped by {what}; rerun the same command to resume\n"
+        os.write(stderr, line.encode())
         os._exit(128 + signum)
 
 
@@ -111,6 +116,15 @@ def _silence_output() -> None:
     for fd in (1, 2):
         os.dup2(devnull, fd)
     os.close(devnull)
+
+
+def _kill_own_servers() -> None:
+    """SIGKILL the temporary Prefect servers this process started: on SIGTERM a server busy
+    with our run prints tracebacks into the stderr we share, and it has nothing to save."""
+    for server in _own_servers:
+        if server.returncode is None:
+            with contextlib.suppress(OSError):
+                os.kill(server.pid, signal.SIGKILL)
 
 
 def _hold_new_processes() -> None:
@@ -277,6 +291,7 @@ class _TemporaryServerPopen(subprocess.Popen):
     def __init__(self, args, **kwargs) -> None:
         kwargs["preexec_fn"] = _parent_death_signal(os.getpid())
         _launcher_thread().call(lambda: subprocess.Popen.__init__(self, args, **kwargs))
+        _own_servers.append(self)
         _record(self.pid, [str(arg) for arg in args])
 
 
