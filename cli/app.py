@@ -66,9 +66,16 @@ def _add_build_options(parser: argparse.ArgumentParser) -> None:
         "--zarr-format",
         type=int,
         choices=[2, 3],
-        default=2,
         help="2 (default: GDAL 3.6 and xcube read it) or 3: sharded, its own series "
         "(<name>-zarr3-shards<N>-v<version>.zarr)",
+    )
+    parser.add_argument(
+        "--format",
+        dest="cube_format",
+        choices=["zarr", "icechunk"],
+        default="zarr",
+        help="icechunk: zarr 3, and each new version also committed to the Icechunk "
+        "repository <series>.icechunk (chunks by reference), tagged v<version>",
     )
     parser.add_argument(
         "--shards",
@@ -79,7 +86,7 @@ def _add_build_options(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    from polar_cube.preflight import check_build
+    from polar_cube.preflight import check_build, check_cube_format
 
     if args.store and not args.datasets_only:
         raise OptionError(
@@ -98,13 +105,18 @@ def cmd_build(args: argparse.Namespace) -> int:
         patch_path=None if args.datasets_only else args.patch,
         folders=folders,
     )
-    zarr_format = getattr(args, "zarr_format", 2)
+    cube_format = getattr(args, "cube_format", "zarr")
+    zarr_format = getattr(args, "zarr_format", None) or (3 if cube_format == "icechunk" else 2)
     shards = getattr(args, "shards", None)
+    check_cube_format(cube_format, zarr_format)
     series = checked.spec.at_format(zarr_format, shards).series  # refuses --shards with 2
     if args.datasets_only and zarr_format != 2:
         from polar_cube.spec import SpecError
 
-        raise SpecError("--zarr-format 3 is for a cube version, not --datasets-only")
+        raise SpecError(
+            f"--format {cube_format} --zarr-format {zarr_format} is for a cube "
+            "version, not --datasets-only"
+        )
     if args.datasets_only:
         from polar_cube.flows.build_datasets import build_datasets
 
@@ -133,8 +145,11 @@ def cmd_build(args: argparse.Namespace) -> int:
         patch_path=args.patch,
         dask_address=args.dask_address,
         **({"zarr_format": zarr_format, "shards": shards} if zarr_format != 2 else {}),
+        **({"cube_format": cube_format} if cube_format != "zarr" else {}),
     )
     _print_cube(built.url, args.bucket_block, series=series)
+    if built.icechunk:
+        print(f"Icechunk repository: {built.icechunk} (tag v{built.version})")
     return 0
 
 

@@ -8,6 +8,8 @@ fails a build: an unreachable API only costs a warning.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from prefect import get_run_logger
 from prefect.artifacts import (
     create_link_artifact,
@@ -18,7 +20,14 @@ from prefect.artifacts import (
 )
 
 from polar_cube.cube.report import CubeReport
-from polar_cube.cube.summary import BuildProgress, ProgressSpan, RunSummary, progress_text
+from polar_cube.cube.summary import (
+    PHASES,
+    BuildProgress,
+    Phase,
+    ProgressSpan,
+    RunSummary,
+    progress_text,
+)
 from polar_cube.cube.verify import stats_table_rows
 
 PROGRESS_KEY = "polar-cube-progress"
@@ -31,9 +40,9 @@ VIEWER_KEY = "polar-cube-viewer"
 DATASETS_PROGRESS_KEY = "polar-cube-datasets-progress"
 
 
-def start_progress(what: str) -> tuple[BuildProgress, str | None]:
-    """A progress artifact at 0 % on the running flow, and the `BuildProgress` updating it
-    (with its id, None if it could not be created)."""
+def start_progress(what: str, phases: Sequence[Phase] = PHASES) -> tuple[BuildProgress, str | None]:
+    """A progress artifact at 0 % on the running flow, and the `BuildProgress` through
+    `phases` updating it (with its id, None if it could not be created)."""
     try:
         artifact_id = str(
             create_progress_artifact(
@@ -42,9 +51,9 @@ def start_progress(what: str) -> tuple[BuildProgress, str | None]:
         )
     except Exception as error:  # never fail a build for its progress bar
         get_run_logger().warning("no progress artifact (%s)", error)
-        return BuildProgress(), None
+        return BuildProgress(phases), None
     return BuildProgress(
-        on_change=lambda percent, text: update_progress(artifact_id, percent, text)
+        phases, on_change=lambda percent, text: update_progress(artifact_id, percent, text)
     ), artifact_id
 
 

@@ -13,20 +13,21 @@ from prefect.runtime import flow_run
 
 from polar_cube.compute import dask_cluster, shares_nothing
 from polar_cube.cube import target as steps
-from polar_cube.cube.summary import BuildProgress, DatasetOutcome, RunSummary
+from polar_cube.cube.summary import BuildProgress, DatasetOutcome, RunSummary, build_phases
 from polar_cube.cube.versions import next_version, read_catalog
 from polar_cube.errors import PolarCubeError
 from polar_cube.flows.artifacts import create_result_artifacts, progress_span, start_progress
 from polar_cube.flows.build_datasets import build_datasets, run_label
 from polar_cube.keys import VersionKeys
 from polar_cube.location import StoreLocation
-from polar_cube.preflight import check_build
+from polar_cube.preflight import check_build, check_cube_format
 from polar_cube.servers.viewer import DEFAULT_PORT as VIEWER_PORT
 from polar_cube.servers.viewer_config import viewer_url
 from polar_cube.storage import reaching_storage
 from polar_cube.target_lock import TargetLock
 from polar_cube.tasks.cube import (
     carry_unchanged,
+    commit_icechunk,
     merge_cube,
     patch_cube,
     publish_cube,
@@ -45,6 +46,7 @@ class BuiltCube:
     quicklooks: list[str]
     stac_item: str
     reused: bool  # `latest` already was this cube: nothing new was published
+    icechunk: str | None = None  # with cube_format "icechunk": the repository's URL
 
 
 def resolve_location(bucket_block: str | None, output_dir: str | None) -> StoreLocation:
@@ -82,6 +84,7 @@ def build_cube(
     dask_address: str | None = None,
     zarr_format: int = 2,
     shards: int | None = None,
+    cube_format: str = "zarr",
 ) -> BuiltCube:
     """Build a new version of the cube (`<series>-vX.Y.Z.zarr`, see `cube/versions.py`):
     every per-dataset cube's chunks (with statistics and overview levels) written straight
@@ -99,8 +102,14 @@ def build_cube(
     `zarr_format` 3: the cube (and its levels) as zarr 3, in shards of `shards` × `shards`
     chunks (default 4), as its own series `<name>-zarr3-shards<N>` (`CubeSpec.at_format`):
     its versions never mix with the zarr 2 ones. Zarr 2 (the default) is what GDAL 3.6 reads.
+
+    `cube_format` "icechunk" (with zarr 3): each new version is also committed to the
+    series' Icechunk repository `<series>.icechunk`, its chunks by reference to the version's
+    objects, and tagged `v<version>` (`cube/icechunk_repo.py`).
     """
-    progress, progress_id = start_progress(run_label(spec_path, resolution, zarr_format, shards))
+    progress, progress_id = start_progress(
+        run_label(spec_path, resolution, zarr_format, shards), build_phases(cube_format)
+    )
     try:
         return _build(
             progress,
@@ -116,6 +125,7 @@ def build_cube(
             dask_address=dask_address,
             zarr_format=zarr_format,
             shards=shards,
+            cube_format=cube_format,
         )
     except PolarCubeError as error:  # bad input or a broken environment: one clear line
         get_run_logger().error("polar-cube: error: %s", error)
@@ -141,12 +151,14 @@ def _build(
     dask_address: str | None,
     zarr_format: int = 2,
     shards: int | None = None,
+    cube_format: str = "zarr",
 ) -> BuiltCube:
     """The body of `build_cube`, moving `progress` through its phases."""
     logger = get_run_logger()
     progress.start("check")
     # bad input fails here, before hours of work (the CLI checks the same before starting)
     checked = check_build(spec_path, resolution=resolution, only=only, patch_path=patch_path)
+    check_cube_format(cube_format, zarr_format)
     spec, grid, patch = checked.spec.at_format(zarr_format, shards), checked.grid, checked.patch
     location = resolve_location(bucket_block, output_dir)
     # workers that cannot see this machine's disk read the sources from the bucket
@@ -220,6 +232,10 @@ def _build(
             stac_item = write_stac(location, published, grid, report.quicklooks)
             progress.start("publish")
             publish_cube(location, published, staged, patch)
+        icechunk = None
+        if cube_format == "icechunk":  # after the catalog: a rerun commits what a kill missed
+            progress.start("icechunk")
+            icechunk = commit_icechunk(location, published)
     reused = current is not None
     progress.finish(f"{'reused' if reused else 'published'} {published.data_id}")
     summary = RunSummary(
@@ -254,6 +270,7 @@ def _build(
         quicklooks=report.quicklooks,
         stac_item=stac_item,
         reused=reused,
+        icechunk=icechunk,
     )
 
 

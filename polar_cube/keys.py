@@ -11,6 +11,11 @@ INPUTS_PREFIX = "inputs"
 METADATA_NAMES = (".zarray", ".zattrs", ".zgroup", ".zmetadata", "zarr.json", ZLEVELS)
 
 
+def icechunk_key(series: str) -> str:
+    """The series' Icechunk repository (`--format icechunk`): `<series>.icechunk`."""
+    return f"{series}.icechunk"
+
+
 def input_key(source_id: str) -> str:
     """Where a source's per-dataset cube is kept in the target: `inputs/<id>.zarr`."""
     return f"{INPUTS_PREFIX}/{source_id}.zarr"

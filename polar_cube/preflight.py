@@ -18,6 +18,8 @@ from polar_cube.grid import TargetGrid
 from polar_cube.spec import CubeSpec, SpecError, load_spec, resolution_problem
 from polar_cube.zarr_store import GRID_MAPPING
 
+CUBE_FORMATS = ("zarr", "icechunk")
+
 
 @dataclass(frozen=True)
 class CheckedBuild:
@@ -60,6 +62,17 @@ def check_build(
         if folder is not None:
             check_writable_folder(option, Path(folder))
     return CheckedBuild(spec, grid, patch)
+
+
+def check_cube_format(cube_format: str, zarr_format: int) -> None:
+    """`cube_format` is "zarr" or "icechunk"; Icechunk holds zarr 3 only."""
+    if cube_format not in CUBE_FORMATS:
+        raise OptionError(f"--format {cube_format}: not one of {', '.join(CUBE_FORMATS)}")
+    if cube_format == "icechunk" and zarr_format != 3:
+        raise OptionError(
+            f"--format icechunk holds zarr 3, not --zarr-format {zarr_format}",
+            hint="leave out --zarr-format, or give --zarr-format 3",
+        )
 
 
 def cube_names(spec: CubeSpec) -> set[str]:

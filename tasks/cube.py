@@ -17,6 +17,7 @@ from prefect.cache_policies import NO_CACHE
 from polar_cube.compute import dask_compute
 from polar_cube.cube import target as steps
 from polar_cube.cube.carry import carry_sources
+from polar_cube.cube.icechunk_repo import commit_by_reference
 from polar_cube.cube.report import CubeReport, current_report
 from polar_cube.cube.stac import cube_stac_item, write_stac_item
 from polar_cube.cube.verify import (
@@ -28,7 +29,7 @@ from polar_cube.cube.verify import (
 from polar_cube.cube.versions import PublishedVersion
 from polar_cube.errors import writing_to
 from polar_cube.grid import TargetGrid
-from polar_cube.keys import VersionKeys
+from polar_cube.keys import VersionKeys, icechunk_key
 from polar_cube.location import StoreLocation
 from polar_cube.spec import CubeSpec, zarr_layout
 from polar_cube.storage import reaching_storage
@@ -172,6 +173,37 @@ def publish_cube(
         time.monotonic() - started,
     )
     return published
+
+
+@task(
+    task_run_name="commit-{spec.data_id}-to-icechunk",
+    retries=2,
+    retry_delay_seconds=10,
+    retry_condition_fn=retry_if_transient,
+    cache_policy=NO_CACHE,
+)
+def commit_icechunk(location: StoreLocation, spec: CubeSpec) -> str:
+    """Commit the published version `spec` to the series' Icechunk repository, its chunks
+    by reference, tagged `v<version>` (nothing to do if that tag exists). Returns its URL."""
+    started = time.monotonic()
+    repo_key, tag = icechunk_key(spec.series), f"v{spec.version}"
+    with _writing(location, location.url(repo_key)):
+        snapshot = commit_by_reference(
+            location, repo_key, spec.data_id, tag, f"{spec.data_id}: {spec.title}"
+        )
+    logger = get_run_logger()
+    if snapshot is None:
+        logger.info("%s has %s already", location.url(repo_key), tag)
+    else:
+        logger.info(
+            "committed %s to %s as %s (snapshot %s) in %.2f s",
+            spec.data_id,
+            location.url(repo_key),
+            tag,
+            snapshot,
+            time.monotonic() - started,
+        )
+    return location.url(repo_key)
 
 
 @task(task_run_name="report-{spec.data_id}", cache_policy=NO_CACHE)

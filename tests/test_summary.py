@@ -8,6 +8,7 @@ from polar_cube.cube.summary import (
     DatasetOutcome,
     ProgressSpan,
     RunSummary,
+    build_phases,
     format_seconds,
     timing_table,
     variable_sections,
@@ -47,6 +48,9 @@ def test_the_phases_of_a_versioned_build_in_order():
         assert end - start == pytest.approx(100 * phase.weight / total), phase.key
     # the datasets (download, resample, write every chunk) are most of a build's time
     assert max(PHASES, key=lambda p: p.weight).key == "datasets"
+    # `--format icechunk`: the commit to the repository comes after the catalog's write
+    assert build_phases() == PHASES
+    assert [p.key for p in build_phases("icechunk")] == [*(p.key for p in PHASES), "icechunk"]
 
 
 def test_progress_moves_through_every_phase_to_100():

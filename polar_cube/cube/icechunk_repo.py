@@ -1,5 +1,17 @@
 """A cube published as an Icechunk repository: one commit per build, a tag per version.
 
+`polar-cube build --format icechunk` publishes each new version of a zarr 3 series twice
+over, without moving a chunk: the version's prefix `<series>-vX.Y.Z.zarr` as every build
+writes it, and a commit of the repository `<series>.icechunk` whose chunks are *virtual
+references* to that prefix's chunk objects (`commit_by_reference`: the metadata documents are
+copied, a few kB; each chunk is a reference with its object's size and ETag, which Icechunk
+checks on every read, so a chunk changed in place is refused, not served). The commit is
+tagged `v<version>`. The references point into the location root, which the repository's
+configuration names as its one virtual chunk container (`container_prefix`); readers
+authorize it with the same credentials (`open_version`). Pruning a version deletes its tag
+first (`delete_version_tags`); rolling back resets `main` to the version's tag
+(`reset_to_version`).
+
 Icechunk (https://icechunk.io) keeps a Zarr v3 hierarchy as immutable chunk objects plus
 snapshots that list them. A build writes the cube through a writable session on the `main`
 branch and commits it (`commit_version`); the commit becomes visible in one step (the branch
@@ -39,6 +51,7 @@ Icechunk 2.x needs Python >= 3.12; this project (3.11) uses icechunk 1.1.
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -126,27 +139,76 @@ def _s3_options(location: StoreLocation) -> dict:
     return found | {"from_env": True}  # AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, ...
 
 
-def repository_config(location: StoreLocation) -> icechunk.RepositoryConfig | None:
+def repository_config(location: StoreLocation) -> icechunk.RepositoryConfig:
     """The configuration repositories under `location` are opened with: on S3 the safe
     settings, pinned (see the module docstring); in a local folder Icechunk's own defaults
     for it (it cannot do conditional updates nor object metadata there: asking for them makes
-    every commit fail)."""
+    every commit fail). Either way the location root is the one virtual chunk container."""
     if location.is_local:
-        return None
-    return icechunk.RepositoryConfig(storage=icechunk.StorageSettings(**SAFE_STORAGE_SETTINGS))
+        config = icechunk.RepositoryConfig.default()
+        store = icechunk.local_filesystem_store(str(Path(location.path())))
+    else:
+        config = icechunk.RepositoryConfig(
+            storage=icechunk.StorageSettings(**SAFE_STORAGE_SETTINGS)
+        )
+        options = _s3_options(location)
+        store = icechunk.s3_store(
+            region=options["region"],
+            endpoint_url=options["endpoint_url"],
+            allow_http=options["allow_http"],
+            force_path_style=options["force_path_style"],
+            s3_compatible=bool(options["endpoint_url"]),
+        )
+    config.set_virtual_chunk_container(
+        icechunk.VirtualChunkContainer(container_prefix(location), store)
+    )
+    return config
+
+
+def container_prefix(location: StoreLocation) -> str:
+    """The URL prefix of the chunks a repository under `location` may reference: its root
+    (`s3://bucket/prefix/`, or `file:///folder/`)."""
+    if location.is_local:
+        return Path(location.path()).as_uri().rstrip("/") + "/"
+    return location.root.rstrip("/") + "/"
+
+
+def _container_credentials(location: StoreLocation) -> dict:
+    """Authorization to read the virtual chunks under `location`, with its own credentials."""
+    if location.is_local:
+        return {container_prefix(location): None}
+    options = _s3_options(location)
+    if options.get("anonymous"):
+        credentials = icechunk.s3_credentials(anonymous=True)
+    elif options.get("access_key_id"):
+        credentials = icechunk.s3_credentials(
+            access_key_id=options["access_key_id"],
+            secret_access_key=options["secret_access_key"],
+            session_token=options.get("session_token"),
+        )
+    else:
+        credentials = icechunk.s3_credentials(from_env=True)
+    return icechunk.containers_credentials({container_prefix(location): credentials})
 
 
 def open_repository(location: StoreLocation, key: str, create: bool = True) -> icechunk.Repository:
     """The repository at `<location root>/<key>`, created (empty, with a `main` branch) if
-    there is none and `create` is true; otherwise a missing one raises IcechunkError."""
+    there is none and `create` is true; otherwise a missing one raises IcechunkError. Its
+    virtual chunks under the location root are readable with the location's credentials."""
     url = repository_url(location, key)
     storage = icechunk_storage(location, key)
+    config = repository_config(location)
+    authorized = _container_credentials(location)
     with _reaching(url):
         if create:
-            return icechunk.Repository.open_or_create(storage, config=repository_config(location))
+            return icechunk.Repository.open_or_create(
+                storage, config=config, authorize_virtual_chunk_access=authorized
+            )
         if not icechunk.Repository.exists(storage):
             raise IcechunkError("no Icechunk repository here", culprit=url)
-        return icechunk.Repository.open(storage, config=repository_config(location))
+        return icechunk.Repository.open(
+            storage, config=config, authorize_virtual_chunk_access=authorized
+        )
 
 
 def commit_version(
@@ -195,6 +257,109 @@ def commit_version(
             raise _tag_exists(name, tag) from None
         raise _wrapped(name, error) from None
     return snapshot_id
+
+
+def commit_by_reference(
+    location: StoreLocation, repo_key: str, cube_key: str, tag: str, message: str
+) -> str | None:
+    """Commit the zarr 3 cube at `<root>/<cube_key>` to the repository `repo_key` by
+    reference, tagged `tag`: its metadata documents copied, each chunk object a virtual
+    reference (size and ETag). The commit replaces the whole hierarchy on `main`.
+    Returns the snapshot id, or None if `tag` exists already (committed by an earlier run:
+    a rerun after a kill between commit and catalog, or an unchanged rebuild)."""
+    if location.is_local and "ICECHUNK_LOG" not in os.environ:
+        # its warning that folders are unsafe for concurrent commits: the target's lock
+        # (one build per target) already keeps writers apart
+        icechunk.set_logs_filter("error")
+    repo = open_repository(location, repo_key)
+    name = _name(repo)
+    if tag in _tags(repo, name):
+        return None
+    objects = _cube_objects(location, cube_key)
+    if "zarr.json" not in objects:
+        raise IcechunkError(
+            "not a zarr 3 cube (no zarr.json): Icechunk holds zarr 3 only",
+            culprit=location.url(cube_key),
+            hint="build with --format icechunk (zarr 3) or --zarr-format 3",
+        )
+
+    def write(store: IcechunkStore) -> None:
+        from zarr.core.buffer import cpu
+        from zarr.core.sync import sync
+
+        async def replace_hierarchy() -> None:
+            async for child in store.list_dir(""):  # the previous version's nodes
+                if child != "zarr.json":
+                    await store.delete_dir(child)
+            documents = sorted(
+                (k for k in objects if k.rsplit("/", 1)[-1] == "zarr.json"), key=_depth
+            )
+            for key in documents:  # groups before their arrays, arrays before chunks
+                data = location.fs.cat_file(location.path(cube_key, key))
+                await store.set(key, cpu.Buffer.from_bytes(data))
+            for key, (size, etag) in objects.items():
+                if key.rsplit("/", 1)[-1] != "zarr.json":
+                    await store.set_virtual_ref_async(
+                        key,
+                        _object_url(location, cube_key, key),
+                        offset=0,
+                        length=size,
+                        checksum=etag,
+                    )
+
+        sync(replace_hierarchy())
+
+    return commit_version(repo, write, message, tag)
+
+
+def _depth(key: str) -> tuple[int, str]:
+    return key.count("/"), key
+
+
+def _cube_objects(location: StoreLocation, cube_key: str) -> dict[str, tuple[int, str | None]]:
+    """{key under the cube: (size, ETag or None)} of every object of the cube."""
+    root = location.path(cube_key).rstrip("/")
+    found = location.fs.find(root, detail=True)
+    objects = {}
+    for path, info in found.items():
+        if info.get("type") == "directory":
+            continue
+        etag = info.get("ETag")
+        objects[path[len(root) + 1 :]] = (int(info["size"]), etag.strip('"') if etag else None)
+    return objects
+
+
+def _object_url(location: StoreLocation, cube_key: str, key: str) -> str:
+    return container_prefix(location) + f"{cube_key.strip('/')}/{key}"
+
+
+def reset_to_version(location: StoreLocation, repo_key: str, tag: str) -> bool:
+    """Point `main` of the repository `repo_key` at version `tag` (a rollback); False if
+    there is no such repository or tag (nothing to do)."""
+    storage = icechunk_storage(location, repo_key)
+    if not icechunk.Repository.exists(storage):
+        return False
+    repo = open_repository(location, repo_key, create=False)
+    name = _name(repo)
+    if tag not in _tags(repo, name):
+        return False
+    with _reaching(name):
+        repo.reset_branch(MAIN, repo.lookup_tag(tag))
+    return True
+
+
+def delete_version_tags(location: StoreLocation, repo_key: str, tags: list[str]) -> list[str]:
+    """Delete the tags `tags` (the versions `prune` removes) where they exist; those deleted."""
+    storage = icechunk_storage(location, repo_key)
+    if not tags or not icechunk.Repository.exists(storage):
+        return []
+    repo = open_repository(location, repo_key, create=False)
+    name = _name(repo)
+    deleted = [tag for tag in tags if tag in _tags(repo, name)]
+    with _reaching(name):
+        for tag in deleted:
+            repo.delete_tag(tag)
+    return deleted
 
 
 def list_versions(repo: icechunk.Repository) -> list[tuple[str, str]]:

@@ -33,6 +33,13 @@ PHASES = (
     Phase("stac", "write the STAC item", 2),
     Phase("publish", "point `latest` at the new version", 1),
 )
+# `--format icechunk` adds a last phase
+ICECHUNK_PHASE = Phase("icechunk", "commit the version to the Icechunk repository, by reference", 1)
+
+
+def build_phases(cube_format: str = "zarr") -> tuple[Phase, ...]:
+    """The phases of a build writing `cube_format` ("zarr" or "icechunk")."""
+    return (*PHASES, ICECHUNK_PHASE) if cube_format == "icechunk" else PHASES
 
 
 def progress_text(percent: float, text: str) -> str:

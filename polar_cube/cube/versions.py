@@ -12,7 +12,9 @@ Publishing a version is a single write of that object (an S3 PUT, or a rename in
 folder): a reader sees the old catalog or the new one, never a mix, so a publish killed at
 any moment leaves `latest` at the old or the new version, both complete. Readers resolve
 `latest` through it (`latest_cube`); `rollback` moves the pointer back and `prune` removes
-old versions (never the one `latest` names).
+old versions (never the one `latest` names). A series built with `--format icechunk` follows
+along in its Icechunk repository: rollback resets its `main` to the version's tag, prune
+deletes the removed versions' tags first (`cube/icechunk_repo.py`).
 
 Version numbers: the spec's `version` is the first one a series publishes; a build whose
 result differs from `latest` publishes the next patch version (1.1.0 → 1.1.1); raising the
@@ -30,7 +32,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from polar_cube.errors import PolarCubeError
-from polar_cube.keys import VersionKeys
+from polar_cube.keys import VersionKeys, icechunk_key
 from polar_cube.location import StoreLocation, remote_files
 from polar_cube.spec import CubeSpec
 
@@ -199,6 +201,9 @@ def rollback(location: StoreLocation, series: str, version: str) -> PublishedVer
     if not any(location.exists(entry.cube, name) for name in (".zmetadata", "zarr.json")):
         raise VersionError(f"{location.url(entry.cube)}: version {version} is gone from the store")
     write_catalog(location, replace(catalog, latest=entry.version))
+    from polar_cube.cube.icechunk_repo import reset_to_version
+
+    reset_to_version(location, icechunk_key(series), f"v{entry.version}")  # if there is one
     return entry
 
 
@@ -215,6 +220,9 @@ def prune(location: StoreLocation, series: str, keep: int) -> list[str]:
     removed = [v for v in catalog.versions if v.version not in kept]
     remaining = tuple(v for v in catalog.versions if v.version in kept)
     if removed:
+        from polar_cube.cube.icechunk_repo import delete_version_tags
+
+        delete_version_tags(location, icechunk_key(series), [f"v{v.version}" for v in removed])
         write_catalog(location, replace(catalog, versions=remaining))
     listed = {v.cube for v in remaining}
     gone = [v.version for v in removed]
