@@ -19,7 +19,7 @@ ALL_DATASETS = "all per-dataset cubes"
 OUTSIDE_TASKS = "outside tasks"
 SHARED_STEPS = ("download",)  # named after a source too, but not part of its cube
 PHASE_ORDER = ("download", DATASET_PREFIX, "carry", "merge", "patch", "verify", "report")
-PHASE_ORDER += ("stac", "publish")
+PHASE_ORDER += ("stac", "publish", "commit")  # commit: to Icechunk (`--format icechunk`)
 _PAGE = 200
 _TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 

@@ -30,8 +30,9 @@ from polar_cube.servers.processes import free_port_block
 REPO = Path(__file__).resolve().parents[1]
 PARTS = ("layer", "build", "scaling", "sizes", "rerun", "zarr3")
 SIZES = (1000.0, 200.0)  # the part "sizes": publish time against the cube's size
-ZARR3 = ("--zarr-format", "3", "--shards", "4")  # the part "zarr3": the other format
-ZARR3_LABEL = "zarr 3, shards of 4 × 4 chunks"
+# the part "zarr3": the other format, with its Icechunk commit (by reference) as a phase
+ZARR3 = ("--zarr-format", "3", "--shards", "4", "--format", "icechunk")
+ZARR3_LABEL = "zarr 3, shards of 4 × 4 chunks, + Icechunk commit"
 BUCKET = "polar-cube-bench"
 BUCKET_BLOCK = "polar-cube-bench-bucket"
 CREDENTIALS_BLOCK = "polar-cube-bench-credentials"
