@@ -40,7 +40,7 @@ _MIN_WEIGHT = 1e-5  # below this the valid neighbours hardly touch the point: no
 MAX_TRANSFORM_ERROR = 0.01  # target cells: how far an interpolated point may land off its centre
 _LATTICE_STEP = 64  # target cells between the first lattice nodes (a power of two)
 _FINEST_STEP = 4  # lattice cells still too inaccurate at this size are transformed exactly
-_STRIP_ROWS = 128  # target rows computed at once: bounds the float64 temporaries
+_STRIP_ROWS = 128  # target rows computed at once: bounds the temporaries
 _BATCH_POINTS = 1 << 18  # lattice points filled at once
 
 
@@ -371,7 +371,7 @@ class _Window:
         self.valid = np.zeros((window.shape[0] + 2, window.shape[1] + 2), dtype=bool)
         self.valid[1:-1, 1:-1] = np.isfinite(window)
         self.complete = bool(self.valid[1:-1, 1:-1].all())  # no missing cell inside
-        self.values = np.zeros(self.valid.shape)
+        self.values = np.zeros(self.valid.shape, dtype=np.float32)  # as published
         self.values[1:-1, 1:-1] = window
         if not self.complete:
             self.values[~self.valid] = 0.0
@@ -493,12 +493,13 @@ def _separable(values, rows, row_weights, cols, col_weights) -> np.ndarray:
     strip uses, then along y."""
     used, lower, upper = _rows_used(rows)
     source_rows = values[used]
-    along_x = source_rows[:, cols] * col_weights[0]
-    along_x += source_rows[:, cols + 1] * col_weights[1]
+    weights = [np.asarray(w, dtype=values.dtype) for w in (*col_weights, *row_weights)]
+    along_x = source_rows[:, cols] * weights[0]
+    along_x += source_rows[:, cols + 1] * weights[1]
     result = along_x[lower]
-    result *= row_weights[0][:, np.newaxis]
+    result *= weights[2][:, np.newaxis]
     upper_part = along_x[upper]
-    upper_part *= row_weights[1][:, np.newaxis]
+    upper_part *= weights[3][:, np.newaxis]
     result += upper_part
     return result
 
