@@ -11,6 +11,7 @@ and a SeaweedFS S3 server that is killed while the chunks are written into it an
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -18,8 +19,10 @@ import shutil
 import signal
 import subprocess
 import sys
+import tarfile
 import threading
 import time
+import zipfile
 from http.server import ThreadingHTTPServer
 from pathlib import Path
 
@@ -318,6 +321,29 @@ def _remove(path: Path) -> None:
     path.unlink()
 
 
+def _zip_bomb(path: Path) -> None:
+    """The zip replaced by one of a few kB whose one member expands to 1 GB (bzip2 zeros)."""
+    zeros = bytes(2**24)
+    with zipfile.ZipFile(path, "w") as bomb:
+        member = zipfile.ZipInfo("WAIS_Max_Extent/WAIS_Jan_2017_Polygons.shp")
+        member.compress_type = zipfile.ZIP_BZIP2
+        with bomb.open(member, "w", force_zip64=True) as out:
+            for _ in range(64):
+                out.write(zeros)
+    assert path.stat().st_size < 10_000
+
+
+def _nested_archive(path: Path) -> None:
+    """A zip added into the tar, as one more member."""
+    inner = io.BytesIO()
+    with zipfile.ZipFile(inner, "w") as nested:
+        nested.writestr("Thw70_2013_mask.tif", b"not what it seems")
+    with tarfile.open(path, "a") as tar:
+        info = tarfile.TarInfo("more_masks.zip")
+        info.size = len(inner.getvalue())
+        tar.addfile(info, io.BytesIO(inner.getvalue()))
+
+
 SOURCE_CASES = {
     # case: (source id, how the served file is broken, what the message says)
     "truncated GMT netCDF": ("geothermal_heat_flow_200km", _truncate, "truncated"),
@@ -332,6 +358,12 @@ SOURCE_CASES = {
     ),
     "404": ("curie_depth_300km", _remove, "HTTP 404 Not Found"),
     "server stalls mid-body": ("geothermal_heat_flow_300km", None, "gave up after 2 attempts"),
+    "zip bomb": (
+        "supraglacial_lakes_wais",
+        _zip_bomb,
+        "to 1.1 GB; at most 1,000 allowed): a bomb?",
+    ),
+    "nested archive": ("subglacial_lakes_thwaites", _nested_archive, "a nested zip archive"),
 }
 
 

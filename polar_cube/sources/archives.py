@@ -1,23 +1,53 @@
-"""Safe, atomic, idempotent extraction of tar and zip archives."""
+"""Safe, atomic, idempotent extraction of tar and zip archives.
+
+Refused, with one line naming the archive and the member, before the member is written:
+- names that leave the folder: absolute paths, `..`, backslashes, drive letters, NULs;
+- symlinks, hardlinks, devices and fifos (data archives need none of them);
+- a nested archive (zip, tar, gzip, bzip2, xz, zstd, 7z or rar bytes inside; document
+  formats that are zip files by definition, such as `.kmz`, are data, not archives);
+- a bomb: declared sizes adding up to more than `ArchiveLimits.max_total_bytes`, a member
+  (or a compressed tar) expanding more than `max_ratio` times, or a member whose bytes run
+  past its declared size (counted while it is written).
+An extraction that would not fit on the disk is refused before it starts (`NoRoomError`).
+"""
 
 from __future__ import annotations
 
 import json
 import lzma
-import posixpath
+import os
 import re
 import shutil
+import stat
 import tarfile
 import tempfile
 import zipfile
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import BinaryIO, Literal
 
 from polar_cube.errors import PolarCubeError
 
 MARKER_NAME = ".extracted.json"
-_MAX_LINK_DEPTH = 40
+MAX_TOTAL_BYTES_VARIABLE = "POLAR_CUBE_MAX_EXTRACTED_BYTES"
+DEFAULT_MAX_TOTAL_BYTES = 64 * 10**9
+DEFAULT_MAX_RATIO = 1000  # deflate cannot exceed about 1032: only bzip2/lzma tricks do
+RATIO_CHECKED_FROM_BYTES = 10**6  # smaller members may expand as they like
+FREE_SPACE_MARGIN_BYTES = 256 * 10**6
+# zip files by definition, holding data rather than other files to extract
+ZIP_DOCUMENT_SUFFIXES = (".kmz", ".xlsx", ".docx", ".pptx", ".ods", ".odt", ".odp")
+_ARCHIVE_MAGIC = (
+    (b"PK\x03\x04", "zip"),
+    (b"PK\x05\x06", "zip"),
+    (b"\x1f\x8b", "gzip"),
+    (b"BZh", "bzip2"),
+    (b"\xfd7zXZ\x00", "xz"),
+    (b"\x28\xb5\x2f\xfd", "zstd"),
+    (b"7z\xbc\xaf\x27\x1c", "7z"),
+    (b"Rar!\x1a\x07", "rar"),
+)
+_PIECE = 2**20
 _CORRUPT_ERRORS = (
     tarfile.TarError,
     zipfile.BadZipFile,
@@ -33,7 +63,33 @@ class ArchiveError(PolarCubeError, ValueError):
 
 
 class UnsafeArchiveError(ArchiveError):
-    """An archive member would land outside the extraction folder (or is a device/fifo)."""
+    """A member would land outside the extraction folder, is a link, a device or a fifo, an
+    archive itself, or expands like a bomb."""
+
+
+class NoRoomError(PolarCubeError, OSError):
+    """The extraction would not fit on the disk (the archive itself is fine)."""
+
+
+@dataclass(frozen=True)
+class ArchiveLimits:
+    """What an archive may expand to: in all (declared sizes), and per member (ratio)."""
+
+    max_total_bytes: int = DEFAULT_MAX_TOTAL_BYTES
+    max_ratio: float = DEFAULT_MAX_RATIO
+
+    @classmethod
+    def from_environment(cls) -> ArchiveLimits:
+        """The defaults, the total from POLAR_CUBE_MAX_EXTRACTED_BYTES when set."""
+        raw = os.environ.get(MAX_TOTAL_BYTES_VARIABLE)
+        if not raw:
+            return cls()
+        try:
+            return cls(max_total_bytes=int(raw))
+        except ValueError:
+            raise ArchiveError(
+                f"{MAX_TOTAL_BYTES_VARIABLE}={raw!r}: not a number of bytes"
+            ) from None
 
 
 def check_archive(
@@ -43,7 +99,7 @@ def check_archive(
     and that no member is unsafe; return the member names. Messages name `name` (default:
     the file name)."""
     with _reader(Path(archive), compression_format, name) as source:
-        return source.validate()
+        return source.validate(ArchiveLimits.from_environment())
 
 
 def extract_archive(
@@ -67,11 +123,13 @@ def extract_archive(
     if dest_dir.exists():
         shutil.rmtree(dest_dir)  # half-done from an interrupted run
     with _reader(archive, compression_format, name) as source:
-        members = source.validate()
+        limits = ArchiveLimits.from_environment()
+        members = source.validate(limits)
         dest_dir.parent.mkdir(parents=True, exist_ok=True)
+        _check_room(source.name, source.declared_bytes(), dest_dir.parent)
         tmp = Path(tempfile.mkdtemp(prefix=f".{dest_dir.name}.tmp-", dir=dest_dir.parent))
         try:
-            source.extract_to(tmp)
+            source.extract_to(tmp, limits)
             _write_marker(tmp, archive, size, archive_sha256, members)
             _move_into_place(tmp, dest_dir, size, archive_sha256)
         finally:
@@ -130,35 +188,83 @@ def _check_name(archive: str, name: str) -> None:
         raise UnsafeArchiveError(f"{archive}: unsafe member {name!r} ({why})")
 
 
-def _normalise(name: str) -> str:
-    return "/".join(p for p in name.split("/") if p not in ("", "."))
+def _check_totals(archive: str, declared: int, packed: int, limits: ArchiveLimits) -> None:
+    """Refuse what expands past `limits.max_total_bytes`, or a compressed whole (a tar.gz)
+    past `limits.max_ratio` times its `packed` size."""
+    if declared > limits.max_total_bytes:
+        raise UnsafeArchiveError(
+            f"{archive}: declares {_size(declared)} of members, more than the "
+            f"{_size(limits.max_total_bytes)} allowed ({MAX_TOTAL_BYTES_VARIABLE}): a bomb?"
+        )
+    _check_ratio(archive, None, declared, packed, limits)
 
 
-def _resolve_inside(path: str, links: dict[str, str], depth: int = 0) -> list[str] | None:
-    """Resolve `path` (relative to the root) through the archive's symlinks, lexically.
+def _check_ratio(
+    archive: str, member: str | None, size: int, packed: int, limits: ArchiveLimits
+) -> None:
+    if size >= RATIO_CHECKED_FROM_BYTES and size > limits.max_ratio * max(packed, 1):
+        what = f"member {member!r}" if member else "its content"
+        raise UnsafeArchiveError(
+            f"{archive}: {what} expands {size / max(packed, 1):,.0f} times "
+            f"({_size(packed)} to {_size(size)}; at most {limits.max_ratio:,.0f} allowed): "
+            "a bomb?"
+        )
 
-    Returns the resolved components, or None when it escapes the root (or loops).
-    """
-    if depth > _MAX_LINK_DEPTH or path.startswith("/"):
+
+def _check_room(archive: str, declared: int, folder: Path) -> None:
+    free = shutil.disk_usage(folder).free
+    if declared + FREE_SPACE_MARGIN_BYTES > free:
+        raise NoRoomError(
+            f"{archive}: extracting needs {_size(declared)}, {folder} has {_size(free)} free"
+        )
+
+
+def _size(count: float) -> str:
+    for unit in ("bytes", "kB", "MB", "GB"):
+        if count < 1000 or unit == "GB":
+            return f"{count:,.0f} {unit}" if unit == "bytes" else f"{count:,.1f} {unit}"
+        count /= 1000
+    return f"{count:,.1f} GB"
+
+
+def _nested_kind(name: str, head: bytes) -> str | None:
+    """The archive format `head` (a member's first bytes) starts with, None if it is none (or
+    the member is a zip-based document such as a .kmz)."""
+    if name.lower().endswith(ZIP_DOCUMENT_SUFFIXES):
         return None
-    stack: list[str] = []
-    for part in path.split("/"):
-        if part in ("", "."):
-            continue
-        if part == "..":
-            if not stack:
-                return None
-            stack.pop()
-            continue
-        stack.append(part)
-        target = links.get("/".join(stack))
-        if target is not None:
-            stack.pop()
-            resolved = _resolve_inside(posixpath.join(*stack, target), links, depth + 1)
-            if resolved is None:
-                return None
-            stack = resolved
-    return stack
+    for magic, kind in _ARCHIVE_MAGIC:
+        if head.startswith(magic):
+            return kind
+    if head[257:262] == b"ustar":
+        return "tar"
+    return None
+
+
+def _copy_member(
+    archive: str, name: str, stream: BinaryIO, target: Path, declared: int, budget: list[int]
+) -> None:
+    """Write `stream` (member `name`) to `target`, piece by piece: refuse it as a nested
+    archive before writing, or once it runs past its `declared` size or the remaining
+    `budget[0]` bytes of the whole extraction."""
+    written = 0
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target, "wb") as out:
+        while piece := stream.read(_PIECE):
+            if written == 0:
+                kind = _nested_kind(name, piece)
+                if kind:
+                    raise UnsafeArchiveError(
+                        f"{archive}: unsafe member {name!r} (a nested {kind} archive: "
+                        "archives inside archives are not extracted)"
+                    )
+            written += len(piece)
+            if written > declared or written > budget[0]:
+                raise UnsafeArchiveError(
+                    f"{archive}: member {name!r} runs past its declared size "
+                    f"({_size(declared)}): a bomb?"
+                )
+            out.write(piece)
+    budget[0] -= written
 
 
 # --- readers ------------------------------------------------------------------------------------
@@ -193,34 +299,38 @@ class _TarReader:
     def __exit__(self, *exc: object) -> None:
         self.tar.close()
 
-    def validate(self) -> list[str]:
-        links = {_normalise(m.name): m.linkname for m in self.members if m.issym()}
+    def declared_bytes(self) -> int:
+        return sum(m.size for m in self.members if m.isfile())
+
+    def validate(self, limits: ArchiveLimits) -> list[str]:
         for member in self.members:
-            self._check(member, links)
+            self._check(member)
+        _check_totals(self.name, self.declared_bytes(), self.archive.stat().st_size, limits)
         return [m.name for m in self.members]
 
-    def _check(self, member: tarfile.TarInfo, links: dict[str, str]) -> None:
+    def _check(self, member: tarfile.TarInfo) -> None:
         _check_name(self.name, member.name)
         where = f"{self.name}: unsafe member {member.name!r}"
         if member.isdev():
             raise UnsafeArchiveError(f"{where} (device or fifo)")
         if member.issym():
-            target = posixpath.join(posixpath.dirname(member.name), member.linkname)
-            if _resolve_inside(target, links) is None:
-                raise UnsafeArchiveError(
-                    f"{where} (symlink to {member.linkname!r} points outside the folder)"
-                )
-        elif member.islnk() and _resolve_inside(member.linkname, links) is None:
-            raise UnsafeArchiveError(
-                f"{where} (hardlink to {member.linkname!r} points outside the folder)"
-            )
+            raise UnsafeArchiveError(f"{where} (symlink to {member.linkname!r})")
+        if member.islnk():
+            raise UnsafeArchiveError(f"{where} (hardlink to {member.linkname!r})")
+        if not (member.isfile() or member.isdir()):
+            raise UnsafeArchiveError(f"{where} (neither a file nor a folder)")
 
-    def extract_to(self, folder: Path) -> None:
+    def extract_to(self, folder: Path, limits: ArchiveLimits) -> None:
+        budget = [limits.max_total_bytes]
         for member in self.members:
-            try:  # one by one to name a bad member; directories keep default attributes
-                self.tar.extract(member, folder, set_attrs=not member.isdir(), filter="data")
-            except tarfile.FilterError as exc:
-                raise UnsafeArchiveError(f"{self.name}: unsafe member ({exc})") from exc
+            target = folder / _normalise(member.name)
+            if member.isdir():
+                target.mkdir(parents=True, exist_ok=True)
+                continue
+            try:  # one by one, to name a bad member
+                stream = self.tar.extractfile(member)
+                with stream:
+                    _copy_member(self.name, member.name, stream, target, member.size, budget)
             except _CORRUPT_ERRORS as exc:
                 raise ArchiveError(
                     f"{self.name}: cannot extract member {member.name!r} (truncated or "
@@ -247,15 +357,38 @@ class _ZipReader:
     def __exit__(self, *exc: object) -> None:
         self.zip.close()
 
-    def validate(self) -> list[str]:
+    def declared_bytes(self) -> int:
+        return sum(m.file_size for m in self.members)
+
+    def validate(self, limits: ArchiveLimits) -> list[str]:
         for member in self.members:
             _check_name(self.name, member.filename)
+            mode = member.external_attr >> 16
+            kind = stat.S_IFMT(mode)
+            if kind == stat.S_IFLNK:
+                raise UnsafeArchiveError(
+                    f"{self.name}: unsafe member {member.filename!r} (symlink)"
+                )
+            if kind and kind not in (stat.S_IFREG, stat.S_IFDIR):
+                raise UnsafeArchiveError(
+                    f"{self.name}: unsafe member {member.filename!r} (device or fifo)"
+                )
+            _check_ratio(self.name, member.filename, member.file_size, member.compress_size, limits)
+        _check_totals(self.name, self.declared_bytes(), self.declared_bytes(), limits)
         return [m.filename for m in self.members]
 
-    def extract_to(self, folder: Path) -> None:
+    def extract_to(self, folder: Path, limits: ArchiveLimits) -> None:
+        budget = [limits.max_total_bytes]
         for member in self.members:
+            target = folder / _normalise(member.filename)
+            if member.is_dir():
+                target.mkdir(parents=True, exist_ok=True)
+                continue
             try:
-                self.zip.extract(member, folder)
+                with self.zip.open(member) as stream:
+                    _copy_member(
+                        self.name, member.filename, stream, target, member.file_size, budget
+                    )
             except (*_CORRUPT_ERRORS, NotImplementedError) as exc:
                 raise ArchiveError(
                     f"{self.name}: cannot extract member {member.filename!r} (truncated or "
@@ -265,3 +398,7 @@ class _ZipReader:
                 raise ArchiveError(
                     f"{self.name}: cannot extract member {member.filename!r}: {exc}"
                 ) from exc
+
+
+def _normalise(name: str) -> str:
+    return "/".join(p for p in name.split("/") if p not in ("", "."))
