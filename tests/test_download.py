@@ -77,6 +77,29 @@ class _FlakyHandler(BaseHTTPRequestHandler):
             self.send_error(500)
         elif mode == "503":
             self.send_error(503)
+        elif mode == "503-twice-retry-after" and count <= 2:
+            self.send_response(503)
+            self.send_header("Retry-After", "1")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+        elif mode == "reset-once" and count == 1:
+            self._send(PAYLOAD, 200, total=len(PAYLOAD), body_limit=120_000)
+            self.wfile.flush()
+            # SO_LINGER 0: close with a TCP reset, not an orderly end
+            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")
+            self.connection.close()
+        elif mode == "trickle":
+            self.send_response(200)
+            self.send_header("Content-Type", "application/octet-stream")
+            self.send_header("Content-Length", str(len(PAYLOAD)))
+            self.end_headers()
+            for byte in PAYLOAD[:60]:  # a byte every 0.1 s: never silent long enough to time out
+                try:
+                    self.wfile.write(bytes([byte]))
+                    self.wfile.flush()
+                except OSError:
+                    return
+                time.sleep(0.1)
         elif mode == "auth" and not self._authorised():
             self.send_response(401)
             self.send_header("WWW-Authenticate", 'Basic realm="test"')
@@ -215,6 +238,35 @@ def test_persistent_server_error_gives_up(serve, tmp_path):
     with pytest.raises(DownloadError, match=r"gave up after 4 attempts.*HTTP 503"):
         download_file(server.url, tmp_path / "file.bin", label="bed", **FAST)
     assert len(server.requests) == 4
+
+
+def test_a_503_with_retry_after_is_waited_for_then_the_file_is_fetched(serve, tmp_path):
+    server = serve("503-twice-retry-after")
+    started = time.monotonic()
+    result = download_file(server.url, tmp_path / "file.bin", sha256=PAYLOAD_SHA, **FAST)
+    assert len(server.requests) == 3 and result.size == len(PAYLOAD)
+    assert time.monotonic() - started >= 2  # 1 s each time, as asked (the backoff is 0.01 s)
+
+
+def test_a_connection_reset_mid_body_is_resumed_with_range(serve, tmp_path):
+    server = serve("reset-once")
+    download_file(server.url, tmp_path / "file.bin", sha256=PAYLOAD_SHA, **FAST)
+    assert len(server.requests) == 2
+    assert server.requests[1]["Range"].startswith("bytes=") and "Range" not in server.requests[0]
+    assert (tmp_path / "file.bin").read_bytes() == PAYLOAD
+
+
+def test_a_trickling_server_is_given_up_at_the_deadline_naming_url_and_time(serve, tmp_path):
+    server = serve("trickle")
+    started = time.monotonic()
+    with pytest.raises(DownloadError) as failed:
+        download_file(server.url, tmp_path / "file.bin", label="bed", deadline_seconds=2, **FAST)
+    assert time.monotonic() - started < 5
+    message = str(failed.value)
+    assert message.startswith(f"bed: {server.url}: gave up after 2 s, the deadline of 2 s ")
+    assert "POLAR_CUBE_DOWNLOAD_DEADLINE_SECONDS" in message and "(a trickle)" in message
+    assert failed.value.retryable
+    assert list(tmp_path.iterdir()) == []  # no .part left
 
 
 def test_not_found_is_not_retried(serve, tmp_path):

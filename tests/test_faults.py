@@ -46,7 +46,22 @@ LOCK_FOLDER = ".polar-cube-lock"
 
 class _StallingHandler(_MirrorHandler):
     """Serves like the mirror, but for the names in `server.stalled` it sends the headers and
-    half the body, then goes silent (a server that hangs mid-transfer)."""
+    half the body, then goes silent (a server that hangs mid-transfer); a name in
+    `server.unavailable` gets that many 503s (Retry-After: 1) first."""
+
+    def _serve(self, send_body: bool) -> None:
+        name = Path(self.path).name
+        with self.server.lock:
+            left = self.server.unavailable.get(name, 0)
+            if left:
+                self.server.unavailable[name] = left - 1
+                self.server.answered_503.append(name)
+        if not left:
+            return super()._serve(send_body)
+        self.send_response(503)
+        self.send_header("Retry-After", "1")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
 
     def _send_file(self, path: Path, start: int, length: int) -> None:
         if path.name not in self.server.stalled:
@@ -64,6 +79,9 @@ class FaultyMirror(MirrorServer):
         self.root = Path(root).resolve()
         self.verbose = False
         self.stalled: set[str] = set()
+        self.unavailable: dict[str, int] = {}
+        self.answered_503: list[str] = []
+        self.lock = threading.Lock()
         self.released = threading.Event()
         ThreadingHTTPServer.__init__(self, ("127.0.0.1", 0), _StallingHandler)
 
@@ -398,6 +416,25 @@ def test_a_bad_source_is_refused_never_cached_and_a_rerun_after_the_fix_equals_a
 
     repaired = polar_cube(*args, env=api)
     assert repaired.returncode == 0, repaired.stderr[-4000:]
+    assert_same_cube(latest_cube(work / "out"), reference)
+
+
+def test_a_source_answering_503_twice_then_serving_builds(clean, mirror, api, data_id):
+    """Issue 21: a host that is unavailable for a while (503 with Retry-After) is waited for."""
+    work, reference = clean
+    spec = load_spec(SPEC)
+    file_name = spec.source("magnetic_anomaly").file_name
+    shutil.rmtree(work / "cache" / "magnetic_anomaly", ignore_errors=True)
+    mirror.unavailable[file_name] = 2
+    try:
+        built = polar_cube(
+            *build_args(work, mirror.base_url, "--output", str(work / "out")), env=api
+        )
+    finally:
+        mirror.unavailable.pop(file_name, None)
+    assert built.returncode == 0, built.stderr[-4000:]
+    assert mirror.answered_503.count(file_name) == 2
+    assert "HTTP 503 Service Unavailable (Retry-After: 1 s); retrying in 1.00 s" in built.stderr
     assert_same_cube(latest_cube(work / "out"), reference)
 
 

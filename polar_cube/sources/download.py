@@ -79,6 +79,7 @@ def download_file(
     attempts: int | None = None,
     backoff_seconds: float = DEFAULT_BACKOFF_SECONDS,
     timeout_seconds: float | None = None,
+    deadline_seconds: float | None = None,
     logger: logging.Logger | None = None,
 ) -> DownloadResult:
     """Download `url` to `dest` (resuming, retrying and checking); reuse a complete cached copy.
@@ -95,7 +96,10 @@ def download_file(
     last stopped, pausing 1, 2, 4 ... s (x `backoff_seconds`) between them. A refused
     connection gives up after the pauses alone (3 s with the defaults), an unreachable host
     after `attempts` x 10 s connect timeouts plus the pauses (33 s), and a server that stops
-    sending data after `attempts` x `timeout_seconds` plus the pauses (93 s). A 4xx answer or
+    sending data after `attempts` x `timeout_seconds` plus the pauses (93 s). A 503 or 429
+    with Retry-After waits as long as asked (up to 5 min). Whatever happens, the download
+    gives up at `deadline_seconds` (default 1 h; POLAR_CUBE_DOWNLOAD_DEADLINE_SECONDS), a
+    server trickling bytes included, naming the URL and the time spent. A 4xx answer or
     wrong content fails at once.
     """
     url = str(url)
@@ -116,7 +120,7 @@ def download_file(
         binary=binary,
         verb="returned" if scheme in ("http", "https") else "holds",
     )
-    policy = retry_policy(attempts, timeout_seconds, backoff_seconds)
+    policy = retry_policy(attempts, timeout_seconds, backoff_seconds, deadline_seconds)
     cached = _reuse_cached(job)
     if cached is not None:
         return cached

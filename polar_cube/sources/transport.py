@@ -11,6 +11,7 @@ download (size, sha256, content, the cache record) is `polar_cube.sources.downlo
 
 from __future__ import annotations
 
+import email.utils
 import hashlib
 import logging
 import math
@@ -35,8 +36,11 @@ LOG_EVERY_SECONDS = 5.0
 RETRY_STATUSES = frozenset({429})
 ATTEMPTS_ENV = "POLAR_CUBE_DOWNLOAD_ATTEMPTS"
 TIMEOUT_ENV = "POLAR_CUBE_DOWNLOAD_TIMEOUT_SECONDS"
+DEADLINE_ENV = "POLAR_CUBE_DOWNLOAD_DEADLINE_SECONDS"
 DEFAULT_ATTEMPTS = 3
 DEFAULT_TIMEOUT_SECONDS = 30.0
+DEFAULT_DEADLINE_SECONDS = 3600.0  # a whole download, every attempt and pause included
+MAX_RETRY_AFTER_SECONDS = 300.0  # a server's Retry-After is honoured up to this
 CONNECT_TIMEOUT_SECONDS = 10.0
 DEFAULT_BACKOFF_SECONDS = 1.0
 HTML_PAGE = "an HTML page (a login or error page?) instead of data"
@@ -51,18 +55,29 @@ class DownloadError(PolarCubeError, RuntimeError):
 
 
 class _Retryable(Exception):
-    """An attempt failed in a way worth retrying (connection, timeout, 5xx, 429)."""
+    """An attempt failed in a way worth retrying (connection, timeout, 5xx, 429); `wait`:
+    the pause the server asked for (Retry-After), if any."""
+
+    def __init__(self, message: str, wait: float | None = None) -> None:
+        super().__init__(message)
+        self.wait = wait
+
+
+class _PastDeadline(Exception):
+    """The download's deadline passed while bytes were still coming (a trickle)."""
 
 
 @dataclass(frozen=True)
 class RetryPolicy:
     """How hard one download tries: `attempts` requests in all (each resuming the last), each
     given up after `timeout_seconds` without data (`connect_seconds` to connect), with
-    `backoff_seconds * 2**k` pauses between them."""
+    `backoff_seconds * 2**k` pauses between them (or the server's Retry-After, up to
+    `MAX_RETRY_AFTER_SECONDS`), all within `deadline_seconds`."""
 
     attempts: int
     timeout_seconds: float
     backoff_seconds: float
+    deadline_seconds: float = DEFAULT_DEADLINE_SECONDS
 
     @property
     def connect_seconds(self) -> float:
@@ -82,17 +97,25 @@ def retry_policy(
     attempts: int | None = None,
     timeout_seconds: float | None = None,
     backoff_seconds: float = DEFAULT_BACKOFF_SECONDS,
+    deadline_seconds: float | None = None,
 ) -> RetryPolicy:
-    """The policy from the arguments, else from POLAR_CUBE_DOWNLOAD_ATTEMPTS and
-    POLAR_CUBE_DOWNLOAD_TIMEOUT_SECONDS (read now, so they also reach Prefect task runs),
-    else the defaults: 3 attempts, 30 s."""
+    """The policy from the arguments, else from POLAR_CUBE_DOWNLOAD_ATTEMPTS,
+    POLAR_CUBE_DOWNLOAD_TIMEOUT_SECONDS and POLAR_CUBE_DOWNLOAD_DEADLINE_SECONDS (read now,
+    so they also reach Prefect task runs), else the defaults: 3 attempts, 30 s, 1 h."""
     if attempts is None:
         attempts = _from_env(ATTEMPTS_ENV, int, DEFAULT_ATTEMPTS, "a whole number >= 1")
     if timeout_seconds is None:
         timeout_seconds = _from_env(TIMEOUT_ENV, float, DEFAULT_TIMEOUT_SECONDS, "a number > 0")
-    if attempts < 1 or not timeout_seconds > 0:
-        raise ValueError(f"bad retry policy: {attempts} attempts, {timeout_seconds} s timeout")
-    return RetryPolicy(attempts, float(timeout_seconds), backoff_seconds)
+    if deadline_seconds is None:
+        deadline_seconds = _from_env(
+            DEADLINE_ENV, float, DEFAULT_DEADLINE_SECONDS, "a number of seconds > 0"
+        )
+    if attempts < 1 or not timeout_seconds > 0 or not deadline_seconds > 0:
+        raise ValueError(
+            f"bad retry policy: {attempts} attempts, {timeout_seconds} s timeout, "
+            f"{deadline_seconds} s deadline"
+        )
+    return RetryPolicy(attempts, float(timeout_seconds), backoff_seconds, float(deadline_seconds))
 
 
 def _from_env(variable: str, kind: type, default: float, what: str):
@@ -204,28 +227,65 @@ def _fetch_http(
     """Fetch into the .part, retrying with exponential backoff; return (size, sha256)."""
     headers = {"Accept-Encoding": "identity"}
     timeout = httpx.Timeout(policy.timeout_seconds, connect=policy.connect_seconds)
+    started = time.monotonic()
+    deadline = started + policy.deadline_seconds
     with httpx.Client(auth=auth, headers=headers, follow_redirects=True, timeout=timeout) as client:
         for attempt in range(policy.attempts):
             try:
-                return _attempt(job, client, policy)
+                return _attempt(job, client, policy, deadline)
+            except _PastDeadline as exc:
+                raise _deadline_failure(job, policy, started, str(exc)) from None
             except _Retryable as exc:
                 if attempt + 1 >= policy.attempts:
                     tries = f"{attempt + 1} attempt{'s' if attempt else ''}"
                     raise job.fail(f"gave up after {tries}: {exc}", retryable=True) from None
                 delay = policy.backoff_seconds * 2**attempt
+                if exc.wait is not None:  # the server said when to come back
+                    delay = max(delay, min(exc.wait, MAX_RETRY_AFTER_SECONDS))
+                if time.monotonic() + delay > deadline:
+                    raise _deadline_failure(job, policy, started, str(exc)) from None
                 job.log("%s: %s; retrying in %.2f s", job.where, exc, delay, level=logging.WARNING)
                 time.sleep(delay)
     raise AssertionError("unreachable")
 
 
-def _attempt(job: Transfer, client: httpx.Client, policy: RetryPolicy) -> tuple[int, str]:
+def _deadline_failure(
+    job: Transfer, policy: RetryPolicy, started: float, problem: str
+) -> DownloadError:
+    spent = time.monotonic() - started
+    return job.fail(
+        f"gave up after {spent:.0f} s, the deadline of {policy.deadline_seconds:g} s "
+        f"({DEADLINE_ENV}): {problem}",
+        retryable=True,
+    )
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    """The seconds a Retry-After header asks for (a number or an HTTP date), else None."""
+    value = response.headers.get("retry-after", "").strip()
+    if not value:
+        return None
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def _attempt(
+    job: Transfer, client: httpx.Client, policy: RetryPolicy, deadline: float
+) -> tuple[int, str]:
     """One request: resume from the .part when there is one; return (size, sha256)."""
     offset = job.part.stat().st_size if job.part.exists() else 0
     headers = {"Range": f"bytes={offset}-"} if offset else {}
     job.log("downloading %s -> %s (resume from %d bytes)", job.url, job.dest, offset)
     try:
         with client.stream("GET", job.url, headers=headers) as response:
-            return _receive(job, response, offset)
+            return _receive(job, response, offset, deadline)
     except httpx.UnsupportedProtocol as exc:
         raise job.fail(f"unsupported URL: {exc}") from None
     except httpx.ConnectTimeout:
@@ -238,13 +298,17 @@ def _attempt(job: Transfer, client: httpx.Client, policy: RetryPolicy) -> tuple[
         raise _Retryable(f"{type(exc).__name__}: {exc}") from exc
 
 
-def _receive(job: Transfer, response: httpx.Response, offset: int) -> tuple[int, str]:
+def _receive(
+    job: Transfer, response: httpx.Response, offset: int, deadline: float
+) -> tuple[int, str]:
     """Handle one response's status and stream its body into the .part."""
     status = response.status_code
     if status == 416 and offset:
         return _range_not_satisfiable(job, response, offset)
     if status >= 500 or status in RETRY_STATUSES:
-        raise _Retryable(f"HTTP {status} {response.reason_phrase}")
+        wait = _retry_after(response)
+        after = f" (Retry-After: {wait:.0f} s)" if wait is not None else ""
+        raise _Retryable(f"HTTP {status} {response.reason_phrase}{after}", wait=wait)
     if status not in (200, 206):
         job.discard_part()
         raise job.fail(f"HTTP {status} {response.reason_phrase} (not retried)")
@@ -259,7 +323,7 @@ def _receive(job: Transfer, response: httpx.Response, offset: int) -> tuple[int,
         offset = 0
         total = _int_or_none(response.headers.get("content-length"))
     _check_total(job, total)
-    return _stream_body(job, response, offset, total)
+    return _stream_body(job, response, offset, total, deadline)
 
 
 def _range_not_satisfiable(job: Transfer, response: httpx.Response, offset: int) -> tuple[int, str]:
@@ -288,7 +352,7 @@ def _check_total(job: Transfer, total: int | None) -> None:
 
 
 def _stream_body(
-    job: Transfer, response: httpx.Response, offset: int, total: int | None
+    job: Transfer, response: httpx.Response, offset: int, total: int | None, deadline: float
 ) -> tuple[int, str]:
     """Append (or write) the body to the .part in chunks, hashing everything on disk."""
     hasher = _hash_prefix(job.part) if offset else hashlib.sha256()
@@ -296,7 +360,7 @@ def _stream_body(
     # No chunk_size: httpx would buffer up to it and lose that buffer if the connection drops.
     chunks = response.iter_bytes() if encoded else response.iter_raw()
     progress = _Progress(job, total=None if encoded else total, offset=offset)
-    _write_chunks(chunks, job.part, "ab" if offset else "wb", hasher, progress)
+    _write_chunks(chunks, job.part, "ab" if offset else "wb", hasher, progress, deadline)
     size = job.part.stat().st_size
     if total is not None and not encoded:
         if size < total:
@@ -308,14 +372,22 @@ def _stream_body(
     return size, hasher.hexdigest()
 
 
-def _write_chunks(chunks, path: Path, mode: str, hasher, progress: _Progress) -> None:
-    """Append/write `chunks` to `path` as they come, hashing and reporting progress."""
+def _write_chunks(
+    chunks, path: Path, mode: str, hasher, progress: _Progress, deadline: float | None = None
+) -> None:
+    """Append/write `chunks` to `path` as they come, hashing and reporting progress; raise
+    _PastDeadline once `deadline` (monotonic) passes with bytes still coming."""
     try:
         with path.open(mode) as out:
             for chunk in chunks:
                 out.write(chunk)
                 hasher.update(chunk)
                 progress.update(len(chunk))
+                if deadline is not None and time.monotonic() > deadline:
+                    raise _PastDeadline(
+                        f"still receiving, {progress.done - progress.offset} bytes in "
+                        f"{time.monotonic() - progress.started:.0f} s (a trickle)"
+                    )
             _sync(out)
     finally:
         progress.close()
