@@ -4,7 +4,7 @@ the next build resumes the killed one's draft and publishes.
 
 Each round starts a child (`tests/publish_child.py`) that builds the next version of a
 small cube (new values) and SIGKILLs it a chosen time after it says `PUBLISHING` (0 to
-~60 ms: before, during and after the one catalog write), or at a moment of its whole run.
+~60 ms: before, during and after the one catalog write), or while it writes its draft.
 """
 
 from __future__ import annotations
@@ -93,15 +93,21 @@ def test_a_publish_killed_at_any_moment_leaves_latest_at_the_old_or_the_new_vers
     first = start_child(bucket, 1, patch_file)
     assert first.wait(timeout=300) == 0, first.stderr.read()[-2000:]
     shifts = {read_catalog(bucket, SPEC.series).latest: 1}
-    delays = [0.0, 0.003, 0.01, 0.03, 0.06, None, None]
+    # One kill per moment that leads somewhere else (each round is a whole child build, ~6 s):
+    # the catalog write is one PUT of ~10 ms, so 0 s lands as it starts (or just before it),
+    # 0.01 s within or at its end (later on a loaded machine), 0.06 s after it (the new version
+    # is `latest`: "new"). None kills the child while it writes its draft ("old"); the next
+    # round resumes that draft with new values, and the finisher resumes the last one. (Kills
+    # at 0.003 and 0.03 s, and a second one while writing a draft, fell in these same windows.)
+    delays = [0.0, 0.01, 0.06, None]
     outcomes = []
     for round_number, delay in enumerate(delays, start=2):
         before = read_catalog(bucket, SPEC.series).latest_version
         child = start_child(bucket, round_number, patch_file)
         draft = wait_for(child, "DRAFT")[-1].split()[1]
         shifts[draft] = round_number
-        if delay is None:  # somewhere while it writes the draft
-            time.sleep(0.3 * (round_number % 3))
+        if delay is None:  # while it writes the draft (its sources take ~3 s)
+            time.sleep(0.3)
         else:
             wait_for(child, "PUBLISHING")
             time.sleep(delay)
