@@ -25,6 +25,7 @@ from polar_cube.spec import load_spec
 from polar_cube.storage import StorageAccessError, check_bucket_access
 from polar_cube.tasks.blocks import load_bucket, save_blocks, storage_options_from_blocks
 from tests.conftest import REPO, layer_count
+from tests.test_versions_cli import session_api_url
 
 pytestmark = pytest.mark.slow
 RESOLUTION = 3000.0
@@ -369,6 +370,9 @@ class LatestWatcher(threading.Thread):
 
 
 def run_build_cli(repo_spec_path, work, mirror, patch, *, kill_when=None):
+    """`polar-cube build` into the bucket, against this session's Prefect API (where the
+    bucket block is), as a user's command runs against theirs (PREFECT_API_URL): not a
+    temporary server of its own per run (~20 s to start, twice per kill test)."""
     command = [
         sys.executable,
         "-m",
@@ -393,6 +397,7 @@ def run_build_cli(repo_spec_path, work, mirror, patch, *, kill_when=None):
         stderr=subprocess.STDOUT,
         text=True,
         start_new_session=True,
+        env=os.environ | {"PREFECT_API_URL": session_api_url()},
     )
     if kill_when is None:
         output, _ = process.communicate(timeout=600)
@@ -400,7 +405,7 @@ def run_build_cli(repo_spec_path, work, mirror, patch, *, kill_when=None):
     deadline = time.monotonic() + 300
     while not kill_when() and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
-    os.killpg(process.pid, signal.SIGKILL)  # the CLI and its Prefect server, by process group
+    os.killpg(process.pid, signal.SIGKILL)  # the CLI and any process it started, by group
     process.wait(timeout=30)
     return process.returncode, process.stdout.read()
 
