@@ -5,8 +5,8 @@ they were), caches nothing bad, and once the fault is fixed the same command pub
 equal to a clean build.
 
 Real parts throughout: the small stand-in sources served over HTTP (a copy the tests break and
-repair), a Prefect server of the module's own, tmpfs mounts for a full and a read-only disk,
-and a SeaweedFS S3 server that is killed while the chunks are written into it and restarted.
+repair), the test session's Prefect server, tmpfs mounts for a full and a read-only disk, and
+a SeaweedFS S3 server that is killed while the chunks are written into it and restarted.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ import xarray as xr
 from polar_cube.sources.mirror import MirrorServer, _MirrorHandler
 from polar_cube.spec import load_spec
 from tests.conftest import REPO, free_port_block
+from tests.test_versions_cli import session_api_url
 
 pytestmark = pytest.mark.slow
 SPEC = REPO / "cube.geojson"
@@ -107,24 +108,15 @@ def mirror(sources):
 
 
 @pytest.fixture(scope="module")
-def api(tmp_path_factory):
-    """A Prefect server for the builds of this module (one start instead of one per run)."""
-    from polar_cube.deployments.operate import stop_server
+def api():
+    """The environment of the builds of this module: the test session's Prefect server as
+    their API (PREFECT_API_URL), as a user's builds use theirs; one server for every run
+    instead of a temporary one each, and no server start of the module's own (~25 s)."""
+    from prefect.client.orchestration import get_client
 
-    root = tmp_path_factory.mktemp("faults-prefect")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API_")}
-    env |= {"PREFECT_HOME": str(root / "home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
-    port = free_port_block(1)
-    command = [sys.executable, "-m", "polar_cube.cli", "server", "start"]
-    command += ["--state-dir", str(root / "state"), "--port", str(port)]
-    try:
-        started = subprocess.run(
-            command, env=env, cwd=REPO, capture_output=True, text=True, timeout=400
-        )
-        assert started.returncode == 0, started.stdout + started.stderr
-        yield env | {"PREFECT_API_URL": f"http://127.0.0.1:{port}/api"}
-    finally:
-        stop_server(root / "state")
+    with get_client(sync_client=True) as client:  # starts the session's server if not yet
+        assert client.api_healthcheck() is None
+    return os.environ | {"PREFECT_API_URL": session_api_url()}
 
 
 # --- running builds ---------------------------------------------------------------------------
