@@ -73,8 +73,8 @@ def count_objects(folder: Path) -> int:
 @pytest.fixture(scope="module")
 def builds(small_standins, repo_spec_path, tmp_path_factory):
     """The 3 km cube built as zarr 2 and as zarr 3 (the same cache), into separate folders
-    (their object counts apart), zarr 2 again from a warm cache (for its build time), then
-    the zarr 3 one rerun unchanged."""
+    (their object counts apart), then the zarr 3 one rerun unchanged. (No third, warm-cache
+    zarr 2 build only to print its time: ~12 s that asserted nothing; bench/ times builds.)"""
     from polar_cube.flows.build_cube import build_cube
 
     work = tmp_path_factory.mktemp("zarr3-build")
@@ -88,8 +88,8 @@ def builds(small_standins, repo_spec_path, tmp_path_factory):
             patch_path=str(REPO / "patch.yaml"),
         )
         zarr3 = {"zarr_format": 3, "shards": SHARDS}
-        # the first build downloads the sources: "zarr2-warm" times zarr 2 from the cache too
-        for name, extra in (("zarr2", {}), ("zarr3", zarr3), ("zarr2-warm", {})):
+        # the first build downloads the sources (its time includes them), zarr 3's reads the cache
+        for name, extra in (("zarr2", {}), ("zarr3", zarr3)):
             started = time.monotonic()
             built = build_cube(output_dir=str(work / name), **options, **extra)
             results[name] = (built, time.monotonic() - started)
