@@ -245,7 +245,14 @@ def _build(
         resolution=grid.resolution,
         grid_shape=grid.shape,
         datasets=[
-            DatasetOutcome(b.source_id, getattr(b, "downloaded", False), b.reused) for b in built
+            DatasetOutcome(
+                b.source_id,
+                getattr(b, "downloaded", False),
+                b.reused,
+                getattr(b, "source_sha256", ""),
+                getattr(b, "replaced_sha256", None),
+            )
+            for b in built
         ],
         cube_reused=reused,
         stats=report.stats,

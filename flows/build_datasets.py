@@ -34,9 +34,12 @@ DEFAULT_STORE = Path("data/datasets")
 
 @dataclass(frozen=True)
 class BuiltFromSource(ds.BuiltDataset):
-    """A per-dataset cube, and whether this run downloaded its source (else the cache had it)."""
+    """A per-dataset cube, and whether this run downloaded its source (else the cache had it);
+    when new bytes at the same URL replaced the cached copy, both checksums."""
 
     downloaded: bool = False
+    source_sha256: str = ""
+    replaced_sha256: str | None = None
 
 
 def run_label(
@@ -172,6 +175,14 @@ def _datasets_text(cube_name: str, done: int, total: int, latest: str = "") -> s
     return progress_text(percent, f"{cube_name}: {done} of {total} per-dataset cubes{after}")
 
 
+def _provenance(fetched: ds.FetchedSource) -> dict:
+    return {
+        "downloaded": fetched.downloaded,
+        "source_sha256": fetched.sha256,
+        "replaced_sha256": fetched.replaced_sha256,
+    }
+
+
 def _build_one(
     spec: CubeSpec,
     fetched: ds.FetchedSource,
@@ -185,15 +196,15 @@ def _build_one(
     if ds.dataset_is_current(into, spec, fetched, grid):
         kept = ds.built_dataset(spec, fetched, into, grid, reused=True)
         get_run_logger().info("%s: %s is up to date; reusing it", fetched.source.id, kept.path)
-        return BuiltFromSource(**asdict(kept), downloaded=fetched.downloaded)
+        return BuiltFromSource(**asdict(kept), **_provenance(fetched))
     if earlier and ds.dataset_is_current(earlier, spec, fetched, grid):
         kept = ds.built_dataset(
             spec, fetched, into, grid, reused=True, carried_from=earlier.keys.cube
         )
         get_run_logger().info("%s: unchanged since %s", fetched.source.id, earlier.keys.stem)
-        return BuiltFromSource(**asdict(kept), downloaded=fetched.downloaded)
+        return BuiltFromSource(**asdict(kept), **_provenance(fetched))
     converted = convert_source(spec, fetched)
     dataset = resample_source(spec, fetched, converted, grid)
     write_dataset(dataset, into, grid, dask_address)
     made = ds.built_dataset(spec, fetched, into, grid, reused=False)
-    return BuiltFromSource(**asdict(made), downloaded=fetched.downloaded)
+    return BuiltFromSource(**asdict(made), **_provenance(fetched))

@@ -828,3 +828,59 @@ def test_prefect_task_takes_credentials_from_a_secret_block(serve, small_standin
     token = base64.b64encode(f"alice:{password}".encode()).decode()
     assert "private_source: http://127.0.0.1" in logs  # the task's lines are there...
     assert password not in logs and token not in logs  # ...and hold no secret
+
+
+# --- upstream changes at the same URL (issue 21, item 1) ---------------------------------------
+
+
+@pytest.fixture
+def mirror_server(tmp_path) -> Iterator:
+    from polar_cube.sources.mirror import make_mirror_server
+
+    root = tmp_path / "served"
+    root.mkdir()
+    server = make_mirror_server(root, "127.0.0.1", 0)
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def test_an_unchanged_upstream_costs_one_304(mirror_server, tmp_path):
+    (mirror_server.root / "layer.bin").write_bytes(PAYLOAD)
+    url, dest = f"{mirror_server.base_url}/layer.bin", tmp_path / "cache" / "layer.bin"
+    first = download_file(url, dest, revalidate=True, **FAST)
+    meta = json.loads(dest.with_name("layer.bin.meta.json").read_text())
+    assert meta["validators"]["etag"].startswith('"') and meta["validators"]["last_modified"]
+    again = download_file(url, dest, revalidate=True, **FAST)
+    assert (first.reused, again.reused) == (False, True)
+    assert again.sha256 == first.sha256 == PAYLOAD_SHA and again.replaced_sha256 is None
+    assert mirror_server.answered == [("GET", "/layer.bin", 200), ("GET", "/layer.bin", 304)]
+
+
+def test_new_bytes_at_the_same_url_are_downloaded_naming_the_old_checksum(mirror_server, tmp_path):
+    served = mirror_server.root / "layer.bin"
+    served.write_bytes(PAYLOAD)
+    url, dest = f"{mirror_server.base_url}/layer.bin", tmp_path / "cache" / "layer.bin"
+    download_file(url, dest, revalidate=True, **FAST)
+    changed = PAYLOAD[::-1]
+    served.write_bytes(changed)
+    os.utime(served, ns=(time.time_ns() + 10**9, time.time_ns() + 10**9))
+    result = download_file(url, dest, revalidate=True, **FAST)
+    assert not result.reused and result.replaced_sha256 == PAYLOAD_SHA
+    assert result.sha256 == hashlib.sha256(changed).hexdigest() and dest.read_bytes() == changed
+    statuses = [status for _, _, status in mirror_server.answered]
+    assert statuses == [200, 200, 200]  # the download, the conditional GET, the new download
+    assert download_file(url, dest, revalidate=True, **FAST).reused  # and then a 304
+    assert mirror_server.answered[-1][2] == 304
+
+
+def test_an_unreachable_server_leaves_the_cached_copy_in_use(mirror_server, tmp_path):
+    (mirror_server.root / "layer.bin").write_bytes(PAYLOAD)
+    url, dest = f"{mirror_server.base_url}/layer.bin", tmp_path / "cache" / "layer.bin"
+    download_file(url, dest, revalidate=True, **FAST)
+    mirror_server.shutdown()
+    mirror_server.server_close()
+    again = download_file(url, dest, revalidate=True, **FAST)  # offline: one refused request
+    assert again.reused and again.sha256 == PAYLOAD_SHA

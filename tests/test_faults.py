@@ -82,6 +82,7 @@ class FaultyMirror(MirrorServer):
         self.stalled: set[str] = set()
         self.unavailable: dict[str, int] = {}
         self.answered_503: list[str] = []
+        self.answered: list[tuple[str, str, int]] = []  # (method, path, status)
         self.lock = threading.Lock()
         self.released = threading.Event()
         ThreadingHTTPServer.__init__(self, ("127.0.0.1", 0), _StallingHandler)
@@ -428,6 +429,62 @@ def test_a_source_answering_503_twice_then_serving_builds(clean, mirror, api, da
     assert mirror.answered_503.count(file_name) == 2
     assert "HTTP 503 Service Unavailable (Retry-After: 1 s); retrying in 1.00 s" in built.stderr
     assert_same_cube(latest_cube(work / "out"), reference)
+
+
+def _rewrite_values(tif: Path) -> None:
+    """New bytes at the same name: the GeoTIFF's values doubled (a valid file, a later mtime)."""
+    import rasterio
+
+    with rasterio.open(tif, "r+") as raster:
+        raster.write(raster.read(1) * 2, 1)
+    later = time.time_ns() + 2 * 10**9
+    os.utime(tif, ns=(later, later))
+
+
+def test_a_source_changed_at_the_same_url_is_fetched_and_recomputed_alone(
+    clean, sources, mirror, api
+):
+    """Issue 21, item 1: the mirror's ETag/Last-Modified answer each source's conditional
+    request; the one with new bytes is downloaded again and its variable alone recomputed,
+    the published cube shows its new values; the others cost one 304 each."""
+    work, reference = clean
+    spec = load_spec(SPEC)
+    changed = spec.source("magnetic_anomaly").file_name
+    served = sources / changed
+    original = served.read_bytes()
+    args = build_args(work, mirror.base_url, "--output", str(work / "out"))
+    assert polar_cube(*args, env=api).returncode == 0  # every source cached, validators kept
+    mirror.answered.clear()
+    _rewrite_values(served)
+    try:
+        rebuilt = polar_cube(*args, env=api)
+        assert rebuilt.returncode == 0, rebuilt.stderr[-4000:]
+        answered = list(mirror.answered)
+        cube = cube_values(latest_cube(work / "out"))
+    finally:
+        served.write_bytes(original)  # the other cases' sources, as they were
+        later = time.time_ns() + 4 * 10**9
+        os.utime(served, ns=(later, later))
+        restored = polar_cube(*args, env=api)
+    assert restored.returncode == 0, restored.stderr[-4000:]
+    assert_same_cube(latest_cube(work / "out"), reference)
+
+    by_file = {}
+    for method, path, status in answered:
+        by_file.setdefault(Path(path).name, []).append((method, status))
+    assert by_file.pop(changed) == [("GET", 200), ("GET", 200)]  # asked, then fetched again
+    assert by_file and all(seen == [("GET", 304)] for seen in by_file.values()), by_file
+    assert re.search(
+        rf"magnetic_anomaly: {re.escape(mirror.base_url)}/\S+: the server has new bytes at this",
+        rebuilt.stderr,
+    )
+    assert "reusing" in rebuilt.stderr or "unchanged since" in rebuilt.stderr
+    for name, values in reference.items():  # magnetic_anomaly alone has new values
+        if name == "magnetic_anomaly":
+            finite = np.isfinite(values) & (values != 0)
+            np.testing.assert_allclose(cube[name][finite], 2 * values[finite], rtol=1e-5)
+        else:
+            np.testing.assert_array_equal(cube[name], values, err_msg=name)
 
 
 def test_a_refused_connection_gives_up_in_bounded_time_naming_the_url(clean, mirror, api, data_id):

@@ -236,3 +236,15 @@ def test_the_timing_table_shows_times_and_notes():
     merge = "| merge | write the merged cube's and levels' metadata |"
     assert f"{merge} skipped: the cube is already current |" in lines
     assert lines[-1] == "| **total** | | **0.0 s** |"
+
+
+def test_a_source_changed_upstream_is_named_with_both_checksums():
+    changed = DatasetOutcome(
+        "magnetic_anomaly", True, False, sha256="b" * 64, replaced_sha256="a" * 64
+    )
+    text = summary(datasets=[changed]).markdown()
+    assert (
+        f"- **Changed upstream**: `magnetic_anomaly`, new bytes at the same URL: sha256 "
+        f"`{'a' * 64}` → `{'b' * 64}`"
+    ) in text
+    assert "Changed upstream" not in summary().markdown()

@@ -189,6 +189,8 @@ class DatasetOutcome:
     source_id: str
     downloaded: bool  # False: the download cache had it
     reused: bool  # True: its per-dataset cube was already current
+    sha256: str = ""  # of the source used
+    replaced_sha256: str | None = None  # the cached copy's, when the upstream file changed
 
 
 @dataclass
@@ -272,6 +274,12 @@ class RunSummary:
             f"of {total}" + _named(built, "built"),
             f"- **Cube**: {cube}",
             f"- **Statistics and quicklooks**: {report}",
+            *(
+                f"- **Changed upstream**: `{d.source_id}`, new bytes at the same URL: sha256 "
+                f"`{d.replaced_sha256}` → `{d.sha256}`"
+                for d in self.datasets
+                if d.replaced_sha256
+            ),
         ]
 
     def _where_lines(self) -> list[str]:

@@ -13,7 +13,7 @@ import json
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -27,6 +27,7 @@ from polar_cube.sources.transport import (
     fetch_part,
     redact_url,
     retry_policy,
+    unchanged_upstream,
 )
 
 # The public face: `download_file` raises `DownloadError` (the transport's, where most are
@@ -52,6 +53,7 @@ class DownloadResult:
     size: int
     sha256: str
     reused: bool  # already complete in the cache; nothing was fetched
+    replaced_sha256: str | None = None  # the cached copy's, when the upstream file changed
 
 
 @dataclass
@@ -80,6 +82,7 @@ def download_file(
     backoff_seconds: float = DEFAULT_BACKOFF_SECONDS,
     timeout_seconds: float | None = None,
     deadline_seconds: float | None = None,
+    revalidate: bool = False,
     logger: logging.Logger | None = None,
 ) -> DownloadResult:
     """Download `url` to `dest` (resuming, retrying and checking); reuse a complete cached copy.
@@ -101,6 +104,11 @@ def download_file(
     gives up at `deadline_seconds` (default 1 h; POLAR_CUBE_DOWNLOAD_DEADLINE_SECONDS), a
     server trickling bytes included, naming the URL and the time spent. A 4xx answer or
     wrong content fails at once.
+
+    `revalidate`: a cached copy is first checked against the server with one conditional
+    request (its recorded ETag / Last-Modified): 304 reuses it; new bytes at the same URL are
+    downloaded (the result names the cached copy's sha256 in `replaced_sha256`). A server
+    that cannot be asked (unreachable, no validators) leaves the cached copy in use.
     """
     url = str(url)
     dest = Path(dest)
@@ -122,8 +130,11 @@ def download_file(
     )
     policy = retry_policy(attempts, timeout_seconds, backoff_seconds, deadline_seconds)
     cached = _reuse_cached(job)
+    replaced = None
     if cached is not None:
-        return cached
+        if not revalidate or _still_upstream(job, url, auth):
+            return cached
+        replaced = cached.sha256
     dest.parent.mkdir(parents=True, exist_ok=True)
     try:
         size, digest = fetch_part(job, url, auth, policy)
@@ -138,7 +149,28 @@ def download_file(
     except DownloadError:
         job.discard_part()
         raise
-    return _finish(job, size, digest)
+    result = _finish(job, size, digest)
+    return replace(result, replaced_sha256=replaced) if replaced else result
+
+
+def _still_upstream(job: _Job, url: str, auth: tuple[str, str] | None) -> bool:
+    """Whether the cached copy is still what the server has (see `unchanged_upstream`)."""
+    try:
+        validators = json.loads(job.meta.read_text()).get("validators") or {}
+    except (OSError, ValueError):
+        validators = {}
+    unchanged = unchanged_upstream(url, validators, auth)
+    if unchanged is False:
+        job.log(
+            "%s: the server has new bytes at this URL (not %s); downloading them",
+            job.where,
+            ", ".join(f"{k} {v}" for k, v in validators.items()),
+            level=logging.WARNING,
+        )
+        return False
+    if unchanged:
+        job.log("%s: unchanged upstream (304 Not Modified)", job.where)
+    return True
 
 
 def discard_download(dest: Path) -> None:
@@ -235,6 +267,7 @@ def _finish(job: _Job, size: int, digest: str) -> DownloadResult:
         "url": job.url,
         "size": size,
         "sha256": digest,
+        "validators": job.validators,  # what to revalidate it with
         "completed_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     tmp = job.meta.with_name(job.meta.name + ".tmp")

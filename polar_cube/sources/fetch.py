@@ -41,6 +41,7 @@ class FetchedSource:
     # read `folder`: the lazy layers then read from there
     staged: StoreLocation | None = None
     downloaded: bool = False  # fetched by this run (False: reused from the cache)
+    replaced_sha256: str | None = None  # the cached copy this run's download replaced
 
 
 DEFAULT_CACHE_DIR = "data/cache"
@@ -108,6 +109,7 @@ def fetch_source(
             validate=validate,
             binary=fmt is not None or source.source_format != "polygons",
             identity=source.download_url,  # a mirror on another address reuses the cache
+            revalidate=True,  # one conditional request: new bytes at the same URL are fetched
             logger=logger,
         )
 
@@ -133,6 +135,7 @@ def fetch_source(
         url=source.download_url,
         sha256=result.sha256,
         downloaded=not result.reused,
+        replaced_sha256=result.replaced_sha256,
     )
 
 

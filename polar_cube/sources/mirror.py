@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import email.utils
 import mimetypes
 import re
 import threading
@@ -24,6 +25,7 @@ class MirrorServer(ThreadingHTTPServer):
     def __init__(self, address: tuple[str, int], root: Path, verbose: bool = False) -> None:
         self.root = Path(root).resolve()
         self.verbose = verbose
+        self.answered: list[tuple[str, str, int]] = []  # (method, path, status), in order
         super().__init__(address, _MirrorHandler)
 
     @property
@@ -52,12 +54,27 @@ class _MirrorHandler(BaseHTTPRequestHandler):
         if self.server.verbose:
             super().log_message(format, *args)
 
+    def send_response(self, code: int, message: str | None = None) -> None:
+        answered = getattr(self.server, "answered", None)
+        if answered is not None:
+            answered.append((self.command, urlsplit(self.path).path, int(code)))
+        super().send_response(code, message)
+
     def _serve(self, send_body: bool) -> None:
         path = self._resolve(urlsplit(self.path).path)
         if path is None:
             self.send_error(HTTPStatus.NOT_FOUND)
             return
-        size = path.stat().st_size
+        stat = path.stat()
+        size = stat.st_size
+        etag = f'"{size:x}-{stat.st_mtime_ns:x}"'  # changes with the bytes written
+        last_modified = email.utils.formatdate(stat.st_mtime, usegmt=True)
+        if self._not_modified(etag, stat.st_mtime):
+            self.send_response(HTTPStatus.NOT_MODIFIED)
+            self.send_header("ETag", etag)
+            self.send_header("Last-Modified", last_modified)
+            self.end_headers()
+            return
         byte_range = parse_range(self.headers.get("Range"), size)
         if byte_range == "unsatisfiable":
             self.send_response(HTTPStatus.REQUESTED_RANGE_NOT_SATISFIABLE)
@@ -74,9 +91,26 @@ class _MirrorHandler(BaseHTTPRequestHandler):
         )
         self.send_header("Content-Length", str(end - start + 1))
         self.send_header("Accept-Ranges", "bytes")
+        self.send_header("ETag", etag)
+        self.send_header("Last-Modified", last_modified)
         self.end_headers()
         if send_body:
             self._send_file(path, start, end - start + 1)
+
+    def _not_modified(self, etag: str, mtime: float) -> bool:
+        """RFC 9110: If-None-Match decides when given; else If-Modified-Since (whole seconds)."""
+        if_none_match = self.headers.get("If-None-Match")
+        if if_none_match is not None:
+            tags = [tag.strip().removeprefix("W/") for tag in if_none_match.split(",")]
+            return "*" in tags or etag in tags
+        since = self.headers.get("If-Modified-Since")
+        if since:
+            try:
+                when = email.utils.parsedate_to_datetime(since)
+            except (TypeError, ValueError):
+                return False
+            return int(mtime) <= when.timestamp()
+        return False
 
     def _resolve(self, url_path: str) -> Path | None:
         """Map a URL path onto a regular file under the root, or None (missing or outside)."""

@@ -19,7 +19,7 @@ import os
 import re
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 from urllib.parse import unquote, urlsplit, urlunsplit
@@ -150,6 +150,7 @@ class Transfer:
     expected_size: int | None
     logger: logging.Logger | None
     verb: str  # how the message says what the URL gave: "returned" (http) or "holds" (a file)
+    validators: dict[str, str] = field(default_factory=dict, kw_only=True)  # ETag, Last-Modified
 
     def fail(self, what: str, *, retryable: bool = False) -> DownloadError:
         return DownloadError(f"{self.where}: {what}", retryable=retryable)
@@ -212,6 +213,39 @@ def _copy_local(job: Transfer, source: Path) -> tuple[int, str]:
 
 
 # --- http --------------------------------------------------------------------------------------
+
+REVALIDATE_TIMEOUT_SECONDS = 10.0
+
+
+def unchanged_upstream(
+    url: str, validators: dict[str, str], auth: tuple[str, str] | None = None
+) -> bool | None:
+    """Ask the server whether the file at `url` is still the one with `validators` (its
+    ETag and Last-Modified as recorded): one conditional GET (`If-None-Match`,
+    `If-Modified-Since`), no body read. True: 304 Not Modified. False: the server has other
+    bytes (200). None: no answer to go by (no validators recorded, not http(s), the server
+    unreachable or failing) — the caller keeps what it has."""
+    headers = {"Accept-Encoding": "identity"}
+    if validators.get("etag"):
+        headers["If-None-Match"] = validators["etag"]
+    if validators.get("last_modified"):
+        headers["If-Modified-Since"] = validators["last_modified"]
+    if len(headers) == 1 or urlsplit(url).scheme.lower() not in ("http", "https"):
+        return None
+    timeout = httpx.Timeout(REVALIDATE_TIMEOUT_SECONDS, connect=CONNECT_TIMEOUT_SECONDS)
+    try:
+        with httpx.Client(
+            auth=auth or _userinfo_auth(url), follow_redirects=True, timeout=timeout
+        ) as client:
+            with client.stream("GET", redact_url(url), headers=headers) as response:
+                status = response.status_code
+    except httpx.HTTPError:
+        return None
+    if status == 304:
+        return True
+    if status in (200, 206):
+        return False
+    return None
 
 
 def _userinfo_auth(url: str) -> tuple[str, str] | None:
@@ -315,6 +349,11 @@ def _receive(
     if response.headers.get("content-type", "").split(";")[0].strip().lower() == "text/html":
         job.discard_part()
         raise job.html_page()
+    job.validators = {
+        name: response.headers[header]
+        for name, header in (("etag", "etag"), ("last_modified", "last-modified"))
+        if response.headers.get(header)
+    }
     if status == 206 and offset:
         total = _content_range_total(job, response, offset)
     else:
