@@ -17,6 +17,7 @@ from polar_cube.location import StoreLocation
 from polar_cube.sources.mirror import serving_mirror
 from polar_cube.spec import load_spec
 from polar_cube.zarr_store import sibling_levels, stored_fingerprint, stored_levels_fingerprint
+from tests.prefect_api import session_api_env
 
 pytestmark = pytest.mark.slow
 RESOLUTION = 3000.0  # divides the bbox; small stand-ins are this coarse
@@ -126,6 +127,8 @@ def test_flow_runs_are_recorded_by_the_prefect_api(built):
 
 
 def test_cli_only_one_variable_and_a_missing_source(small_standins, repo_spec_path, tmp_path):
+    """Against the session's Prefect API (no temporary server of its own: that one is
+    tests/test_stops.py's subject)."""
     empty = tmp_path / "empty-mirror"
     empty.mkdir()
     with serving_mirror(empty) as mirror:
@@ -151,6 +154,7 @@ def test_cli_only_one_variable_and_a_missing_source(small_standins, repo_spec_pa
             capture_output=True,
             text=True,
             timeout=600,
+            env=session_api_env(),
         )
     assert result.returncode == 2, result.stderr[-3000:]
     errors = [line for line in result.stderr.splitlines() if line.startswith("polar-cube: error")]

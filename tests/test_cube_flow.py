@@ -25,7 +25,7 @@ from polar_cube.spec import load_spec
 from polar_cube.storage import StorageAccessError, check_bucket_access
 from polar_cube.tasks.blocks import load_bucket, save_blocks, storage_options_from_blocks
 from tests.conftest import REPO, layer_count
-from tests.test_versions_cli import session_api_url
+from tests.prefect_api import session_api_env
 
 pytestmark = pytest.mark.slow
 RESOLUTION = 3000.0
@@ -397,7 +397,7 @@ def run_build_cli(repo_spec_path, work, mirror, patch, *, kill_when=None):
         stderr=subprocess.STDOUT,
         text=True,
         start_new_session=True,
-        env=os.environ | {"PREFECT_API_URL": session_api_url()},
+        env=session_api_env(),
     )
     if kill_when is None:
         output, _ = process.communicate(timeout=600)

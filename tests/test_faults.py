@@ -33,7 +33,7 @@ import xarray as xr
 from polar_cube.sources.mirror import MirrorServer, _MirrorHandler
 from polar_cube.spec import load_spec
 from tests.conftest import REPO, free_port_block
-from tests.test_versions_cli import session_api_url
+from tests.prefect_api import session_api_env
 
 pytestmark = pytest.mark.slow
 SPEC = REPO / "cube.geojson"
@@ -113,11 +113,7 @@ def api():
     """The environment of the builds of this module: the test session's Prefect server as
     their API (PREFECT_API_URL), as a user's builds use theirs; one server for every run
     instead of a temporary one each, and no server start of the module's own (~25 s)."""
-    from prefect.client.orchestration import get_client
-
-    with get_client(sync_client=True) as client:  # starts the session's server if not yet
-        assert client.api_healthcheck() is None
-    return os.environ | {"PREFECT_API_URL": session_api_url()}
+    return session_api_env()
 
 
 # --- running builds ---------------------------------------------------------------------------

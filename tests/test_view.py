@@ -63,6 +63,7 @@ from polar_cube.servers.viewer_config import (
     whole_cube_tile,
 )
 from polar_cube.spec import load_spec
+from tests.prefect_api import session_api_env
 
 REPO = Path(__file__).resolve().parents[1]
 RESOLUTION = 3000.0
@@ -349,13 +350,14 @@ def test_the_logo_is_ours():
 # --- helpers: the command line, tiles, the browser ------------------------------------------
 
 
-def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+def run_cli(*args: str, timeout: float = 300, env=None) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "polar_cube.cli", *args],
         capture_output=True,
         text=True,
         timeout=timeout,
         cwd=REPO,
+        env=env,
     )
 
 
@@ -876,6 +878,9 @@ def test_start_again_status_and_stop(viewer, published, repo_spec_path):
         cube_id(published),
         "--state-dir",
         state,
+        # the block from the session's API (the module's viewer read it through a temporary
+        # server of the command's own, as a user without a server does: no second one)
+        env=session_api_env(),
     )
     assert again.returncode == 0, again.stderr[-2000:]
     assert f"(pid {info.pid})" in again.stdout  # the same server, not a second one
