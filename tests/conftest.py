@@ -19,8 +19,9 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-# the README's scheduled-builds block, run once per session (fixture `deployment_run`)
-pytest_plugins = ["tests.readme_deployment"]
+# the README's scheduled-builds block, run once per session (fixture `deployment_run`); the
+# order in which `--dist loadfile` hands the modules to the workers (longest first)
+pytest_plugins = ["tests.readme_deployment", "tests.schedule"]
 
 
 def layer_count(spec) -> int:
