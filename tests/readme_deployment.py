@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from polar_cube.servers import processes
+from polar_cube.servers.s3server import stop_s3_server
 from tests.snippets import REPO, snippet
 
 PREFECT_PORT, S3_PORT, MIRROR_PORT = 4200, 8333, 8400  # the block's defaults
@@ -107,8 +108,12 @@ def deployment_run(tmp_path_factory) -> Iterator[DeploymentRun]:
             assert started.returncode == 0, started.stdout + started.stderr
         yield run
     finally:
-        for stop in (["worker", "stop"], ["sources", "stop"], ["server", "stop"], ["s3", "stop"]):
+        for stop in (["worker", "stop"], ["sources", "stop"], ["server", "stop"]):
             subprocess.run(
                 [".venv/bin/polar-cube", *stop], cwd=folder, env=env, capture_output=True
             )
+        # as `polar-cube s3 stop` (the block's last command ran it), but SIGKILL after 2 s:
+        # SeaweedFS's filer waits 15 s for the gateway's metadata stream on SIGTERM, and this
+        # runs at the very end of the session
+        stop_s3_server(folder / "data" / "s3", timeout_seconds=2)
         shutil.rmtree(folder / "data" / "demo", ignore_errors=True)  # the download cache
