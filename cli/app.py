@@ -148,7 +148,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         **({"cube_format": cube_format} if cube_format != "zarr" else {}),
     )
     _print_cube(built.url, args.bucket_block, series=series)
-    if built.icechunk:
+    if getattr(built, "icechunk", None):
         print(f"Icechunk repository: {built.icechunk} (tag v{built.version})")
     return 0
 

@@ -69,6 +69,12 @@ if TYPE_CHECKING:
     from icechunk import IcechunkStore
 
 MAIN = "main"
+if "ICECHUNK_LOG" not in os.environ:
+    # Icechunk's (and its AWS SDK's) warnings go to stdout, into the commands' output: e.g.
+    # that folders are unsafe for concurrent commits (the target's lock already keeps
+    # writers apart), or a missing AWS config file. Errors still show; ICECHUNK_LOG=warn
+    # brings them back.
+    icechunk.set_logs_filter("error")
 DEFAULT_REGION = "us-east-1"
 # Icechunk's defaults on S3, pinned: conditional create (tags, new objects) and conditional
 # update (the branch reference on commit) keep concurrent or killed commits consistent.
@@ -267,10 +273,6 @@ def commit_by_reference(
     reference (size and ETag). The commit replaces the whole hierarchy on `main`.
     Returns the snapshot id, or None if `tag` exists already (committed by an earlier run:
     a rerun after a kill between commit and catalog, or an unchanged rebuild)."""
-    if location.is_local and "ICECHUNK_LOG" not in os.environ:
-        # its warning that folders are unsafe for concurrent commits: the target's lock
-        # (one build per target) already keeps writers apart
-        icechunk.set_logs_filter("error")
     repo = open_repository(location, repo_key)
     name = _name(repo)
     if tag in _tags(repo, name):
@@ -336,6 +338,8 @@ def _object_url(location: StoreLocation, cube_key: str, key: str) -> str:
 def reset_to_version(location: StoreLocation, repo_key: str, tag: str) -> bool:
     """Point `main` of the repository `repo_key` at version `tag` (a rollback); False if
     there is no such repository or tag (nothing to do)."""
+    if not location.exists(repo_key):  # most series have none: Icechunk is not even asked
+        return False
     storage = icechunk_storage(location, repo_key)
     if not icechunk.Repository.exists(storage):
         return False
@@ -350,8 +354,10 @@ def reset_to_version(location: StoreLocation, repo_key: str, tag: str) -> bool:
 
 def delete_version_tags(location: StoreLocation, repo_key: str, tags: list[str]) -> list[str]:
     """Delete the tags `tags` (the versions `prune` removes) where they exist; those deleted."""
+    if not tags or not location.exists(repo_key):
+        return []
     storage = icechunk_storage(location, repo_key)
-    if not tags or not icechunk.Repository.exists(storage):
+    if not icechunk.Repository.exists(storage):
         return []
     repo = open_repository(location, repo_key, create=False)
     name = _name(repo)
