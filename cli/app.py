@@ -93,7 +93,9 @@ def cmd_build(args: argparse.Namespace) -> int:
             f"--store {args.store}: only with --datasets-only (a build writes its chunks "
             "straight into the new version of the cube)"
         )
-    folders = {"--cache": args.cache}
+    from polar_cube.sources.fetch import DEFAULT_CACHE_DIR
+
+    folders = {"--cache": args.cache or DEFAULT_CACHE_DIR}
     if args.datasets_only:
         folders["--store"] = args.store or "data/datasets"
     elif not args.bucket_block:
@@ -104,6 +106,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         only=args.only,
         patch_path=None if args.datasets_only else args.patch,
         folders=folders,
+        cube_folder="--output",
     )
     cube_format = getattr(args, "cube_format", "zarr")
     zarr_format = getattr(args, "zarr_format", None) or (3 if cube_format == "icechunk" else 2)

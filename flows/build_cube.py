@@ -23,6 +23,7 @@ from polar_cube.location import StoreLocation
 from polar_cube.preflight import check_build, check_cube_format
 from polar_cube.servers.viewer import DEFAULT_PORT as VIEWER_PORT
 from polar_cube.servers.viewer_config import viewer_url
+from polar_cube.sources.fetch import DEFAULT_CACHE_DIR
 from polar_cube.storage import reaching_storage
 from polar_cube.target_lock import TargetLock
 from polar_cube.tasks.cube import (
@@ -157,7 +158,18 @@ def _build(
     logger = get_run_logger()
     progress.start("check")
     # bad input fails here, before hours of work (the CLI checks the same before starting)
-    checked = check_build(spec_path, resolution=resolution, only=only, patch_path=patch_path)
+    # a deployment's run checks its folders too (parameters named as in the flow's signature)
+    folders = {"cache_dir": cache_dir or DEFAULT_CACHE_DIR}
+    if not bucket_block:
+        folders["output_dir"] = output_dir or DEFAULT_OUTPUT
+    checked = check_build(
+        spec_path,
+        resolution=resolution,
+        only=only,
+        patch_path=patch_path,
+        folders=folders,
+        cube_folder="output_dir",
+    )
     check_cube_format(cube_format, zarr_format)
     spec, grid, patch = checked.spec.at_format(zarr_format, shards), checked.grid, checked.patch
     location = resolve_location(bucket_block, output_dir)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 import xarray as xr
+from pyproj import CRS, Transformer
 
 from polar_cube.grid import TargetGrid
 from polar_cube.keys import VersionKeys
@@ -88,6 +89,7 @@ def convert_source(spec: CubeSpec, fetched: FetchedSource) -> list[ConvertedVari
         layers: dict[dt.date | None, Layer] = {}
         for time, relative_path in variable.files_by_time.items():
             layers[time] = _read_layer(fetched, relative_path, variable)
+            _check_overlap(layers[time], spec, f"{source.id} ({fetched.url})", relative_path)
         converted.append(ConvertedVariable(variable, layers))
     return converted
 
@@ -116,6 +118,43 @@ def _read_layer(fetched: FetchedSource, relative_path: str, variable: VariableSp
         )
     except SourceFormatError as error:
         raise SourceFormatError(f"{where}: {error}") from None
+
+
+def layer_bounds(layer: Layer) -> tuple[float, float, float, float]:
+    """(xmin, ymin, xmax, ymax) of a layer in its own CRS: grid cells' edges, or polygons'."""
+    if isinstance(layer, PolygonLayer):
+        return tuple(float(v) for v in layer.frame.total_bounds)
+    edges = []
+    for axis in ("x", "y"):
+        centres = layer.data[axis].values
+        half = abs(float(centres[-1] - centres[0])) / max(len(centres) - 1, 1) / 2
+        edges.append((float(centres.min()) - half, float(centres.max()) + half))
+    (xmin, xmax), (ymin, ymax) = edges
+    return xmin, ymin, xmax, ymax
+
+
+def _check_overlap(layer: Layer, spec: CubeSpec, where: str, relative_path: str) -> None:
+    """A layer that misses the cube's region (properties.spatial_bbox) entirely is the wrong
+    file, or in another CRS than its spec entry's `source_crs`: refused, not resampled into
+    an empty variable. Polygons are already in the cube's CRS."""
+    crs = spec.spatial_ref if isinstance(layer, PolygonLayer) else layer.crs
+    region = Transformer.from_crs(spec.spatial_ref, crs, always_xy=True).transform_bounds(
+        *spec.spatial_bbox, densify_pts=21
+    )
+    xmin, ymin, xmax, ymax = layer_bounds(layer)
+    shifts = (0.0, -360.0, 360.0) if CRS(crs).is_geographic else (0.0,)  # 0…360 longitudes
+    if (
+        ymin < region[3]
+        and ymax > region[1]
+        and any(xmin + shift < region[2] and xmax + shift > region[0] for shift in shifts)
+    ):
+        return
+    raise SourceFormatError(
+        f"{where}: {relative_path}: its bounds x {xmin:.6g}…{xmax:.6g}, y {ymin:.6g}…{ymax:.6g} "
+        f"({crs}) lie outside the cube's region x {region[0]:.6g}…{region[2]:.6g}, "
+        f"y {region[1]:.6g}…{region[3]:.6g} (properties.spatial_bbox): the wrong file, or not "
+        "in the spec's source_crs?"
+    )
 
 
 def resample_layers(converted: list[ConvertedVariable], grid: TargetGrid) -> xr.Dataset:

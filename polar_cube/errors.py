@@ -99,3 +99,12 @@ def describe_os_error(error: OSError) -> str:
     """One line for an OSError that reached the command line."""
     what = environment_problem(error) or error.strerror or str(error)
     return f"{error.filename}: {what}" if error.filename else what
+
+
+def size_text(count: float) -> str:
+    """A byte count as people read it: `785 bytes`, `1.1 GB`."""
+    for unit in ("bytes", "kB", "MB", "GB", "TB"):
+        if count < 1000 or unit == "TB":
+            return f"{count:,.0f} {unit}" if unit == "bytes" else f"{count:,.1f} {unit}"
+        count /= 1000
+    return f"{count:,.1f} TB"

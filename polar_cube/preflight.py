@@ -8,14 +8,21 @@ of work to fail at the end.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from polar_cube.cube.patching import check_patch_targets, load_patch
-from polar_cube.errors import OptionError, environment_problem
+from polar_cube.errors import OptionError, environment_problem, size_text
 from polar_cube.grid import TargetGrid
-from polar_cube.spec import CubeSpec, SpecError, load_spec, resolution_problem
+from polar_cube.spec import (
+    CubeSpec,
+    SpecError,
+    load_spec,
+    resolution_label,
+    resolution_problem,
+)
 from polar_cube.zarr_store import GRID_MAPPING
 
 CUBE_FORMATS = ("zarr", "icechunk")
@@ -35,10 +42,12 @@ def check_build(
     only: list[str] | None = None,
     patch_path: str | Path | None = None,
     folders: dict[str, str | Path | None] | None = None,
+    cube_folder: str | None = None,
 ) -> CheckedBuild:
     """Validate everything a build is given; raise SpecError, PatchError or OptionError.
 
     `folders`: {option name: local folder the build writes into}; None values are skipped.
+    `cube_folder`: the option among them that receives the cube: it must have room for it.
     """
     spec = load_spec(spec_path)
     if resolution is not None:
@@ -61,7 +70,37 @@ def check_build(
     for option, folder in (folders or {}).items():
         if folder is not None:
             check_writable_folder(option, Path(folder))
+    if cube_folder is not None and (folders or {}).get(cube_folder) is not None:
+        check_room(cube_folder, Path(folders[cube_folder]), spec, grid)
     return CheckedBuild(spec, grid, patch)
+
+
+# Compressed bytes per cell and layer of a cube with its overview levels, at least: measured
+# 0.87 at 100 m and 1.37 at 3 km (stand-ins); a disk with less room than this cannot hold it.
+MIN_BYTES_PER_CELL = 0.5
+
+
+def cube_size_estimate(spec: CubeSpec, grid: TargetGrid) -> tuple[int, int]:
+    """(at least, at most) bytes of the cube and its levels: compressed at
+    `MIN_BYTES_PER_CELL`, and uncompressed float32 plus a third for the levels."""
+    cells = grid.width * grid.height * sum(len(v.files_by_time) for v in spec.variables)
+    return int(cells * MIN_BYTES_PER_CELL), int(cells * 4 * 4 / 3)
+
+
+def check_room(option: str, folder: Path, spec: CubeSpec, grid: TargetGrid) -> None:
+    """Refuse a local target that cannot hold even the smallest likely cube, with the estimate."""
+    existing = folder.absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    free = shutil.disk_usage(existing).free
+    least, most = cube_size_estimate(spec, grid)
+    if least > free:
+        layers = sum(len(v.files_by_time) for v in spec.variables)
+        raise OptionError(
+            f"{option} {folder}: the {resolution_label(grid.resolution)} cube needs at least "
+            f"{size_text(least)} ({layers} layers of {grid.width:,} x {grid.height:,} cells; "
+            f"up to {size_text(most)} uncompressed), {existing} has {size_text(free)} free"
+        )
 
 
 def check_cube_format(cube_format: str, zarr_format: int) -> None:

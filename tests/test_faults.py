@@ -408,6 +408,92 @@ def test_a_bad_source_is_refused_never_cached_and_a_rerun_after_the_fix_equals_a
     assert_same_cube(latest_cube(work / "out"), reference)
 
 
+def _rewrite_geotiff(path: Path, **changes) -> None:
+    """The GeoTIFF written again with some of its profile changed (a valid file)."""
+    import rasterio
+
+    with rasterio.open(path) as src:
+        profile, values = src.profile, src.read()
+    profile.update(changes)
+    path.unlink()
+    with rasterio.open(path, "w", **profile) as dst:
+        dst.write(values)
+
+
+def _without_crs(path: Path) -> None:
+    _rewrite_geotiff(path, crs=None)
+
+
+def _moved_off_the_region(path: Path) -> None:
+    """The same grid 10,000 km east: a valid file in EPSG:3031 that misses the cube's bbox."""
+    import rasterio
+    from affine import Affine
+
+    with rasterio.open(path) as src:
+        transform = src.transform
+    _rewrite_geotiff(path, transform=Affine.translation(1e7, 0) * transform)
+
+
+READER_CASES = {
+    # case: (source id, how the served file is changed, what the message says); the file is a
+    # valid download (cached as it is), refused when its reader opens it
+    "GeoTIFF without CRS": ("magnetic_anomaly", _without_crs, "has no CRS (the spec says"),
+    "GeoTIFF outside the cube's region": (
+        "magnetic_anomaly",
+        _moved_off_the_region,
+        "lie outside the cube's region",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", READER_CASES)
+def test_a_source_its_reader_refuses_publishes_nothing_and_the_fixed_source_equals_a_clean_build(
+    case, clean, sources, mirror, api, data_id
+):
+    work, reference = clean
+    source_id, changes, expected = READER_CASES[case]
+    file_name = load_spec(SPEC).source(source_id).file_name
+    served = sources / file_name
+    original = served.read_bytes()
+    catalog = (work / "out" / catalog_name()).read_text()
+    args = build_args(work, mirror.base_url, "--output", str(work / "out"))
+    try:
+        changes(served)
+        line = the_error_line(polar_cube(*args, env=api))
+    finally:
+        served.write_bytes(original)
+    assert source_id in line and file_name in line and expected in line, line
+    assert (work / "out" / catalog_name()).read_text() == catalog  # nothing published
+
+    repaired = polar_cube(*args, env=api)  # the restored file is downloaded again (new ETag)
+    assert repaired.returncode == 0, repaired.stderr[-4000:]
+    assert_same_cube(latest_cube(work / "out"), reference)
+
+
+def test_a_target_too_small_for_the_grid_is_refused_with_an_estimate(small_disk, tmp_path, api):
+    args = ["build", "--spec", str(SPEC), "--resolution", "500", "--cache", str(tmp_path / "c")]
+    line = the_error_line(polar_cube(*args, "--output", str(small_disk / "out"), env=api))
+    assert line == (
+        f"polar-cube: error: --output {small_disk / 'out'}: the 500m cube needs at least "
+        "140.8 MB (17 layers of 3,906 x 4,242 cells; up to 1.5 GB uncompressed), "
+        f"{small_disk} has 6.3 MB free"
+    )
+    assert not (small_disk / "out").exists()
+
+
+def test_an_unwritable_cache_is_refused_before_anything_starts(readonly_mount, tmp_path, api):
+    args = ["build", "--spec", str(SPEC), "--resolution", RESOLUTION]
+    cache = readonly_mount / "cache"
+    line = the_error_line(
+        polar_cube(*args, "--cache", str(cache), "--output", str(tmp_path / "o"), env=api)
+    )
+    assert line == (
+        f"polar-cube: error: --cache {cache}: cannot write into {readonly_mount}: "
+        "read-only file system"
+    )
+    assert not (tmp_path / "o").exists()
+
+
 def test_a_source_answering_503_twice_then_serving_builds(clean, mirror, api, data_id):
     """Issue 21: a host that is unavailable for a while (503 with Retry-After) is waited for."""
     work, reference = clean
@@ -530,7 +616,8 @@ def readonly_mount(tmp_path):
 @pytest.fixture()
 def small_disk(tmp_path):
     folder = tmp_path / "small-disk"
-    _mount_tmpfs(folder, "size=2m")
+    # room for the 3 km cube's estimate (at least 3.9 MB), not for the cube itself (10.7 MB)
+    _mount_tmpfs(folder, "size=6m")
     yield folder
     subprocess.run(["umount", "-l", str(folder)], check=True)
 

@@ -143,6 +143,33 @@ def test_geotiff_crs_must_match_spec(tmp_path):
         open_source(garbage, "geotiff", None, "EPSG:3031")
 
 
+def test_a_geotiff_without_crs_is_refused(tmp_path):
+    path = tmp_path / "nowhere.tif"
+    write_tif(path, np.zeros((2, 2), np.float32), 0, 1, 0.5, crs=None)
+    with pytest.raises(SourceFormatError, match=r"nowhere.tif: has no CRS \(the spec says EPSG"):
+        open_source(path, "geotiff", None, "EPSG:3031")
+
+
+def test_a_gmt_grid_too_large_for_memory_is_refused_with_its_need(tmp_path, monkeypatch):
+    path = tmp_path / "grid.nc"
+    write_gmt_grid(
+        path,
+        np.zeros((8, 10)),
+        x_range=(0.0, 100.0),
+        y_range=(0.0, 80.0),
+        spacing=(10.0, 10.0),
+        node_offset=1,
+    )
+    assert open_source(path, "gmt_netcdf", "z", "EPSG:3031").data.shape == (8, 10)
+    monkeypatch.setenv("POLAR_CUBE_MAX_SOURCE_MEMORY_BYTES", "600")
+    with pytest.raises(
+        SourceFormatError,
+        match=r"grid.nc: z \(10x8 values\) would need 640 bytes of memory to read, more than "
+        r"the 600 bytes allowed \(POLAR_CUBE_MAX_SOURCE_MEMORY_BYTES\)",
+    ):
+        open_source(path, "gmt_netcdf", "z", "EPSG:3031")
+
+
 def test_latlon_netcdf_keeps_its_non_uniform_axis(tmp_path):
     lat = np.array([-89.0, -80.0, -74.0, -70.0, -68.0])
     lon = np.linspace(-180, 180, 9)[:-1] + 22.5

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Literal
 
-from polar_cube.errors import PolarCubeError
+from polar_cube.errors import PolarCubeError, size_text
 
 MARKER_NAME = ".extracted.json"
 MAX_TOTAL_BYTES_VARIABLE = "POLAR_CUBE_MAX_EXTRACTED_BYTES"
@@ -193,8 +193,8 @@ def _check_totals(archive: str, declared: int, packed: int, limits: ArchiveLimit
     past `limits.max_ratio` times its `packed` size."""
     if declared > limits.max_total_bytes:
         raise UnsafeArchiveError(
-            f"{archive}: declares {_size(declared)} of members, more than the "
-            f"{_size(limits.max_total_bytes)} allowed ({MAX_TOTAL_BYTES_VARIABLE}): a bomb?"
+            f"{archive}: declares {size_text(declared)} of members, more than the "
+            f"{size_text(limits.max_total_bytes)} allowed ({MAX_TOTAL_BYTES_VARIABLE}): a bomb?"
         )
     _check_ratio(archive, None, declared, packed, limits)
 
@@ -206,7 +206,7 @@ def _check_ratio(
         what = f"member {member!r}" if member else "its content"
         raise UnsafeArchiveError(
             f"{archive}: {what} expands {size / max(packed, 1):,.0f} times "
-            f"({_size(packed)} to {_size(size)}; at most {limits.max_ratio:,.0f} allowed): "
+            f"({size_text(packed)} to {size_text(size)}; at most {limits.max_ratio:,.0f} allowed): "
             "a bomb?"
         )
 
@@ -215,16 +215,9 @@ def _check_room(archive: str, declared: int, folder: Path) -> None:
     free = shutil.disk_usage(folder).free
     if declared + FREE_SPACE_MARGIN_BYTES > free:
         raise NoRoomError(
-            f"{archive}: extracting needs {_size(declared)}, {folder} has {_size(free)} free"
+            f"{archive}: extracting needs {size_text(declared)}, "
+            f"{folder} has {size_text(free)} free"
         )
-
-
-def _size(count: float) -> str:
-    for unit in ("bytes", "kB", "MB", "GB"):
-        if count < 1000 or unit == "GB":
-            return f"{count:,.0f} {unit}" if unit == "bytes" else f"{count:,.1f} {unit}"
-        count /= 1000
-    return f"{count:,.1f} GB"
 
 
 def _nested_kind(name: str, head: bytes) -> str | None:
@@ -261,7 +254,7 @@ def _copy_member(
             if written > declared or written > budget[0]:
                 raise UnsafeArchiveError(
                     f"{archive}: member {name!r} runs past its declared size "
-                    f"({_size(declared)}): a bomb?"
+                    f"({size_text(declared)}): a bomb?"
                 )
             out.write(piece)
     budget[0] -= written

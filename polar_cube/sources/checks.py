@@ -17,6 +17,7 @@ of data, so they also run every time a reader opens a file:
 from __future__ import annotations
 
 import math
+import os
 import struct
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -28,7 +29,7 @@ import rasterio
 from rasterio.windows import Window
 from xarray.backends.netCDF4_ import NETCDF4_PYTHON_LOCK
 
-from polar_cube.errors import PolarCubeError
+from polar_cube.errors import PolarCubeError, size_text
 from polar_cube.sources.sniff import body_kind, body_start, read_head
 
 _HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
@@ -44,6 +45,28 @@ class SourceFormatError(PolarCubeError, ValueError):
 # The netCDF-C and HDF5 libraries are not thread-safe: downloads are checked on several threads
 # at once, and xarray reads with this same lock.
 NETCDF_LOCK = NETCDF4_PYTHON_LOCK
+
+
+# A reader that must hold a whole grid in memory (GMT grids are small window-centre results)
+# refuses one whose header declares more than this: a quarter of the machine's memory.
+MAX_SOURCE_MEMORY_ENV = "POLAR_CUBE_MAX_SOURCE_MEMORY_BYTES"
+
+
+def source_memory_limit() -> int:
+    """Bytes a reader may hold at once (`POLAR_CUBE_MAX_SOURCE_MEMORY_BYTES`, default ¼ RAM)."""
+    if os.environ.get(MAX_SOURCE_MEMORY_ENV):
+        return int(os.environ[MAX_SOURCE_MEMORY_ENV])
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
+
+
+def check_fits_in_memory(path: Path, what: str, needed: int) -> None:
+    """Refuse, with the estimate, a read of `needed` bytes that would not fit the limit."""
+    limit = source_memory_limit()
+    if needed > limit:
+        raise SourceFormatError(
+            f"{path}: {what} would need {size_text(needed)} of memory to read, more than "
+            f"the {size_text(limit)} allowed ({MAX_SOURCE_MEMORY_ENV})"
+        )
 
 
 def check_file(path: Path, source_format: str, name: str | None = None) -> None:

@@ -32,9 +32,11 @@ def read_geotiff(
     if band > data.sizes["band"]:
         raise SourceFormatError(f"{path}: has {data.sizes['band']} band(s), spec asks for {band}")
     file_crs = data.rio.crs
-    if file_crs is not None and not CRS.from_user_input(file_crs).equals(
-        CRS(crs), ignore_axis_order=True
-    ):
+    if file_crs is None:  # a GeoTIFF says where it is; one that does not is not the source
+        raise SourceFormatError(
+            f"{path}: has no CRS (the spec says {crs}): not georeferenced, refusing to guess"
+        )
+    if not CRS.from_user_input(file_crs).equals(CRS(crs), ignore_axis_order=True):
         raise SourceFormatError(f"{path}: file CRS {file_crs} differs from the spec's {crs}")
     if data.rio.transform().b != 0 or data.rio.transform().d != 0:
         raise SourceFormatError(f"{path}: rotated GeoTIFFs are not supported")

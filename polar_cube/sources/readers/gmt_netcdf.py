@@ -8,7 +8,7 @@ import netCDF4
 import numpy as np
 import xarray as xr
 
-from polar_cube.sources.checks import NETCDF_LOCK, check_netcdf
+from polar_cube.sources.checks import NETCDF_LOCK, check_fits_in_memory, check_netcdf
 from polar_cube.sources.readers import SourceFormatError, SourceLayer
 
 _REQUIRED = ("x_range", "y_range", "spacing", "dimension", "z")
@@ -47,9 +47,12 @@ def _read_locked(path: Path, name: str, crs: str) -> SourceLayer:
         x = _node_coordinates(path, "x", dataset.variables["x_range"][:], nx, node_offset)
         y = _node_coordinates(path, "y", dataset.variables["y_range"][:], ny, node_offset)
         _check_spacing(path, dataset.variables["spacing"][:], x, y)
+        if z_var.size != nx * ny:
+            raise SourceFormatError(
+                f"{path}: {name} has {z_var.size} values, dimension says {nx}x{ny}"
+            )
+        check_fits_in_memory(path, f"{name} ({nx}x{ny} values)", nx * ny * 8)
         z = np.ma.filled(z_var[:].astype(np.float64), np.nan)
-        if z.size != nx * ny:
-            raise SourceFormatError(f"{path}: {name} has {z.size} values, dimension says {nx}x{ny}")
         units = getattr(z_var, "units", "")
     values = z.reshape(ny, nx)[::-1]  # first stored row is the north one
     registration = "gridline" if node_offset == 0 else "pixel"
