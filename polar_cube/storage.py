@@ -114,10 +114,21 @@ def _error_code(error: BaseException) -> str | None:
 
 
 def _is_connection_error(error: BaseException) -> bool:
-    from botocore.exceptions import ConnectTimeoutError, EndpointConnectionError
+    """Refused, timed out, or cut off before an answer (a server that died mid-request:
+    botocore's ConnectionClosedError), anywhere in the chain of causes."""
+    from botocore.exceptions import ConnectTimeoutError, EndpointConnectionError, HTTPClientError
 
-    connection_errors = (EndpointConnectionError, ConnectTimeoutError, ConnectionError)
-    return any(
-        isinstance(candidate, connection_errors)
-        for candidate in (error, error.__cause__, error.__context__)
+    connection_errors = (
+        EndpointConnectionError,
+        ConnectTimeoutError,
+        HTTPClientError,
+        ConnectionError,
     )
+    seen: list[BaseException] = []
+    candidate: BaseException | None = error
+    while candidate is not None and candidate not in seen:
+        if isinstance(candidate, connection_errors):
+            return True
+        seen.append(candidate)
+        candidate = candidate.__cause__ or candidate.__context__
+    return False

@@ -17,7 +17,8 @@ from __future__ import annotations
 import pytest
 
 SECONDS = {
-    "test_faults.py": 440,
+    "test_faults.py": 500,
+    "test_kill_matrix.py": 300,  # 8 SIGKILLs, each with its rerun
     "test_deployment.py": 230,  # with the README's scheduled-builds run (a session fixture)
     "test_cube_flow.py": 120,
     "test_install.py": 105,
@@ -38,6 +39,7 @@ SECONDS = {
     "test_build_flow.py": 28,
     "test_download.py": 26,
     "test_cf.py": 18,
+    "test_fault_matrix.py": 8,
     "test_cube_core.py": 14,
     "test_quicklook.py": 13,
     "test_levels.py": 13,

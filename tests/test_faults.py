@@ -5,8 +5,9 @@ they were), caches nothing bad, and once the fault is fixed the same command pub
 equal to a clean build.
 
 Real parts throughout: the small stand-in sources served over HTTP (a copy the tests break and
-repair), the test session's Prefect server, tmpfs mounts for a full and a read-only disk, and
-a SeaweedFS S3 server that is killed while the chunks are written into it and restarted.
+repair), the test session's Prefect server, and tmpfs mounts for a full, a small and a
+read-only disk. Kills (of the build, the S3 server, a dask worker) are in
+`test_kill_matrix.py`; the README's table of all of them is `test_fault_matrix.py`'s.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tarfile
@@ -671,73 +671,3 @@ def test_two_builds_into_one_target_one_refuses_naming_the_holder(
     assert latest_cube(target) == target / data_id  # the same sources: nothing new
     assert_same_cube(target / data_id, reference)
     assert tree(target) == published  # the catalog and the published version as they were
-
-
-def test_an_s3_server_killed_while_chunks_are_written_then_restarted(
-    clean, tmp_path, mirror, api, data_id
-):
-    from polar_cube.servers.s3server import running_s3_server, start_s3_server
-
-    work, reference = clean
-    state = tmp_path / "seaweedfs"
-    port = free_port_block()
-    with running_s3_server(state, port=port, bucket="faults", stop_timeout_seconds=2) as server:
-        blocks = polar_cube(
-            "blocks",
-            "create",
-            "--from-s3-server",
-            str(state),
-            "--bucket",
-            "faults",
-            "--bucket-block",
-            "faults-bucket",
-            "--credentials-block",
-            "faults-credentials",
-            env=api,
-        )
-        assert blocks.returncode == 0, blocks.stderr[-3000:]
-        args = build_args(work, mirror.base_url, "--bucket-block", "faults-bucket")
-        build = subprocess.Popen(
-            [sys.executable, "-m", "polar_cube.cli", *args],
-            env=api,
-            cwd=REPO,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        stderr, killed = [], False
-        for line in build.stderr:  # kill the S3 server as the chunks are written into it
-            stderr.append(line)
-            if "Task run 'write-" in line:
-                os.killpg(server.pid, signal.SIGKILL)
-                killed = True
-                break
-        stderr.append(build.stderr.read())
-        build.wait(timeout=600)
-        result = subprocess.CompletedProcess(args, build.returncode, "", "".join(stderr))
-        assert killed, result.stderr[-6000:]
-        line = the_error_line(result)
-        # the target (the bucket, or the key being written in it) and the endpoint, named
-        endpoint = re.escape(server.endpoint_url)
-        expected = rf"polar-cube: error: s3://faults(/\S+)?: cannot reach S3 endpoint {endpoint} "
-        assert re.match(expected, line), result.stderr[-6000:]
-
-        restarted = start_s3_server(state, port=port, bucket="faults")
-        assert restarted.endpoint_url == server.endpoint_url
-        options = {
-            "key": restarted.access_key,
-            "secret": restarted.secret_key,
-            "client_kwargs": {"endpoint_url": restarted.endpoint_url},
-        }
-        import fsspec
-
-        fs = fsspec.filesystem("s3", **options)
-        assert not fs.exists(f"faults/{catalog_name()}")  # nothing was published
-        assert fs.find(f"faults/{data_id}")  # killed after a source's chunks went into the draft
-        assert not fs.exists(f"faults/{data_id}/.zmetadata")  # the draft was never merged
-        assert not fs.exists("faults/inputs")  # the chunks went straight into the version
-        repaired = polar_cube(*args, env=api)
-        assert repaired.returncode == 0, repaired.stderr[-4000:]
-        catalog = json.loads(fs.cat_file(f"faults/{catalog_name()}"))
-        assert catalog["latest_cube"] == data_id  # the draft, resumed and published
-        assert_same_cube(f"s3://faults/{data_id}", reference, options)
