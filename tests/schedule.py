@@ -31,6 +31,7 @@ SECONDS = {
     "test_cluster.py": 55,
     "test_icechunk.py": 50,
     "test_secrets.py": 50,
+    "test_metadata.py": 50,  # a 3000 m build, and one with a broken spec stopped by its gate
     "test_publish_kill.py": 40,
     "test_s3.py": 40,
     "test_snippets.py": 38,

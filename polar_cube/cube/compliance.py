@@ -12,6 +12,8 @@ a finding of the levels that count (`GATED`) more often than the last published 
 
 from __future__ import annotations
 
+import contextlib
+import io
 import re
 import tempfile
 import warnings
@@ -40,6 +42,7 @@ GATED = {
     ("acdd:1.3", "recommended"),
 }
 SAMPLE_CELLS = 16
+_VARIABLE = re.compile(r'^variable "([^"]+)"')
 _NUMBER = re.compile(r"-?\d+(\.\d+)?(e[-+]?\d+)?")
 
 
@@ -64,6 +67,12 @@ class Finding:
         return (self.suite, self.level, self.section, _NUMBER.sub("#", self.message))
 
     @property
+    def variable(self) -> str | None:
+        """The variable an ACDD finding is about (`variable "name" missing …`), if one."""
+        found = _VARIABLE.search(self.section)
+        return found.group(1) if found else None
+
+    @property
     def gated(self) -> bool:
         return (self.suite, self.level) in GATED
 
@@ -80,6 +89,7 @@ class MetadataReport:
     checker_version: str = ""
     baseline: str | None = None  # the published version compared with, if any
     new: tuple[Finding, ...] = field(default=())  # gated findings the baseline lacks
+    variables: tuple[str, ...] = ()  # the variables checked
 
     def counts(self) -> dict[tuple[str, str], int]:
         """(suite, level) -> findings, every level of both suites (0s too)."""
@@ -114,11 +124,13 @@ def check_netcdf(path: str | Path, name: str | None = None) -> MetadataReport:
     from compliance_checker import __version__ as checker_version
     from compliance_checker.runner import CheckSuite
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # its import warns about its deprecated SOS checker
+    # its import warns about its deprecated SOS checker; it prints which name table it uses
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
         CheckSuite.load_all_available_checkers()
         suite = CheckSuite()
         dataset = suite.load_dataset(str(path))
+        variables = tuple(dataset.variables)
         try:
             results = suite.run_all(dataset, list(SUITES), skip_checks=[])
         finally:
@@ -137,7 +149,9 @@ def check_netcdf(path: str | Path, name: str | None = None) -> MetadataReport:
             for message in result.msgs or ["(no message)"]:
                 section = result.name.rstrip(":")
                 findings.append(Finding(_suite_key(suite_name), level, section, message))
-    return MetadataReport(str(name or path), tuple(sorted(findings)), checker_version)
+    return MetadataReport(
+        str(name or path), tuple(sorted(findings)), checker_version, variables=variables
+    )
 
 
 def _suite_key(name: str) -> str:
@@ -156,11 +170,14 @@ def check_cube(cube: xr.Dataset, name: str, cells: int | None = SAMPLE_CELLS) ->
 
 def compare(report: MetadataReport, baseline: MetadataReport | None) -> MetadataReport:
     """`report` with the gated findings it has more often than `baseline` (all of its CF
-    errors when there is no baseline)."""
+    errors when there is no baseline). An ACDD finding about a variable the baseline does not
+    have is no regression: a variable added without a CF standard name (the table may have
+    none) does not stop the build; CF findings about it do."""
     before = Counter(f.key for f in baseline.findings) if baseline else Counter()
+    added = set(report.variables) - set(baseline.variables) if baseline else set()
     new = []
     for finding in report.findings:
-        if not finding.gated:
+        if not finding.gated or (finding.suite == "acdd:1.3" and finding.variable in added):
             continue
         if before[finding.key] > 0:
             before[finding.key] -= 1
@@ -172,6 +189,7 @@ def compare(report: MetadataReport, baseline: MetadataReport | None) -> Metadata
         report.checker_version,
         baseline.cube if baseline else None,
         tuple(new),
+        report.variables,
     )
 
 

@@ -592,11 +592,13 @@ def cube_attributes(
         **geospatial_attrs(grid),
         "date_created": now,
         "date_modified": now,
+        "date_metadata_modified": now,
         "history": f"{now} merged from {len(inputs)} per-dataset cubes by {software_version()}",
         "sources": [
             f"{ds.attrs.get('source', name)} (sha256 {_source_checksum(ds)})"
             for name, ds in sorted(inputs.items())
         ],
+        "references": _references(spec),
         FINGERPRINT_ATTR: cube_fingerprint(spec, grid, input_fingerprints(inputs)),
     }
     if spec.time_range:
@@ -608,6 +610,12 @@ def cube_attributes(
         if resolution:
             attrs["time_coverage_resolution"] = resolution
     return {k: v for k, v in attrs.items() if v is not None}
+
+
+def _references(spec: CubeSpec) -> str | None:
+    """ACDD's `references`: every source's, once each, comma-separated (None if none)."""
+    found = dict.fromkeys(r for s in spec.sources for r in (s.references or []))
+    return ", ".join(found) or None
 
 
 def geospatial_attrs(grid: TargetGrid) -> dict[str, object]:
