@@ -163,7 +163,7 @@ def encoding_for(dataset: xr.Dataset, chunk_size: int) -> dict[str, dict]:
             "_FillValue": np.float32(np.nan),
             "compressors": [_COMPRESSOR],
         }
-    if "time" in dataset.coords:  # int32: CF 1.8 has no int64
+    if "time" in dataset.coords:  # int32: readers of CF before 1.9 know no int64
         encoding["time"] = {
             "units": "days since 1970-01-01",
             "calendar": "proleptic_gregorian",

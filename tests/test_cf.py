@@ -321,7 +321,7 @@ def test_the_merge_types_flags_of_inputs_written_before(lake_cube, tmp_path, mon
     fingerprints = merge.input_fingerprints(inputs)
     assert fingerprints == {LAKES: inputs[keys.input_key(LAKES)].attrs[FINGERPRINT_ATTR]}
     before = merge.cube_fingerprint(spec, SMALL, fingerprints)
-    monkeypatch.setattr(merge, "MERGED_LAYOUT", "the merge before CF-1.8")
+    monkeypatch.setattr(merge, "MERGED_LAYOUT", "the merge before CF-1.10")
     assert merge.cube_fingerprint(spec, SMALL, fingerprints) != before
 
 
@@ -333,7 +333,7 @@ def test_per_dataset_cubes_are_rebuilt_for_the_cf_attributes(monkeypatch):
     _, fetched, _ = lake_dataset(SMALL)
     assert CF_CONVENTIONS in OUTPUT_LAYOUT
     current = dataset_fingerprint(SPEC, fetched, SMALL)
-    monkeypatch.setattr(dataset_module, "OUTPUT_LAYOUT", "the layout before CF-1.8")
+    monkeypatch.setattr(dataset_module, "OUTPUT_LAYOUT", "the layout before CF-1.10")
     assert dataset_fingerprint(SPEC, fetched, SMALL) != current
 
 
