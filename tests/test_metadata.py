@@ -277,6 +277,28 @@ def test_the_gate_sample_finds_what_the_full_export_finds(built, exported_report
     )
 
 
+def test_the_runs_summary_artifact_holds_the_findings(built):
+    import asyncio
+
+    from prefect import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    from polar_cube.flows.artifacts import SUMMARY_KEY
+
+    async def summaries():
+        async with get_client() as client:
+            key = ArtifactFilter(key=ArtifactFilterKey(any_=[SUMMARY_KEY]))
+            return await client.read_artifacts(artifact_filter=key)
+
+    cube, _, _ = built
+    (ours,) = [a for a in asyncio.run(summaries()) if f"`{cube}`" in a.data]
+    section = ours.data.split("## Metadata checks", 1)[1].split("\n## ", 1)[0]
+    assert "| cf:1.10 | error | 0 |" in section and "| cf:1.10 | warning | 0 |" in section
+    assert "| acdd:1.3 | highly recommended | 5 |" in section
+    assert 'acdd:1.3 highly recommended: variable "magnetic_anomaly"' in section
+    assert "**new**" not in section  # nothing was published before: no comparison
+
+
 def test_export_and_check_metadata_commands(built, tmp_path):
     cube, _, work = built
     where = ["--output", str(work / "cube"), "--resolution", f"{RESOLUTION:g}"]
