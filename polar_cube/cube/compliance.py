@@ -125,7 +125,10 @@ def check_netcdf(path: str | Path, name: str | None = None) -> MetadataReport:
     from compliance_checker.runner import CheckSuite
 
     # its import warns about its deprecated SOS checker; it prints which name table it uses
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+    # (the packaged one: `standard_name_vocabulary` names its version, v93; another would be
+    # downloaded)
+    quiet = contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO())
+    with warnings.catch_warnings(), quiet[0], quiet[1]:
         warnings.simplefilter("ignore")
         CheckSuite.load_all_available_checkers()
         suite = CheckSuite()
