@@ -365,3 +365,8 @@ def test_a_broken_spec_attribute_fails_the_gate_and_nothing_is_published(
     drafts = [p for p in (work / "cube").glob("*.zarr") if p != cube]
     assert drafts and not [d for d in drafts if (d / ".zmetadata").exists()]  # unmarked
     shutil.rmtree(tmp_path, ignore_errors=True)
+    # the failed run's last logs go to the API now: queued until the session's server stops,
+    # they would hold this process at exit for over a minute of retries
+    from prefect.logging.handlers import APILogHandler
+
+    APILogHandler().flush()
