@@ -24,6 +24,7 @@ SECONDS = {
     "test_view.py": 95,
     "test_open_without_prefect.py": 95,
     "test_stops.py": 85,
+    "test_metadata.py": 62,  # a 3000 m build, and one with a broken spec stopped by its gate
     "test_versions_cli.py": 60,  # 13 commands loading a Prefect block each
     "test_zarr3_build.py": 60,
     "test_icechunk_build.py": 60,
@@ -31,7 +32,6 @@ SECONDS = {
     "test_cluster.py": 55,
     "test_icechunk.py": 50,
     "test_secrets.py": 50,
-    "test_metadata.py": 50,  # a 3000 m build, and one with a broken spec stopped by its gate
     "test_publish_kill.py": 40,
     "test_s3.py": 40,
     "test_snippets.py": 38,
