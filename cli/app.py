@@ -363,6 +363,7 @@ def cmd_spec_check(args: argparse.Namespace) -> int:
 
 
 def make_parser() -> argparse.ArgumentParser:
+    from polar_cube.cli.metadata import add_metadata_commands
     from polar_cube.cli.ops import add_ops_commands
     from polar_cube.cli.s3 import add_blocks_commands, add_s3_commands
     from polar_cube.cli.sources import add_mirror_commands
@@ -423,6 +424,7 @@ def make_parser() -> argparse.ArgumentParser:
     add_s3_commands(commands)
     add_blocks_commands(commands)
     add_versions_commands(commands)
+    add_metadata_commands(commands)
     add_ops_commands(commands)
     add_view_command(commands)
 

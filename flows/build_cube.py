@@ -1,5 +1,6 @@
 """The parent flow: sources -> per-dataset chunks written straight into a new cube version
-in the bucket -> merged (metadata), patched, verified, reported -> published by pointing
+in the bucket -> merged (metadata), patched, verified, its metadata checked (CF-1.10 and
+ACDD-1.3, no worse than the last published version's), reported -> published by pointing
 `latest` at it; its artifacts tell the story (progress through every phase, then the
 summary, coverage table and links: `flows/artifacts.py`)."""
 
@@ -28,6 +29,7 @@ from polar_cube.storage import reaching_storage
 from polar_cube.target_lock import TargetLock
 from polar_cube.tasks.cube import (
     carry_unchanged,
+    check_staged_metadata,
     commit_icechunk,
     merge_cube,
     patch_cube,
@@ -89,8 +91,9 @@ def build_cube(
 ) -> BuiltCube:
     """Build a new version of the cube (`<series>-vX.Y.Z.zarr`, see `cube/versions.py`):
     every per-dataset cube's chunks (with statistics and overview levels) written straight
-    into it, merge (metadata), patch, verify, report, STAC item, then publish it by pointing
-    `latest` at it. Unchanged since `latest`: nothing is written or published.
+    into it, merge (metadata), patch, verify, the metadata gate (`cube/compliance.py`),
+    report, STAC item, then publish it by pointing `latest` at it. Unchanged since `latest`:
+    nothing is written or published.
 
     `dask_address`: the chunked array work (resampling, writing the per-dataset cubes with
     their statistics and levels) runs on this dask.distributed scheduler (`tcp://host:port`),
@@ -214,10 +217,11 @@ def _build(
         kept = steps.sources_in(location, latest.keys, others) if latest and others else {}
         fingerprints |= kept
         current = steps.current_version(location, spec, grid, patch, fingerprints)
+        metadata = None  # the metadata gate's report, when a new version is built
         if current:
             logger.info("%s is already current; nothing to publish", location.url(current.cube))
             published = spec.at_version(current.version)
-            for phase in ("carry", "merge", "patch", "verify", "publish"):
+            for phase in ("carry", "merge", "patch", "verify", "metadata", "publish"):
                 progress.skip(phase, "the latest version is already current")
         else:
             published = draft_spec
@@ -234,6 +238,8 @@ def _build(
             patch_cube(location, published, staged, patch, patch_path)
             progress.start("verify")
             verify_staged_cube(location, staged, published, grid)
+            progress.start("metadata")
+            metadata = check_staged_metadata(location, staged, latest.cube if latest else None)
         progress.start("report")
         report = report_cube(location, published)
         if current:  # a published version is never rewritten, its STAC item neither
@@ -281,6 +287,7 @@ def _build(
             f"http://127.0.0.1:{VIEWER_PORT}", published.data_id.removesuffix(".zarr")
         ),
         viewer_command=_view_command(bucket_block, output_dir, published.data_id),
+        metadata=metadata,
     )
     create_result_artifacts(summary, report)
     return BuiltCube(

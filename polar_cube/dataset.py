@@ -44,7 +44,8 @@ Layer = SourceLayer | PolygonLayer
 # earlier version) has another fingerprint, so it is rebuilt rather than reused.
 OUTPUT_LAYOUT = (
     "zarr2-consolidated; blosc lz4 7; polar_cube_stats 1; levels 1 (2x2 mean/mode, 512 tile); "
-    "CF-1.8 (float32 flag_values with NCZarr type hints, x/y/time axis, int32 time)"
+    "CF-1.10 (float32 flag_values with NCZarr type hints, x/y/time axis, int32 time, "
+    "latitude_of_projection_origin); ACDD-1.3 coverage_content_type"
 )
 
 
@@ -206,7 +207,7 @@ def describe_dataset(
     converted: list[ConvertedVariable],
     grid: TargetGrid,
 ) -> xr.Dataset:
-    """CF attributes and provenance for each variable and the dataset (CF 1.8: value-typed
+    """CF attributes and provenance for each variable and the dataset (CF 1.10: value-typed
     attributes such as `flag_values` get the variables' float32, see `add_grid_coords`)."""
     source = fetched.source
     for item in converted:
@@ -215,6 +216,7 @@ def describe_dataset(
             "long_name": variable.long_name,
             "units": variable.units,
             "standard_name": variable.standard_name,
+            "coverage_content_type": variable.coverage_content_type,
             "description": variable.description,
             "source": fetched.url,
             "source_file": sorted(set(variable.files_by_time.values())),

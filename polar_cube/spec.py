@@ -242,12 +242,30 @@ class SourceSpec(_Strict):
         return re.split(r"[/\\]", self.download_url.split("?")[0].rstrip("/"))[-1]
 
 
+# ACDD 1.3 `coverage_content_type`: ISO 19115-1 MD_CoverageContentTypeCode
+CoverageContentType = Literal[
+    "image",
+    "thematicClassification",
+    "physicalMeasurement",
+    "auxiliaryInformation",
+    "qualityInformation",
+    "referenceInformation",
+    "modelResult",
+    "coordinate",
+]
+
+
 class VariableSpec(_Strict):
     """One cube variable and the recipe that makes it from its source."""
 
     name: str
     long_name: str
-    standard_name: str | None = None
+    standard_name: str | None = Field(
+        default=None, description="from the CF standard-name table, where it has one"
+    )
+    coverage_content_type: CoverageContentType | None = Field(
+        default=None, description="ACDD 1.3: what the values are (ISO 19115-1 code)"
+    )
     description: str | None = None
     units: str
     dtype: Literal["float32"] = "float32"

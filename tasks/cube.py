@@ -1,4 +1,5 @@
-"""Carry, merge, patch, verify, publish and report: thin tasks over `polar_cube.cube.target`.
+"""Carry, merge, patch, verify, check the metadata, publish and report: thin tasks over
+`polar_cube.cube.target` (and `polar_cube.cube.compliance`).
 
 The tasks create no artifacts: `build-cube` makes the run's artifacts from what they return,
 in its own body, so that they belong to the parent flow run (`polar_cube.flows.artifacts`).
@@ -17,6 +18,7 @@ from prefect.cache_policies import NO_CACHE
 from polar_cube.compute import dask_compute
 from polar_cube.cube import target as steps
 from polar_cube.cube.carry import carry_sources
+from polar_cube.cube.compliance import MetadataGateError, MetadataReport, check_version, gate
 from polar_cube.cube.icechunk_repo import commit_by_reference
 from polar_cube.cube.report import CubeReport, current_report
 from polar_cube.cube.stac import cube_stac_item, write_stac_item
@@ -150,6 +152,34 @@ def verify_staged_cube(
         location.url(staged.key),
         len(spec.variables),
     )
+
+
+@task(task_run_name="check-metadata-{staged.key}", cache_policy=NO_CACHE)
+def check_staged_metadata(
+    location: StoreLocation, staged: steps.StagedCube, baseline: str | None
+) -> MetadataReport:
+    """CF-1.10 and ACDD-1.3 on the new version, compared with the published `baseline`;
+    worse metadata fails before publishing, the staged cube unmarked (merged again)."""
+    started = time.monotonic()
+    report = check_version(location, staged.key, baseline)
+    try:
+        gate(report)
+    except MetadataGateError:
+        steps.discard_staged_cube(location, staged)
+        raise
+    counts = report.counts()
+    get_run_logger().info(
+        "%s: CF-1.10 %d errors, %d warnings; ACDD-1.3 %d highly recommended, %d recommended "
+        "missing; none new%s (%.1f s)",
+        location.url(staged.key),
+        counts[("cf:1.10", "error")],
+        counts[("cf:1.10", "warning")],
+        counts[("acdd:1.3", "highly recommended")],
+        counts[("acdd:1.3", "recommended")],
+        f" since {baseline}" if baseline else "",
+        time.monotonic() - started,
+    )
+    return report
 
 
 @task(

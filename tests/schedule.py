@@ -25,6 +25,7 @@ SECONDS = {
     "test_view.py": 95,
     "test_open_without_prefect.py": 95,
     "test_stops.py": 85,
+    "test_metadata.py": 62,  # a 3000 m build, and one with a broken spec stopped by its gate
     "test_versions_cli.py": 60,  # 13 commands loading a Prefect block each
     "test_zarr3_build.py": 60,
     "test_icechunk_build.py": 60,

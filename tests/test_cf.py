@@ -1,4 +1,4 @@
-"""CF 1.8: the cubes pass the IOOS compliance checker's `cf:1.8` but for what zarr itself
+"""CF 1.10: the cubes pass the IOOS compliance checker's `cf:1.10` but for what zarr itself
 causes, and the same rules hold in the stored metadata.
 
 The checker reads zarr through netCDF-C's NCZarr (`file://…#mode=nczarr,file`), which types
@@ -67,12 +67,13 @@ SPEC = load_spec(REPO / "cube.geojson")
 SMALL = TargetGrid("EPSG:3031", (-2_602_500, -1_626_000, -2_502_500, -1_546_000), 500, 64)
 TIMES = pd.DatetimeIndex(["2013-01-01", "2017-01-01"])
 LAKES = "subglacial_lakes_thwaites"  # four time-stepped 0/1 masks with flag_values
-# CF 1.8 §2.2: char, byte, short, int, float, double (no int64, no unsigned types)
-CF_1_8_DTYPES = {"|S1", "|i1", "<i2", "<i4", "<f4", "<f8"}
+CF_CHECK = "cf:1.10"
+# CF §2.2: char, byte, short, int, float, double (the cubes use no int64 nor unsigned types)
+CF_DTYPES = {"|S1", "|i1", "<i2", "<i4", "<f4", "<f8"}
 
 
 def cf_words(conventions: str) -> list[str]:
-    """`Conventions` as the cf:1.8 check reads it: words split at commas or blanks."""
+    """`Conventions` as the cf checks read it: words split at commas or blanks."""
     return [word for word in re.split(r",|\s+", conventions) if word]
 
 
@@ -101,14 +102,14 @@ def zarr_caused(cube: Path, data_variables: list[str]) -> Counter:
 
 def run_cf_checker(path: Path) -> Counter:
     """(priority, section, message) of every high or medium priority finding of the IOOS
-    compliance checker's `cf:1.8` on the zarr at `path`; fails if a check itself crashed."""
+    compliance checker's `cf:1.10` on the zarr at `path`; fails if a check itself crashed."""
     from compliance_checker.runner import CheckSuite
 
     CheckSuite.load_all_available_checkers()
     suite = CheckSuite()
     dataset = suite.load_dataset(str(path))
     try:
-        ((groups, crashed),) = suite.run_all(dataset, ["cf:1.8"], skip_checks=[]).values()
+        ((groups, crashed),) = suite.run_all(dataset, [CF_CHECK], skip_checks=[]).values()
     finally:
         dataset.close()
     assert not crashed, {name: repr(error) for name, (error, _) in crashed.items()}
@@ -122,9 +123,9 @@ def run_cf_checker(path: Path) -> Counter:
 
 
 def stored_cf_problems(cube: Path) -> list[str]:
-    """The CF 1.8 rules of the issue, checked on the consolidated metadata (JSON) of `cube`:
+    """The CF rules of the issue, checked on the consolidated metadata (JSON) of `cube`:
     value-typed attributes typed like their variable (NCZarr hints), x/y/time described
-    with their axis, CF 1.8 data types, Conventions, and the scalar grid mapping."""
+    with their axis, CF data types, Conventions, and the scalar grid mapping."""
     metadata = json.loads((cube / ".zmetadata").read_text())["metadata"]
     problems = []
     conventions = cf_words(metadata[".zattrs"].get("Conventions", ""))
@@ -134,8 +135,8 @@ def stored_cf_problems(cube: Path) -> list[str]:
     for name in arrays:
         dtype = metadata[f"{name}/.zarray"]["dtype"]
         attrs = metadata.get(f"{name}/.zattrs", {})
-        if dtype not in CF_1_8_DTYPES:
-            problems.append(f"{name}: dtype {dtype} is not a CF 1.8 type")
+        if dtype not in CF_DTYPES:
+            problems.append(f"{name}: dtype {dtype} is not a CF type the cubes use")
         hints = attrs.get(NCZARR_ATTR, {}).get("types", {})
         for attr in VALUE_TYPED_ATTRS:
             if attr in attrs and hints.get(attr) != dtype:
@@ -148,6 +149,7 @@ def stored_cf_problems(cube: Path) -> list[str]:
         "x": {"axis": "X", "standard_name": "projection_x_coordinate", "units": "m"},
         "y": {"axis": "Y", "standard_name": "projection_y_coordinate", "units": "m"},
         "time": {"axis": "T", "standard_name": "time", "long_name": "time"},
+        "crs": {"latitude_of_projection_origin": -90.0, "grid_mapping_name": "polar_stereographic"},
     }
     for name, wanted in expected.items():
         attrs = metadata.get(f"{name}/.zattrs")
@@ -212,7 +214,13 @@ def test_grid_coords_give_axes_time_attributes_and_typed_flags():
     dataset["mask"].attrs = {"flag_values": [0, 1], "valid_range": [0, 1], "units": "1"}
     described = add_grid_coords(dataset, SMALL)
     assert described.x.attrs["axis"] == "X" and described.y.attrs["axis"] == "Y"
-    assert described.time.attrs == {"standard_name": "time", "long_name": "time", "axis": "T"}
+    assert described.time.attrs == {
+        "standard_name": "time",
+        "long_name": "time",
+        "axis": "T",
+        "coverage_content_type": "coordinate",
+    }
+    assert described.crs.attrs["latitude_of_projection_origin"] == -90.0  # CF: which pole
     mask = described["mask"].attrs
     assert mask["flag_values"] == [0.0, 1.0] and all(
         isinstance(v, float) for v in mask["flag_values"]
@@ -221,7 +229,7 @@ def test_grid_coords_give_axes_time_attributes_and_typed_flags():
     assert mask["units"] == "1" and mask["grid_mapping"] == GRID_MAPPING
     assert NCZARR_ATTR not in described["plain"].attrs  # nothing to type, no hint
     encoding = encoding_for(described, SMALL.chunk_size)
-    assert encoding["time"]["dtype"] == "int32"  # CF 1.8 has no int64
+    assert encoding["time"]["dtype"] == "int32"  # int32: readers of CF before 1.9 know no int64
     assert encoding["mask"]["dtype"] == "float32"
 
 
@@ -237,7 +245,7 @@ def test_typed_attrs_round_to_float32_and_keep_other_hints():
 
 
 def test_conventions_name_the_checked_cf_version():
-    """The merged cube follows CF 1.8 and uses ACDD 1.3's global attributes; the checkers
+    """The merged cube follows CF 1.10 and uses ACDD 1.3's global attributes; the checkers
     read `Conventions` differently (cf: commas or blanks; acdd: commas only)."""
     grid = TargetGrid.from_spec(SPEC, 3000.0)
     for where, conventions in (
@@ -313,7 +321,7 @@ def test_the_merge_types_flags_of_inputs_written_before(lake_cube, tmp_path, mon
     fingerprints = merge.input_fingerprints(inputs)
     assert fingerprints == {LAKES: inputs[keys.input_key(LAKES)].attrs[FINGERPRINT_ATTR]}
     before = merge.cube_fingerprint(spec, SMALL, fingerprints)
-    monkeypatch.setattr(merge, "MERGED_LAYOUT", "the merge before CF-1.8")
+    monkeypatch.setattr(merge, "MERGED_LAYOUT", "the merge before CF-1.10")
     assert merge.cube_fingerprint(spec, SMALL, fingerprints) != before
 
 
@@ -325,7 +333,7 @@ def test_per_dataset_cubes_are_rebuilt_for_the_cf_attributes(monkeypatch):
     _, fetched, _ = lake_dataset(SMALL)
     assert CF_CONVENTIONS in OUTPUT_LAYOUT
     current = dataset_fingerprint(SPEC, fetched, SMALL)
-    monkeypatch.setattr(dataset_module, "OUTPUT_LAYOUT", "the layout before CF-1.8")
+    monkeypatch.setattr(dataset_module, "OUTPUT_LAYOUT", "the layout before CF-1.10")
     assert dataset_fingerprint(SPEC, fetched, SMALL) != current
 
 
@@ -390,7 +398,7 @@ def checked_cubes(built) -> list[tuple[Path, list[str]]]:
 
 
 @pytest.mark.slow
-def test_every_built_cube_passes_cf_1_8_but_for_what_zarr_causes(built):
+def test_every_built_cube_passes_cf_1_10_but_for_what_zarr_causes(built):
     unexpected = {}
     for cube, names in checked_cubes(built):
         found = run_cf_checker(cube)

@@ -240,6 +240,16 @@ MATRIX = (
         "released at its end, or expires 120 s after that build stops)`",
         _faults("test_two_builds_into_one_target_one_refuses_naming_the_holder"),
     ),
+    Fault(
+        "a spec or patch attribute makes the metadata worse than the published version's",
+        "`/data/cube/polar-100m-1x2048x2048-v1.1.1.zarr: its metadata is worse than "
+        "/data/cube/polar-100m-1x2048x2048-v1.1.0.zarr: 1 finding(s): cf:1.10 error: §3.3 "
+        "Standard Name: standard_name land_ice_thicknes is not defined in Standard Name Table "
+        "v93. Possible close match(es): ['land_ice_thickness', 'sea_ice_thickness', "
+        "'floating_ice_thickness']; fix the spec or patch.yaml; nothing was published` (at the "
+        "`metadata` phase: the staged version is unmarked, `latest` unchanged)",
+        ("test_metadata::test_a_broken_spec_attribute_fails_the_gate_and_nothing_is_published",),
+    ),
     # --- kills -----------------------------------------------------------------------------
     Fault(
         "SIGKILL of the build, downloading",

@@ -34,6 +34,7 @@ def test_the_phases_of_a_versioned_build_in_order():
         "merge",
         "patch",
         "verify",
+        "metadata",  # issue 22: the metadata gate, before anything is published
         "report",
         "stac",
         "publish",
@@ -65,21 +66,23 @@ def test_progress_moves_through_every_phase_to_100():
     percents = [p for p, _ in seen]
     assert percents == sorted(percents) and percents[0] == 0 and percents[-1] == 100
     assert len(set(percents)) == len(PHASES) + 2  # each phase's start, the half, the end
-    assert seen[-1][1] == "100 % · published x.zarr in 45.0 s"  # 1 + 2 + … + 9 s
+    assert seen[-1][1] == "100 % · published x.zarr in 55.0 s"  # 1 + 2 + … + 10 s
     start, end = progress.span("datasets")
     half = (start + end) / 2
     assert seen[2] == (pytest.approx(half), f"{half:.0f} % · datasets: half")
-    assert 40 < half < 42  # weights 1 + 80/2 of 99
+    assert 40 < half < 42  # weights 1 + 80/2 of 100
     merge = [text for _, text in seen if "merge:" in text]
-    assert merge == [f"{progress.span('merge')[0]:.0f} % · merge: {PHASES[3].title} (phase 4 of 9)"]
+    assert merge == [
+        f"{progress.span('merge')[0]:.0f} % · merge: {PHASES[3].title} (phase 4 of 10)"
+    ]
     publish = [text for _, text in seen if "publish:" in text]
     assert publish == [
-        f"{progress.span('publish')[0]:.0f} % · publish: {PHASES[8].title} (phase 9 of 9)"
+        f"{progress.span('publish')[0]:.0f} % · publish: {PHASES[9].title} (phase 10 of 10)"
     ]
     rows = {row.key: row.seconds for row in progress.timing_rows()}
     assert list(rows) == [p.key for p in PHASES]
-    assert rows["check"] == 1 and rows["carry"] == 3 and rows["stac"] == 8
-    assert rows["publish"] == 9 and progress.finished == 45
+    assert rows["check"] == 1 and rows["carry"] == 3 and rows["stac"] == 9
+    assert rows["publish"] == 10 and progress.finished == 55
 
 
 def test_skipped_and_failed_phases_say_why():

@@ -61,7 +61,10 @@ from polar_cube.zarr_store import (
 LEFTOVERS = ("spatial_ref",)
 # What the merge itself adds to the inputs' metadata; part of the merged cube's fingerprint,
 # so that a published cube with other attributes is republished.
-MERGED_LAYOUT = "CF-1.8 (typed flag_values and NCZarr hints, x/y/time axis, int32 time)"
+MERGED_LAYOUT = (
+    "CF-1.10 (typed flag_values and NCZarr hints, x/y/time axis, int32 time); "
+    "ACDD-1.3 (geospatial_bounds, time_coverage_duration and _resolution)"
+)
 
 
 class MergeError(PolarCubeError, ValueError):
@@ -575,7 +578,6 @@ def cube_attributes(
     spec: CubeSpec, grid: TargetGrid, inputs: dict[str, xr.Dataset]
 ) -> dict[str, object]:
     """Global attributes generated from the spec and the run (the patch adds the rest)."""
-    lon, lat = _geographic_bounds(grid)
     now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     attrs: dict[str, object] = {
         "Conventions": CF_CONVENTIONS,  # unless the spec's metadata names more
@@ -587,22 +589,67 @@ def cube_attributes(
         "license": spec.license,
         "spatial_ref": grid.crs,
         "spatial_res": grid.resolution,
-        "geospatial_lon_min": lon[0],
-        "geospatial_lon_max": lon[1],
-        "geospatial_lat_min": lat[0],
-        "geospatial_lat_max": lat[1],
+        **geospatial_attrs(grid),
         "date_created": now,
+        "date_modified": now,
+        "date_metadata_modified": now,
         "history": f"{now} merged from {len(inputs)} per-dataset cubes by {software_version()}",
         "sources": [
             f"{ds.attrs.get('source', name)} (sha256 {_source_checksum(ds)})"
             for name, ds in sorted(inputs.items())
         ],
+        "references": _references(spec),
         FINGERPRINT_ATTR: cube_fingerprint(spec, grid, input_fingerprints(inputs)),
     }
     if spec.time_range:
-        attrs["time_coverage_start"] = spec.time_range[0].isoformat()
-        attrs["time_coverage_end"] = spec.time_range[1].isoformat()
+        start, end = spec.time_range
+        attrs["time_coverage_start"] = start.isoformat()
+        attrs["time_coverage_end"] = end.isoformat()
+        attrs["time_coverage_duration"] = _iso_days(end - start)
+        resolution = time_resolution(spec)
+        if resolution:
+            attrs["time_coverage_resolution"] = resolution
     return {k: v for k, v in attrs.items() if v is not None}
+
+
+def _references(spec: CubeSpec) -> str | None:
+    """ACDD's `references`: every source's, once each, comma-separated (None if none)."""
+    found = dict.fromkeys(r for s in spec.sources for r in (s.references or []))
+    return ", ".join(found) or None
+
+
+def geospatial_attrs(grid: TargetGrid) -> dict[str, object]:
+    """ACDD 1.3's extent of `grid`: lon/lat bounds of its outline, and exactly, as a WKT
+    polygon in its own CRS (`geospatial_bounds`, `geospatial_bounds_crs`)."""
+    lon, lat = _geographic_bounds(grid)
+    return {
+        "geospatial_lon_min": lon[0],
+        "geospatial_lon_max": lon[1],
+        "geospatial_lat_min": lat[0],
+        "geospatial_lat_max": lat[1],
+        "geospatial_lat_units": "degree_north",
+        "geospatial_lon_units": "degree_east",
+        "geospatial_bounds": _bounds_wkt(grid),
+        "geospatial_bounds_crs": grid.crs,
+    }
+
+
+def time_resolution(spec: CubeSpec) -> str | None:
+    """ACDD's `time_coverage_resolution`: the step between the cube's time steps (an ISO 8601
+    duration in days), None without time steps or when they are not evenly spaced."""
+    steps = sorted({d for v in spec.variables for d in (v.source_files_by_time or {})})
+    gaps = {b - a for a, b in zip(steps, steps[1:], strict=False)}
+    return _iso_days(gaps.pop()) if len(gaps) == 1 else None
+
+
+def _iso_days(delta: dt.timedelta) -> str:
+    return f"P{delta.days}D"
+
+
+def _bounds_wkt(grid: TargetGrid) -> str:
+    """The grid's bounding box as a WKT polygon in its CRS (x y order, EPSG:3031's axes)."""
+    x0, y0, x1, y1 = (f"{v:.10g}" for v in grid.bbox)
+    return f"POLYGON (({x0} {y0}, {x1} {y0}, {x1} {y1}, {x0} {y1}, {x0} {y0}))"
 
 
 def _source_checksum(dataset: xr.Dataset) -> str:

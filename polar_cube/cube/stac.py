@@ -128,8 +128,11 @@ def _providers(metadata: dict) -> list[dict]:
 
 
 def _as_list(value) -> list:
+    """A list as it is, or ACDD's comma-separated list (`"a, b"`) split."""
     if value is None:
         return []
+    if isinstance(value, str):
+        return [item.strip() for item in value.split(",") if item.strip()]
     return list(value) if isinstance(value, list | tuple) else [value]
 
 

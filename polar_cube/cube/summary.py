@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
+from polar_cube.cube.compliance import MetadataReport
 from polar_cube.cube.verify import VariableStats, stats_table_rows
 
 
@@ -29,6 +30,7 @@ PHASES = (
     Phase("merge", "write the merged cube's and levels' metadata", 2),
     Phase("patch", "apply the patch", 1),
     Phase("verify", "verify the new version's cube and levels", 2),
+    Phase("metadata", "check CF-1.10 and ACDD-1.3, no worse than the last published", 1),
     Phase("report", "statistics, quicklooks and thumbnails", 7),
     Phase("stac", "write the STAC item", 2),
     Phase("publish", "point `latest` at the new version", 1),
@@ -216,6 +218,7 @@ class RunSummary:
     stac_url: str = ""
     viewer_url: str = ""
     viewer_command: str = ""
+    metadata: MetadataReport | None = None  # the metadata gate's findings (None: reused)
 
     def description(self) -> str:
         """One line for the artifact's card."""
@@ -248,6 +251,7 @@ class RunSummary:
             "",
             *timing_table(self.timings, self.total_seconds),
             "",
+            *self._metadata_lines(),
             "## Variables",
             "",
             "Valid % is the share of grid cells with data; min, max and mean are over those "
@@ -257,6 +261,11 @@ class RunSummary:
             *variable_sections(self.stats, self.long_names, self.thumbnails),
         ]
         return "\n".join(lines).rstrip() + "\n"
+
+    def _metadata_lines(self) -> list[str]:
+        if self.metadata is None:
+            return []
+        return ["## Metadata checks", "", *self.metadata.markdown(), ""]
 
     def _built_lines(self) -> list[str]:
         total = len(self.datasets)

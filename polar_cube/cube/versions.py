@@ -191,6 +191,19 @@ def latest_cube(location: StoreLocation, series: str) -> str:
     return latest.cube
 
 
+def published_cube(location: StoreLocation, series: str, version: str | None = None) -> str:
+    """The cube name of the published `version` of `series` (default: `latest`'s)."""
+    if version is None:
+        return latest_cube(location, series)
+    entry = read_catalog(location, series).find(version)
+    if entry is None:
+        raise VersionError(
+            f"{location.url(catalog_key(series))}: {series} has no published version {version}",
+            hint="`polar-cube versions` lists them",
+        )
+    return entry.cube
+
+
 def rollback(location: StoreLocation, series: str, version: str) -> PublishedVersion:
     """Point `latest` at an earlier (or any published) `version`."""
     catalog = read_catalog(location, series)
