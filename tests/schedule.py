@@ -18,7 +18,7 @@ import pytest
 
 SECONDS = {
     "test_faults.py": 500,
-    "test_kill_matrix.py": 300,  # 8 SIGKILLs, each with its rerun
+    "test_kill_matrix.py": 330,  # 9 SIGKILLs, each with its rerun
     "test_deployment.py": 230,  # with the README's scheduled-builds run (a session fixture)
     "test_cube_flow.py": 120,
     "test_install.py": 105,

@@ -290,6 +290,16 @@ MATRIX = (
         (f"{KILL}[a dask worker, resampling and uploading]",),
     ),
     Fault(
+        "SIGKILL of the Prefect worker, its run uploading chunks",
+        "the flow run ends with it, Crashed in the Prefect UI, nothing published; with the "
+        "worker started again, the next run resumes the draft and equals a clean build",
+        (
+            "test_kill_matrix::"
+            "test_a_prefect_worker_killed_while_its_run_uploads_crashes_the_run_and_a_new_run_"
+            "resumes",
+        ),
+    ),
+    Fault(
         "SIGKILL of an Icechunk commit",
         "the repository's `main` is the old version or the new one, whole; earlier tags are "
         "untouched",

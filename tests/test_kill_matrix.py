@@ -334,3 +334,69 @@ def test_a_kill_publishes_nothing_partial_and_a_rerun_equals_a_clean_build(
     assert values.keys() == reference.keys()
     for name, expected in reference.items():
         np.testing.assert_array_equal(values[name], expected, err_msg=name)
+
+
+def test_a_prefect_worker_killed_while_its_run_uploads_crashes_the_run_and_a_new_run_resumes(
+    inputs, mirror, api, s3, blocks, work, reference, tmp_path
+):
+    """SIGKILL of the Prefect process worker while the flow run it started is writing chunks.
+    The flow run (the worker's child process) ends with it, Crashed in the Prefect API, having
+    published nothing; with a worker started again, a new run of the deployment resumes the
+    draft and publishes a cube equal to a clean build's."""
+    server, proxy = s3.server, s3.proxy
+    fs = fsspec.filesystem("s3", **direct_options(server), skip_instance_cache=True)
+    for key in fs.ls(BUCKET):
+        fs.rm(key, recursive=True)
+    spec, patch = inputs
+    pool, state = "kills-pool", tmp_path / "worker"
+    params = {
+        "spec_path": str(spec),
+        "patch_path": str(patch),
+        "bucket_block": blocks,
+        "resolution": RESOLUTION,
+        "source_mirror": mirror.base_url,
+        "cache_dir": str(work / "cache"),
+    }
+    steps = [
+        ("pool", "create", "--name", pool),
+        ("deploy", "--name", "kills", "--pool", pool, "--paused")
+        + tuple(f"--param={key}={value}" for key, value in params.items()),
+        ("worker", "start", "--pool", pool, "--state-dir", str(state)),
+    ]
+    for step in steps:
+        done = run_cli(*step, env=api)
+        assert done.returncode == 0, (step, done.stderr[-3000:])
+    worker_pid = json.loads((state / f"worker-{pool}.json").read_text())["pid"]
+    proxy.hold(phase_pattern("upload", inputs))
+    run = subprocess.Popen(
+        [sys.executable, "-m", "polar_cube.cli", "run", "--deployment", "build-cube/kills"]
+        + ["--watch", "--timeout", "400"],
+        env=api,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        wait_for("a chunk PUT of the flow run", proxy.held.is_set, run)
+        flow_run_pid = pid_of_client(proxy.held_client_port)
+        assert flow_run_pid != worker_pid
+        os.kill(worker_pid, signal.SIGKILL)
+    finally:
+        proxy.release()
+        output = run.communicate(timeout=600)[0]
+    assert run.returncode == 1 and "finished: Crashed" in output, output[-4000:]
+    assert published_cube(fs, inputs) is None  # nothing published
+    assert fs.find(f"{BUCKET}/{data_id(inputs)}")  # a draft was begun
+
+    restarted = run_cli("worker", "start", "--pool", pool, "--state-dir", str(state), env=api)
+    assert restarted.returncode == 0, restarted.stderr[-3000:]
+    rerun = run_cli("run", "--deployment", "build-cube/kills", "--watch", env=api)
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    fs.invalidate_cache()
+    assert published_cube(fs, inputs) == data_id(inputs)  # the draft, resumed and published
+    values = cube_values(f"s3://{BUCKET}/{data_id(inputs)}", direct_options(server))
+    for name, expected in reference.items():
+        np.testing.assert_array_equal(values[name], expected, err_msg=name)
+    stopped = run_cli("worker", "stop", "--pool", pool, "--state-dir", str(state), env=api)
+    assert stopped.returncode == 0, stopped.stderr[-3000:]
