@@ -170,10 +170,11 @@ MATRIX = (
     ),
     Fault(
         "a source lies outside the cube's region",
-        "`magnetic_anomaly (http://…): ASE_MagneticCompilation_Dziadeketal_250m.tif: its bounds "
-        "x 7.39e+06…9.35e+06, y -1.63e+06…495000 (EPSG:3031) lie outside the cube's region x "
-        "-2.6025e+06…-649500, y -1.626e+06…495000 (properties.spatial_bbox): the wrong file, or "
-        "not in the spec's source_crs?`",
+        "`magnetic_anomaly (http://…/ASE_MagneticCompilation_Dziadeketal_250m.tif): "
+        "ASE_MagneticCompilation_Dziadeketal_250m.tif: its bounds x 7.3975e+06…9.3505e+06, y "
+        "-1.626e+06…495000 (EPSG:3031) lie outside the cube's region x -2.6025e+06…-649500, y "
+        "-1.626e+06…495000 (properties.spatial_bbox): the wrong file, or not in the spec's "
+        "source_crs?`",
         (f"{READER}[GeoTIFF outside the cube's region]",),
     ),
     Fault(
