@@ -360,6 +360,7 @@ def cmd_spec_check(args: argparse.Namespace) -> int:
 
 
 def make_parser() -> argparse.ArgumentParser:
+    from polar_cube.cli.integrity import add_integrity_commands
     from polar_cube.cli.ops import add_ops_commands
     from polar_cube.cli.s3 import add_blocks_commands, add_s3_commands
     from polar_cube.cli.sources import add_mirror_commands
@@ -420,6 +421,7 @@ def make_parser() -> argparse.ArgumentParser:
     add_s3_commands(commands)
     add_blocks_commands(commands)
     add_versions_commands(commands)
+    add_integrity_commands(commands)
     add_ops_commands(commands)
     add_view_command(commands)
 

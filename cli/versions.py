@@ -15,14 +15,14 @@ def add_versions_commands(commands: argparse._SubParsersAction) -> None:
     listing = commands.add_parser(
         "versions", help="list the published versions of the cube (and which one is latest)"
     )
-    _add_target_options(listing)
+    add_target_options(listing)
     listing.set_defaults(func=cmd_versions)
 
     back = commands.add_parser(
         "rollback", help="point `latest` at an earlier published version (nothing is deleted)"
     )
     back.add_argument("version", metavar="VERSION", help="X.Y.Z (as `versions` lists it)")
-    _add_target_options(back)
+    add_target_options(back)
     back.set_defaults(func=cmd_rollback)
 
     prune = commands.add_parser(
@@ -31,11 +31,11 @@ def add_versions_commands(commands: argparse._SubParsersAction) -> None:
         "unfinished drafts",
     )
     prune.add_argument("--keep", type=int, required=True, metavar="N", help="versions to keep")
-    _add_target_options(prune)
+    add_target_options(prune)
     prune.set_defaults(func=cmd_prune)
 
 
-def _add_target_options(parser: argparse.ArgumentParser) -> None:
+def add_target_options(parser: argparse.ArgumentParser) -> None:
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--bucket-block", metavar="NAME", help="the S3Bucket block's bucket")
     where.add_argument(
@@ -47,7 +47,7 @@ def _add_target_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _target(args: argparse.Namespace):
+def target_of(args: argparse.Namespace):
     """(location, series) the command works on."""
     from polar_cube.location import StoreLocation
     from polar_cube.spec import load_spec
@@ -63,7 +63,7 @@ def _target(args: argparse.Namespace):
 def cmd_versions(args: argparse.Namespace) -> int:
     from polar_cube.cube.versions import catalog_key, read_catalog
 
-    location, series = _target(args)
+    location, series = target_of(args)
     catalog = read_catalog(location, series)
     print(f"{series} in {location.root} ({catalog_key(series)})")
     if not catalog.versions:
@@ -82,7 +82,7 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     from polar_cube.cube.versions import rollback
     from polar_cube.target_lock import TargetLock
 
-    location, series = _target(args)
+    location, series = target_of(args)
     with TargetLock(location):
         entry = rollback(location, series, args.version)
     print(f"latest of {series} is now {entry.version}: {location.url(entry.cube)}")
@@ -93,7 +93,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from polar_cube.cube.versions import prune
     from polar_cube.target_lock import TargetLock
 
-    location, series = _target(args)
+    location, series = target_of(args)
     with TargetLock(location):
         removed = prune(location, series, args.keep)
     if removed:
