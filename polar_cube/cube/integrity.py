@@ -342,25 +342,74 @@ def _recompute_cube_chunks(
 def _recompute_level_chunk(
     location: StoreLocation, keys: VersionKeys, problem: ChunkProblem
 ) -> None:
-    """Halve the chunk's window of the level above (the cube for level 1), as the build
-    does; an all-NaN result is no object (as the build stores none)."""
+    """Halve the chunk's window of the level above (the cube for level 1) as the build did:
+    block by block, in the blocks the build halved (`build_blocks`: halving a whole block
+    at once decides how its empty windows' NaN come out), so the bytes are the same. An
+    all-NaN result is no object (the build stores none)."""
     variable, level, _ = chunk_of(keys, problem.key)
-    above = keys.cube if level == 1 else f"{keys.levels}/{level_name(level - 1)}"
     array_key = f"{keys.levels}/{level_name(level)}/{variable}"
     array = zarr.open_array(location.mapper(array_key), mode="r")
-    upper = zarr.open_array(location.mapper(f"{above}/{variable}"), mode="r")
+    cube = zarr.open_array(location.mapper(f"{keys.cube}/{variable}"), mode="r")
+    above = keys.cube if level == 1 else f"{keys.levels}/{level_name(level - 1)}"
+    upper = cube if level == 1 else zarr.open_array(location.mapper(f"{above}/{variable}"))
     record = read_record(location.fs.cat_file(location.path(keys.levels, ZLEVELS)))
     method = record["agg_methods"][variable]
+    tile = array.chunks[-1]
+    first = (cube.shards or cube.chunks)[-1]  # the writing pass's blocks (`write_zarr`)
+    fed = build_blocks(cube.shape[-2:], first, tile, level)
     index = chunk_index(problem.key)
-    spans = [c * 2 if axis >= array.ndim - 2 else c for axis, c in enumerate(array.chunks)]
-    window = tuple(
-        slice(i * s, min((i + 1) * s, n)) for i, s, n in zip(index, spans, upper.shape, strict=True)
+    rows, cols = (
+        (i * tile, min((i + 1) * tile, n))
+        for i, n in zip(index[-2:], array.shape[-2:], strict=True)
     )
-    block = halve(np.asarray(upper[window], dtype="float32"), method)
+    lead = tuple(slice(i, i + 1) for i in index[:-2])  # time: one step per chunk
+    out = np.full((*(1 for _ in lead), rows[1] - rows[0], cols[1] - cols[0]), np.nan, "float32")
+    for y0, y1 in _overlapping(fed[0], rows):
+        for x0, x1 in _overlapping(fed[1], cols):
+            half = halve(np.asarray(upper[(*lead, slice(y0, y1), slice(x0, x1))]), method)
+            top, left = max(y0 // 2, rows[0]), max(x0 // 2, cols[0])
+            bottom = min(y0 // 2 + half.shape[-2], rows[1])
+            right = min(x0 // 2 + half.shape[-1], cols[1])
+            out[..., top - rows[0] : bottom - rows[0], left - cols[0] : right - cols[0]] = half[
+                ..., top - y0 // 2 : bottom - y0 // 2, left - x0 // 2 : right - x0 // 2
+            ]
     where = location.child(array_key)
-    if np.isnan(block).all():
+    if np.isnan(out).all():
         key = shard_key(index) if array.metadata.zarr_format == 3 else ".".join(map(str, index))
         if where.exists(key):
             where.fs.rm_file(where.path(key))
         return
-    write_chunk(where, index, block, array.chunks, zarr_format=array.metadata.zarr_format)
+    write_chunk(where, index, out, array.chunks, zarr_format=array.metadata.zarr_format)
+
+
+def build_blocks(shape: tuple[int, int], first: int, tile: int, level: int) -> list[tuple]:
+    """The (y, x) block sizes of the level above `level` as the writing pass halved them into
+    `level` (`zarr_store._halved`): the cube in blocks of `first`, each level halved block by
+    block, rechunked to `tile` where a block would split a 2 x 2 window or not hold whole
+    tiles."""
+
+    def regular(total: int, size: int) -> tuple[int, ...]:
+        return tuple(min(size, total - start) for start in range(0, total, size))
+
+    blocks = [regular(n, first) for n in shape]
+    for _ in range(1, level):
+        if any(size % 2 for axis in blocks for size in axis[:-1]):
+            blocks = [regular(sum(axis), tile) for axis in blocks]
+        blocks = [tuple(-(-size // 2) for size in axis) for axis in blocks]
+        if not all(size % tile == 0 for axis in blocks for size in axis[:-1]):
+            blocks = [regular(sum(axis), tile) for axis in blocks]
+    if any(size % 2 for axis in blocks for size in axis[:-1]):
+        blocks = [regular(sum(axis), tile) for axis in blocks]
+    return blocks
+
+
+def _overlapping(blocks: tuple[int, ...], span: tuple[int, int]) -> list[tuple[int, int]]:
+    """The (start, end) of the `blocks` (sizes along an axis of the level above) whose halves
+    overlap `span` (start, end along the level below)."""
+    found, start = [], 0
+    for size in blocks:
+        end = start + size
+        if start // 2 < span[1] and -(-end // 2) > span[0]:
+            found.append((start, end))
+        start = end
+    return found
