@@ -22,7 +22,7 @@ from pathlib import Path
 import xarray as xr
 import zarr
 
-from polar_cube.cube.integrity import IntegrityError
+from polar_cube.cube.integrity import write_manifest
 from polar_cube.cube.merge import (
     consolidate,
     cube_fingerprint,
@@ -209,11 +209,10 @@ def discard_staged_cube(location: StoreLocation, staged: StagedCube) -> None:
 def publish_staged_cube(
     location: StoreLocation, spec: CubeSpec, staged: StagedCube, patch: dict
 ) -> PublishedVersion:
-    """Publish the version: one write of the catalog points `latest` at it; never one
-    without its chunk manifest (`cube.integrity.write_manifest`)."""
-    keys = VersionKeys(spec.data_id)
-    if not location.exists(keys.manifest):
-        raise IntegrityError(f"{location.url(keys.manifest)}: missing, {keys.cube} not published")
+    """Publish the version: one write of the catalog points `latest` at it, right after its
+    chunk manifest is (re)written from the sources' records (`cube.integrity`): the catalog
+    never names a version without one, nor with a stale one."""
+    write_manifest(location, VersionKeys(spec.data_id), [source.id for source in spec.sources])
     return publish_version(
         location,
         spec,
