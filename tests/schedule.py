@@ -43,7 +43,7 @@ SECONDS = {
     "test_quicklook.py": 13,
     "test_levels.py": 13,
     "test_merge.py": 7,
-    "test_integrity.py": 3,
+    "test_integrity.py": 5,
     "test_archives.py": 7,
     "test_style.py": 6,
     "test_verify.py": 5,

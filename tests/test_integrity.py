@@ -23,6 +23,7 @@ from polar_cube.cube.integrity import (
     deep_verify,
     read_manifest,
     record_carried_digests,
+    refuse_damaged_draft,
     repair_version,
     write_manifest,
 )
@@ -204,3 +205,31 @@ def test_no_version_is_published_without_its_manifest_and_an_old_one_gets_one_li
         f"{tmp_path}/{spec.data_id}: no chunk manifest ({VersionKeys(spec.data_id).manifest}): "
         "built before chunks were recorded, it cannot be deep-verified (a rebuild records them)"
     )
+
+
+def test_a_draft_failing_deep_verification_names_each_chunk_and_is_rebuilt_next(version, tmp_path):
+    """What a build with `deep_verify` does with a damaged draft: one line per bad chunk,
+    nothing published, and the record of the source owning it dropped, so that the rerun
+    builds that source again rather than reusing it."""
+    shutil.copytree(version, tmp_path / "v")
+    location = StoreLocation.local(tmp_path / "v")
+    flipped = next(
+        k for k in sorted(stored_chunks(version)) if k.startswith(f"{KEYS.cube}/b_static/")
+    )
+    path = tmp_path / "v" / flipped
+    path.write_bytes(path.read_bytes()[:-1] + bytes([path.read_bytes()[-1] ^ 1]))
+    variables = [
+        SimpleNamespace(name=f"{s}_{kind}", source=s)
+        for s in SOURCES
+        for kind in ("static", "stepped")
+    ]
+    spec = SimpleNamespace(data_id=VERSION, variables=variables)
+    error = refuse_damaged_draft(location, spec, deep_verify(location, KEYS))
+    first, *lines = str(error).splitlines()
+    assert first == (
+        f"{tmp_path / 'v' / KEYS.cube}: 1 chunk(s) not as written, nothing published "
+        "(a rerun rebuilds their sources):"
+    )
+    assert len(lines) == 1 and lines[0].startswith("b_static: chunk ")
+    assert not (tmp_path / "v" / KEYS.input_chunks_key("b")).exists()
+    assert (tmp_path / "v" / KEYS.input_chunks_key("a")).exists()
