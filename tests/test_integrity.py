@@ -228,7 +228,8 @@ def test_a_draft_failing_deep_verification_names_each_chunk_and_is_rebuilt_next(
     first, *lines = str(error).splitlines()
     assert first == (
         f"{tmp_path / 'v' / KEYS.cube}: 1 chunk(s) not as written, nothing published "
-        "(a rerun rebuilds their sources):"
+        "(a rerun writes their sources again; chunks carried from an earlier version: "
+        "`polar-cube repair` that one first):"
     )
     assert len(lines) == 1 and lines[0].startswith("b_static: chunk ")
     assert not (tmp_path / "v" / KEYS.input_chunks_key("b")).exists()

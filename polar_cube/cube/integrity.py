@@ -159,7 +159,8 @@ def write_manifest(location: StoreLocation, keys: VersionKeys, source_ids: Itera
         "algorithm": "sha256",
         "chunks": dict(sorted(chunks.items())),
     }
-    location.fs.pipe_file(location.path(keys.manifest), json.dumps(record, indent=0).encode())
+    data = json.dumps(record, separators=(",", ":")).encode()
+    location.fs.pipe_file(location.path(keys.manifest), data)
     return len(chunks)
 
 
@@ -241,7 +242,8 @@ def refuse_damaged_draft(
     lines = "\n".join(p.line(location, keys) for p in report.problems)
     return IntegrityError(
         f"{location.url(keys.cube)}: {len(report.problems)} chunk(s) not as written, "
-        f"nothing published (a rerun rebuilds their sources):\n{lines}"
+        "nothing published (a rerun writes their sources again; chunks carried from an "
+        f"earlier version: `polar-cube repair` that one first):\n{lines}"
     )
 
 
