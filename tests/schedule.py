@@ -31,7 +31,7 @@ SECONDS = {
     "test_cluster.py": 55,
     "test_icechunk.py": 50,
     "test_secrets.py": 50,
-    "test_repair.py": 110,  # two 3 km builds (a folder, SeaweedFS), each damaged and repaired
+    "test_repair.py": 115,  # two 3 km builds (a folder, SeaweedFS), each damaged and repaired
     "test_publish_kill.py": 40,
     "test_s3.py": 40,
     "test_snippets.py": 38,

@@ -12,11 +12,13 @@ deep-verifies before it publishes (`--deep-verify`, as the scheduled deployment 
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import shutil
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -27,6 +29,7 @@ from polar_cube.sources.mirror import MirrorServer
 from polar_cube.spec import load_spec
 from tests.conftest import REPO
 from tests.prefect_api import session_api_env
+from tests.test_faults import _rewrite_values
 
 pytestmark = pytest.mark.slow
 RESOLUTION = "3000"
@@ -35,8 +38,17 @@ DAMAGED = f"{KEYS.cube}/magnetic_anomaly/0.0"
 
 
 @pytest.fixture(scope="module")
-def mirror(small_standins):
-    server = MirrorServer(("127.0.0.1", 0), small_standins)
+def sources(small_standins, tmp_path_factory) -> Path:
+    """A copy of the small stand-ins, one of which a test changes (and restores)."""
+    folder = tmp_path_factory.mktemp("repair-sources")
+    for path in small_standins.iterdir():
+        shutil.copy2(path, folder / path.name)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def mirror(sources):
+    server = MirrorServer(("127.0.0.1", 0), sources)
     thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
     thread.start()
     yield server
@@ -111,12 +123,35 @@ def build(where: list[str], cache: Path, mirror, env, *extra: str) -> None:
     assert result.returncode == 0, result.stderr[-4000:]
 
 
-def test_a_flipped_byte_in_a_folder_is_named_and_repaired_from_the_cache(tmp_path, mirror):
+def test_a_flipped_byte_in_a_folder_is_named_and_repaired_from_the_cache(tmp_path, mirror, sources):
     env = session_api_env()
     where = ["--output", str(tmp_path / "out")]
     build(where, tmp_path / "cache", mirror, env)
     location = StoreLocation.local(tmp_path / "out")
     check_flip_verify_repair(location, where, tmp_path / "cache", env, mirror)
+
+    # the source changed upstream since: that version cannot be made whole from it
+    served = sources / load_spec(REPO / "cube.geojson").source("magnetic_anomaly").file_name
+    original = served.read_bytes()
+    flip_a_byte(location, DAMAGED)
+    damaged = location.fs.cat_file(location.path(DAMAGED))
+    _rewrite_values(served)
+    try:
+        repair = ["repair", *where, "--cache", str(tmp_path / "cache")]
+        refused = polar_cube(*repair, "--source-mirror", mirror.base_url, env=env)
+    finally:
+        served.write_bytes(original)  # the other test's source, as it was
+        later = time.time_ns() + 4 * 10**9
+        os.utime(served, ns=(later, later))
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    errors = [line for line in refused.stderr.splitlines() if line.startswith("polar-cube: ")]
+    assert len(errors) == 1 and re.match(
+        r"polar-cube: error: magnetic_anomaly \(\S+\): changed upstream \(sha256 [0-9a-f]{12} "
+        rf"≠ [0-9a-f]{{12}} it was built from\): {re.escape(KEYS.cube)} cannot be repaired "
+        "from it, build a new version instead$",
+        errors[0],
+    ), refused.stderr
+    assert location.fs.cat_file(location.path(DAMAGED)) == damaged  # nothing written
 
 
 def test_a_flipped_byte_in_seaweedfs_is_named_and_repaired_downloading_again(

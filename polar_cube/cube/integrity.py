@@ -23,6 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
+import xarray as xr
 import zarr
 
 from polar_cube.errors import PolarCubeError
@@ -310,12 +311,17 @@ def _recompute_cube_chunks(
     from polar_cube import dataset as ds  # the per-dataset build's reader and resampler
 
     source_id = fetched.source.id
-    recorded = stored_fingerprint(location.child(keys.input_key(source_id)))
-    if recorded != ds.dataset_fingerprint(spec, fetched, grid):
+    inputs = location.child(keys.input_key(source_id))
+    if stored_fingerprint(inputs) != ds.dataset_fingerprint(spec, fetched, grid):
+        built_from = _source_sha256(inputs)
+        why = (
+            f"changed upstream (sha256 {fetched.sha256[:12]} ≠ {built_from[:12]} it was built from)"
+            if built_from and built_from != fetched.sha256
+            else f"the recipe or the software changed since ({FINGERPRINT_ATTR} differs)"
+        )
         raise IntegrityError(
-            f"{source_id} ({fetched.url}): not the source (sha256 {fetched.sha256[:12]}), "
-            f"recipe or software {keys.cube} was built from ({FINGERPRINT_ATTR} differs); "
-            "it cannot be repaired, build a new version instead"
+            f"{source_id} ({fetched.url}): {why}: {keys.cube} cannot be repaired from it, "
+            "build a new version instead"
         )
     converted = ds.convert_source(spec, fetched)
     layers = {}
@@ -339,6 +345,18 @@ def _recompute_cube_chunks(
             write_shard(where, index, block, inner_chunk_shape=array.chunks, shard_shape=shards)
         elif not np.isnan(block).all():
             write_chunk(where, index, block, array.chunks, zarr_format=array.metadata.zarr_format)
+
+
+def _source_sha256(inputs: StoreLocation) -> str:
+    """The sha256 of the source a per-dataset cube was built from (its variables'
+    `source_sha256`), or "" when it does not say."""
+    dataset = xr.open_zarr(_store(inputs), consolidated=True)
+    found = {str(v.attrs.get("source_sha256", "")) for v in dataset.data_vars.values()}
+    return next(iter(found - {""}), "")
+
+
+def _store(where: StoreLocation):
+    return where.root if where.is_local else where.mapper()
 
 
 def _recompute_level_chunk(
