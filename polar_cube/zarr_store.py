@@ -288,7 +288,7 @@ def _stats_rows(results: np.ndarray) -> np.ndarray:
     """The statistics rows (block grid + fields) out of `_write_block`'s per-block results."""
     rows = np.empty((*results.shape, BLOCK_FIELDS), dtype="float64")
     for index in np.ndindex(results.shape):
-        rows[index] = np.asarray(results[index][0]).reshape(-1)
+        rows[index] = np.asarray(results[index]["stats"]).reshape(-1)
     return rows
 
 
@@ -297,7 +297,7 @@ def _chunk_digests(results: dict[str, np.ndarray], with_stats: bool) -> dict[str
     found = {}
     for array, per_block in results.items():
         for index in np.ndindex(per_block.shape):
-            written = per_block[index][1] if with_stats else per_block[index]
+            written = per_block[index]["digests"] if with_stats else per_block[index]
             found.update({f"{array}/{key}": digest for key, digest in written.items()})
     return found
 
@@ -385,14 +385,15 @@ def _write_block(
 ) -> np.ndarray:
     """Store `block` as the chunk(s) of the array at `array` it covers (a level's block may
     span several tiles, starting on a tile edge), or as the zarr 3 shard it is (with
-    `shard_shape`); return an object array of the block grid's shape (1, …) holding its
-    statistics and {chunk key: [sha256, size]} of the objects written (`chunk_digest`), or
-    those digests alone."""
+    `shard_shape`); return an object array of the block grid's shape (1, …) holding
+    {"stats": its statistics, "digests": {chunk key: [sha256, size]} of the objects written
+    (`chunk_digest`)}, or those digests alone."""
     start = [first for first, _ in block_info[0]["array-location"]]
     stats = block_stats(block) if with_stats else None
     digests: dict[str, list] = {}
     result = np.empty((1,) * block.ndim, dtype=object)
-    result[(0,) * block.ndim] = (stats, digests) if with_stats else digests
+    # a dict, never a tuple: numpy and dask would take a sequence apart
+    result[(0,) * block.ndim] = {"stats": stats, "digests": digests} if with_stats else digests
     if stats is not None and not stats[..., 0].item():
         return result  # like zarr's write_empty_chunks=False: no all-NaN chunk
     if shard_shape is not None:
