@@ -83,6 +83,12 @@ def _add_build_options(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         help="with --zarr-format 3: a shard holds N x N chunks (default 4)",
     )
+    parser.add_argument(
+        "--deep-verify",
+        action="store_true",
+        help="before publishing, read every chunk object again and check it against the "
+        "version's manifest (what the scheduled deployment does)",
+    )
 
 
 def cmd_build(args: argparse.Namespace) -> int:
@@ -149,6 +155,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         dask_address=args.dask_address,
         **({"zarr_format": zarr_format, "shards": shards} if zarr_format != 2 else {}),
         **({"cube_format": cube_format} if cube_format != "zarr" else {}),
+        **({"deep_verify": True} if getattr(args, "deep_verify", False) else {}),
     )
     _print_cube(built.url, args.bucket_block, series=series)
     if getattr(built, "icechunk", None):
@@ -363,6 +370,7 @@ def cmd_spec_check(args: argparse.Namespace) -> int:
 
 
 def make_parser() -> argparse.ArgumentParser:
+    from polar_cube.cli.integrity import add_integrity_commands
     from polar_cube.cli.metadata import add_metadata_commands
     from polar_cube.cli.ops import add_ops_commands
     from polar_cube.cli.s3 import add_blocks_commands, add_s3_commands
@@ -425,6 +433,7 @@ def make_parser() -> argparse.ArgumentParser:
     add_blocks_commands(commands)
     add_versions_commands(commands)
     add_metadata_commands(commands)
+    add_integrity_commands(commands)
     add_ops_commands(commands)
     add_view_command(commands)
 

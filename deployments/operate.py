@@ -27,6 +27,7 @@ DEFAULT_PARAMETERS = {
     "spec_path": "cube.geojson",
     "patch_path": "patch.yaml",
     "bucket_block": "polar-cube-bucket",
+    "deep_verify": True,  # unattended: every chunk read back against the manifest first
 }
 DEMO_DEPLOYMENT = "demo"
 DEMO_RESOLUTION = 1000.0

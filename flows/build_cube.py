@@ -31,9 +31,11 @@ from polar_cube.tasks.cube import (
     carry_unchanged,
     check_staged_metadata,
     commit_icechunk,
+    deep_verify_staged_cube,
     merge_cube,
     patch_cube,
     publish_cube,
+    record_chunks,
     report_cube,
     verify_staged_cube,
     write_stac,
@@ -88,6 +90,7 @@ def build_cube(
     zarr_format: int = 2,
     shards: int | None = None,
     cube_format: str = "zarr",
+    deep_verify: bool = False,
 ) -> BuiltCube:
     """Build a new version of the cube (`<series>-vX.Y.Z.zarr`, see `cube/versions.py`):
     every per-dataset cube's chunks (with statistics and overview levels) written straight
@@ -110,6 +113,10 @@ def build_cube(
     `cube_format` "icechunk" (with zarr 3): each new version is also committed to the
     series' Icechunk repository `<series>.icechunk`, its chunks by reference to the version's
     objects, and tagged `v<version>` (`cube/icechunk_repo.py`).
+
+    Every chunk object's sha256 is recorded as it is written, in the version's manifest
+    `<stem>.chunks.json` (`cube/integrity.py`). `deep_verify` (the scheduled deployment sets
+    it): before publishing, every chunk object is read again and compared with it.
     """
     progress, progress_id = start_progress(
         run_label(spec_path, resolution, zarr_format, shards), build_phases(cube_format)
@@ -130,6 +137,7 @@ def build_cube(
             zarr_format=zarr_format,
             shards=shards,
             cube_format=cube_format,
+            deep_verify=deep_verify,
         )
     except PolarCubeError as error:  # bad input or a broken environment: one clear line
         get_run_logger().error("polar-cube: error: %s", error)
@@ -156,6 +164,7 @@ def _build(
     zarr_format: int = 2,
     shards: int | None = None,
     cube_format: str = "zarr",
+    deep_verify: bool = False,
 ) -> BuiltCube:
     """The body of `build_cube`, moving `progress` through its phases."""
     logger = get_run_logger()
@@ -238,6 +247,9 @@ def _build(
             patch_cube(location, published, staged, patch, patch_path)
             progress.start("verify")
             verify_staged_cube(location, staged, published, grid)
+            record_chunks(location, published)
+            if deep_verify:
+                deep_verify_staged_cube(location, published, staged)
             progress.start("metadata")
             metadata = check_staged_metadata(location, staged, latest.cube if latest else None)
         progress.start("report")

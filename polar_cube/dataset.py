@@ -32,6 +32,7 @@ from polar_cube.zarr_store import (
     FINGERPRINT_ATTR,
     SplitTarget,
     add_grid_coords,
+    chunks_part,
     sibling_levels,
     stored_fingerprint,
     stored_levels_fingerprint,
@@ -307,12 +308,14 @@ def dataset_is_current(
     target: Path | InVersion, spec: CubeSpec, fetched: FetchedSource, grid: TargetGrid
 ) -> bool:
     """A complete cube at `target` (a local folder, or a source's part of a version), and
-    its levels, were built from exactly these inputs: reuse them."""
+    its levels, were built from exactly these inputs (in a version: with the digests of its
+    chunks recorded): reuse them."""
     fingerprint = dataset_fingerprint(spec, fetched, grid)
     metadata = target.metadata if isinstance(target, InVersion) else StoreLocation.local(target)
     return (
         stored_fingerprint(metadata) == fingerprint
         and stored_levels_fingerprint(sibling_levels(metadata)) == fingerprint
+        and (not isinstance(target, InVersion) or chunks_part(metadata).exists())
     )
 
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from polar_cube.levels import ZLEVELS, levels_name
 
 INPUTS_PREFIX = "inputs"
+CHUNKS_SUFFIX = ".chunks.json"
 METADATA_NAMES = (".zarray", ".zattrs", ".zgroup", ".zmetadata", "zarr.json", ZLEVELS)
 
 
@@ -24,6 +25,12 @@ def input_key(source_id: str) -> str:
 def input_levels_key(source_id: str) -> str:
     """The overview levels of a source's per-dataset cube: `inputs/<id>.levels`."""
     return f"{INPUTS_PREFIX}/{levels_name(f'{source_id}.zarr')}"
+
+
+def chunks_part_name(zarr_name: str) -> str:
+    """The digests of the chunks a per-dataset cube `<id>.zarr` wrote: `<id>.chunks.json`
+    next to it (combined into the version's `<stem>.chunks.json` before publishing)."""
+    return f"{zarr_name.removesuffix('.zarr')}{CHUNKS_SUFFIX}"
 
 
 def is_metadata(key: str) -> bool:
@@ -49,6 +56,10 @@ class VersionKeys:
     <stem>.inputs/<id>.zarr, <id>.levels/
                            each source's per-dataset metadata (attributes, statistics,
                            fingerprint; no chunks: those are in the cube and its levels)
+    <stem>.inputs/<id>.chunks.json
+                           sha256 and size of each chunk object the source's build wrote
+    <stem>.chunks.json     the manifest: sha256 and size of every chunk object of the cube
+                           and its levels, by key (written before the version is published)
     <stem>.quicklooks/     PNGs, stats.json, summary.md
     <stem>.stac-item.json  the STAC item
     """
@@ -75,6 +86,14 @@ class VersionKeys:
     def stac_item(self) -> str:
         return f"{self.stem}.stac-item.json"
 
+    @property
+    def manifest(self) -> str:
+        return f"{self.stem}{CHUNKS_SUFFIX}"
+
+    def input_chunks_key(self, source_id: str) -> str:
+        """The digests of the chunks a source's build wrote into this version."""
+        return f"{self.inputs}/{chunks_part_name(f'{source_id}.zarr')}"
+
     def input_key(self, source_id: str) -> str:
         """The per-dataset metadata of a source in this version."""
         return f"{self.inputs}/{source_id}.zarr"
@@ -84,4 +103,4 @@ class VersionKeys:
 
     def all_keys(self) -> tuple[str, ...]:
         """Everything of this version, for removing it whole."""
-        return (self.cube, self.levels, self.inputs, self.quicklooks, self.stac_item)
+        return (self.cube, self.levels, self.inputs, self.quicklooks, self.stac_item, self.manifest)

@@ -114,10 +114,11 @@ def write_shard(
     *,
     inner_chunk_shape: tuple[int, ...] | None = None,
     shard_shape: tuple[int, ...] | None = None,
-) -> None:
+) -> bytes | None:
     """Store `block` as shard `index` of the zarr 3 array at `array`, in the object
     `c/<i>/<j>…` (zarr 3's default chunk keys); nothing when it is all NaN. Without the
-    inner chunk and shard shapes, they are read from the array's `zarr.json`."""
+    inner chunk and shard shapes, they are read from the array's `zarr.json`. Returns the
+    shard's bytes as stored (None: nothing stored)."""
     if inner_chunk_shape is None or shard_shape is None:
         inner_chunk_shape, shard_shape = shard_layout(
             json.loads(array.fs.cat_file(array.path(ZARR_JSON)))
@@ -125,6 +126,7 @@ def write_shard(
     encoded = encode_shard(block, inner_chunk_shape, shard_shape)
     if encoded is not None:  # local folders too: the location's filesystem makes `c/…`
         array.fs.pipe_file(array.path(shard_key(index)), encoded)
+    return encoded
 
 
 def shard_key(index: tuple[int, ...]) -> str:

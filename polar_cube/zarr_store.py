@@ -9,6 +9,7 @@ chunk, collects its statistics (`polar_cube.stats`) and starts its overview leve
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import itertools
 import json
 import math
@@ -31,6 +32,7 @@ from zarr.codecs import BloscCodec
 
 from polar_cube import zarr3_shards
 from polar_cube.grid import TargetGrid
+from polar_cube.keys import chunks_part_name
 from polar_cube.levels import (
     FINGERPRINT_KEY,
     LINK,
@@ -216,7 +218,8 @@ def write_zarr(
     cube_name: str | None = None,
     chunks: SplitTarget | None = None,
     shards: int | None = None,
-) -> None:
+    manifest: StoreLocation | None = None,
+) -> dict[str, dict[str, list]]:
     """The writing pass, on the current dask scheduler (see `polar_cube.compute.dask_compute`):
     the cube at `cube` (zarr 2, consolidated, float32, NaN fill, empty chunks not stored) with
     each variable's statistics, and its overview levels at `levels`, whose `0.link` names
@@ -230,7 +233,11 @@ def write_zarr(
 
     With `shards`: zarr 3 instead, the cube's arrays in shards of `shards` × `shards` inner
     chunks (one dask block per shard, written by `zarr3_shards.write_shard`), the levels
-    unsharded zarr 3 (tiles under `c/i/j`); consolidated into the root `zarr.json`."""
+    unsharded zarr 3 (tiles under `c/i/j`); consolidated into the root `zarr.json`.
+
+    Returns the sha256 and size of every chunk object written, as they were written
+    (`chunk_digests`); with `manifest` they are also stored there (JSON) before anything is
+    marked complete."""
     zarr_format = 3 if shards else 2
     dataset = rechunk_for_writing(dataset, chunk_size * (shards or 1))
     layers = {
@@ -259,11 +266,54 @@ def write_zarr(
         dataset, layers, levels, chunk_size, level_chunks, zarr_format=zarr_format
     )
     with sending_in_background(chunk_cube):
-        block_rows, _ = dask.compute(stats, level_writes)
+        cube_results, level_results = dask.compute(stats, level_writes)
+    block_rows = {name: _stats_rows(results) for name, results in cube_results.items()}
+    digests = {
+        "cube": _chunk_digests(cube_results, with_stats=True),
+        "levels": _chunk_digests(level_results, with_stats=False),
+    }
+    if manifest is not None:
+        manifest.fs.pipe_file(manifest.path(), encode_digests(digests))
     name = cube_name or cube.root.rstrip("/").rsplit("/", 1)[-1]
     levels.fs.pipe_file(levels.path(LINK), link_text(name).encode())
     levels.fs.pipe_file(levels.path(ZLEVELS), encode_record(record))
     _record_stats(cube, dataset, block_rows, zarr_format=zarr_format)
+    return digests
+
+
+def chunk_digest(data: bytes) -> list:
+    """[sha256 hex digest, size] of a stored chunk object's bytes. sha256: hashlib's, which
+    releases the GIL and hashes ~1-2 GB/s (an encoded chunk in well under a millisecond,
+    next to its resampling and compression), the same digest the sources' provenance uses,
+    and one no accidental (or deliberate) change goes unnoticed by."""
+    return [hashlib.sha256(data).hexdigest(), len(data)]
+
+
+def encode_digests(digests: dict[str, dict[str, list]]) -> bytes:
+    """A source's chunk digests as stored next to its metadata (`keys.chunks_part_name`)."""
+    record = {
+        "algorithm": "sha256",
+        **{part: dict(sorted(d.items())) for part, d in digests.items()},
+    }
+    return json.dumps(record, separators=(",", ":")).encode()
+
+
+def _stats_rows(results: np.ndarray) -> np.ndarray:
+    """The statistics rows (block grid + fields) out of `_write_block`'s per-block results."""
+    rows = np.empty((*results.shape, BLOCK_FIELDS), dtype="float64")
+    for index in np.ndindex(results.shape):
+        rows[index] = np.asarray(results[index]["stats"]).reshape(-1)
+    return rows
+
+
+def _chunk_digests(results: dict[str, np.ndarray], with_stats: bool) -> dict[str, list]:
+    """{`<array>/<chunk key>`: [sha256, size]} of every chunk the blocks wrote."""
+    found = {}
+    for array, per_block in results.items():
+        for index in np.ndindex(per_block.shape):
+            written = per_block[index]["digests"] if with_stats else per_block[index]
+            found.update({f"{array}/{key}": digest for key, digest in written.items()})
+    return found
 
 
 def _create_arrays(
@@ -310,9 +360,9 @@ def _store_blocks(
     zarr_format: int = 2,
 ) -> da.Array:
     """One task per block that writes it as the chunk of the zarr array at `array` (chunks
-    1 × `chunk_size` × `chunk_size`, or without time) and returns its statistics (shape: the
-    block grid + the fields) or a 0 per block. Each block covers whole chunks (edge blocks
-    may end short).
+    1 × `chunk_size` × `chunk_size`, or without time) and returns, per block, its statistics
+    and the digests of the chunk objects it wrote (`_write_block`), or the digests alone.
+    Each block covers whole chunks (edge blocks may end short).
 
     With `shards` each block is one zarr 3 shard of `shards` × `shards` chunks (edge blocks
     may end short); with `zarr_format` 3 the chunks are zarr 3's (keys `c/i/j`)."""
@@ -324,10 +374,8 @@ def _store_blocks(
         extra = {"shard_shape": shard}
     elif zarr_format != 2:
         extra = {"zarr_format": zarr_format}
-    if with_stats:  # per block: its statistics along a new last axis
-        out = {"chunks": (*block_grid, (BLOCK_FIELDS,)), "new_axis": data.ndim, "dtype": "float64"}
-    else:
-        out = {"chunks": block_grid, "dtype": "int8"}
+    # per block: (its statistics, the digests of its chunks), or the digests alone
+    out = {"chunks": block_grid, "dtype": object, "meta": np.empty((0,) * data.ndim, object)}
     return da.map_blocks(
         _write_block,
         data,
@@ -351,27 +399,34 @@ def _write_block(
 ) -> np.ndarray:
     """Store `block` as the chunk(s) of the array at `array` it covers (a level's block may
     span several tiles, starting on a tile edge), or as the zarr 3 shard it is (with
-    `shard_shape`); return its statistics or a 0."""
+    `shard_shape`); return an object array of the block grid's shape (1, …) holding
+    {"stats": its statistics, "digests": {chunk key: [sha256, size]} of the objects written
+    (`chunk_digest`)}, or those digests alone."""
     start = [first for first, _ in block_info[0]["array-location"]]
     stats = block_stats(block) if with_stats else None
+    digests: dict[str, list] = {}
+    result = np.empty((1,) * block.ndim, dtype=object)
+    # a dict, never a tuple: numpy and dask would take a sequence apart
+    result[(0,) * block.ndim] = {"stats": stats, "digests": digests} if with_stats else digests
     if stats is not None and not stats[..., 0].item():
-        return stats  # like zarr's write_empty_chunks=False: no all-NaN chunk
+        return result  # like zarr's write_empty_chunks=False: no all-NaN chunk
     if shard_shape is not None:
         index = tuple(s // c for s, c in zip(start, shard_shape, strict=True))
-        zarr3_shards.write_shard(
+        encoded = zarr3_shards.write_shard(
             array, index, block, inner_chunk_shape=chunk_shape, shard_shape=shard_shape
         )
-        return stats if with_stats else np.zeros((1,) * block.ndim, dtype="int8")
+        if encoded is not None:
+            digests[zarr3_shards.shard_key(index)] = chunk_digest(encoded)
+        return result
     steps = [range(0, size, chunk) for size, chunk in zip(block.shape, chunk_shape, strict=True)]
     for offset in itertools.product(*steps):
         part = block[tuple(slice(o, o + c) for o, c in zip(offset, chunk_shape, strict=True))]
         if stats is None and np.isnan(part).all():
             continue
         index = tuple((s + o) // c for s, o, c in zip(start, offset, chunk_shape, strict=True))
-        write_chunk(array, index, part, chunk_shape, zarr_format=zarr_format)
-    if with_stats:
-        return stats
-    return np.zeros((1,) * block.ndim, dtype="int8")
+        key, digest = write_chunk(array, index, part, chunk_shape, zarr_format=zarr_format)
+        digests[key] = digest
+    return result
 
 
 def write_chunk(
@@ -380,12 +435,13 @@ def write_chunk(
     block: np.ndarray,
     chunk_shape,
     zarr_format: int = 2,
-) -> None:
+) -> tuple[str, list]:
     """Store `block` as chunk `index` of the float32 zarr 2 array at `array` (created with
     `encoding_for`): padded to the chunk shape with the NaN fill, encoded with the cube's
     codec, in the file or object `i.j` (or `t.i.j`). Encoding it here, not through zarr,
     skips zarr's all-fill scan and its event loop: the block is already known to hold data.
-    `zarr_format` 3: an unsharded zarr 3 chunk (the same bytes) in the object `c/i/j`."""
+    `zarr_format` 3: an unsharded zarr 3 chunk (the same bytes) in the object `c/i/j`.
+    Returns the chunk's key in the array and its `chunk_digest`."""
     block = np.asarray(block, dtype="float32")
     if block.shape != tuple(chunk_shape):
         padded = np.full(chunk_shape, np.nan, dtype="float32")
@@ -396,8 +452,9 @@ def write_chunk(
             np.ascontiguousarray(block, dtype="<f4").view("u1").reshape(-1)
         )
         array = array if isinstance(array, StoreLocation) else StoreLocation.local(array)
-        array.fs.pipe_file(array.path(zarr3_shards.shard_key(index)), encoded)
-        return
+        key = zarr3_shards.shard_key(index)
+        array.fs.pipe_file(array.path(key), encoded)
+        return key, chunk_digest(encoded)
     encoded = _COMPRESSOR.encode(np.ascontiguousarray(block))
     key = ".".join(str(i) for i in index)
     if isinstance(array, Path) or array.is_local:
@@ -406,6 +463,7 @@ def write_chunk(
         _SENDER.put(array.path(key), encoded)
     else:
         array.fs.pipe_file(array.path(key), encoded)
+    return key, chunk_digest(encoded)
 
 
 class ChunkSender:
@@ -490,14 +548,15 @@ def _plan_levels(
     chunk_size: int,
     level_chunks: StoreLocation,
     zarr_format: int = 2,
-) -> tuple[list[da.Array], dict]:
+) -> tuple[dict[str, da.Array], dict]:
     """Create levels 1… at `levels` and return the tasks that fill them (their chunks under
     `level_chunks`), each level halved from the blocks of the one above (level 1 from the
-    cube's blocks), and the `.zlevels` record. `zarr_format` 3: unsharded zarr 3 levels."""
+    cube's blocks), by `<k>.zarr/<variable>`, and the `.zlevels` record. `zarr_format` 3:
+    unsharded zarr 3 levels."""
     methods = {name: agg_method(dataset[name].attrs) for name in layers}
     count = level_count((dataset.sizes["y"], dataset.sizes["x"]))
     tile = level_chunk_size(chunk_size)
-    writes, current = [], dict(layers)
+    writes, current = {}, dict(layers)
     for level in range(1, count):
         current = {name: _halved(data, methods[name], tile) for name, data in current.items()}
         level_dataset = _level_dataset(dataset, current, level)
@@ -508,10 +567,10 @@ def _plan_levels(
         else:
             _create_arrays(level_dataset, where, encoding_for(level_dataset, tile))
         chunks_at = level_chunks.child(level_name(level))
-        writes += [
-            _store_blocks(data, chunks_at.child(name), tile, False, zarr_format=zarr_format)
-            for name, data in current.items()
-        ]
+        for name, data in current.items():
+            writes[f"{level_name(level)}/{name}"] = _store_blocks(
+                data, chunks_at.child(name), tile, False, zarr_format=zarr_format
+            )
     fingerprint = dataset.attrs.get(FINGERPRINT_ATTR)
     return writes, levels_record(count, methods, fingerprint)
 
@@ -614,10 +673,12 @@ def write_zarr_split(
     its metadata at `metadata` (a `<id>.zarr` prefix, its levels next to it): the dataset's
     metadata markers go first, then its variables' old chunks (an interrupted or outdated
     write), then everything is written, markers last. Other sources' variables in the same
-    version are never touched. `shards`: zarr 3 (see `write_zarr`)."""
+    version are never touched. `shards`: zarr 3 (see `write_zarr`). The digests of the
+    chunks written go to `<id>.chunks.json` (`chunks_part`) before the markers."""
     levels = sibling_levels(metadata)
+    manifest = chunks_part(metadata)
     completion = metadata.child(zarr3_shards.ZARR_JSON if shards else ".zmetadata")
-    for marker in (completion, levels.child(ZLEVELS)):
+    for marker in (completion, levels.child(ZLEVELS), manifest):
         if marker.exists():
             marker.fs.rm_file(marker.path())
     old = [metadata, levels]
@@ -633,8 +694,17 @@ def write_zarr_split(
             Path(chunks.cube.path(name)).mkdir(parents=True, exist_ok=True)
             for k in range(1, _level_count(dataset)):
                 Path(chunks.levels.path(level_name(k), name)).mkdir(parents=True, exist_ok=True)
-    write_zarr(dataset, metadata, levels, chunk_size, chunks=chunks, shards=shards)
+    write_zarr(
+        dataset, metadata, levels, chunk_size, chunks=chunks, shards=shards, manifest=manifest
+    )
     return metadata
+
+
+def chunks_part(metadata: StoreLocation) -> StoreLocation:
+    """`<id>.chunks.json` next to a per-dataset cube's metadata `<id>.zarr`: the digests of
+    the chunks its build wrote (`keys.chunks_part_name`)."""
+    parent, name = metadata.root.rstrip("/").rsplit("/", 1)
+    return StoreLocation(f"{parent}/{chunks_part_name(name)}", metadata.storage_options)
 
 
 def _level_count(dataset: xr.Dataset) -> int:

@@ -20,23 +20,20 @@ from polar_cube.cube import target as steps
 from polar_cube.cube.carry import carry_sources
 from polar_cube.cube.compliance import MetadataGateError, MetadataReport, check_version, gate
 from polar_cube.cube.icechunk_repo import commit_by_reference
+from polar_cube.cube.integrity import DeepReport, deep_verify, refuse_damaged_draft, write_manifest
 from polar_cube.cube.report import CubeReport, current_report
 from polar_cube.cube.stac import cube_stac_item, write_stac_item
 from polar_cube.cube.verify import (
     CubeCheckError,
-    check_store_layout,
-    verify_cube,
-    verify_levels,
 )
 from polar_cube.cube.versions import PublishedVersion
 from polar_cube.errors import writing_to
 from polar_cube.grid import TargetGrid
 from polar_cube.keys import VersionKeys, icechunk_key
 from polar_cube.location import StoreLocation
-from polar_cube.spec import CubeSpec, zarr_layout
+from polar_cube.spec import CubeSpec
 from polar_cube.storage import reaching_storage
 from polar_cube.tasks.retry import retry_if_transient
-from polar_cube.zarr_store import FINGERPRINT_ATTR
 
 
 @contextmanager
@@ -116,26 +113,6 @@ def patch_cube(
     return applied
 
 
-def _check_cube_and_levels(
-    location: StoreLocation, key: str, levels_key: str, spec: CubeSpec, grid: TargetGrid
-) -> None:
-    """The cube at `key` and its overview levels at `levels_key` against the spec and grid
-    (metadata and coordinates only)."""
-    where = location.url(key)
-    zarr_format = zarr_layout(key)[0]  # a zarr 3 series' (`CubeSpec.at_format`)
-    check_store_layout(location.mapper(key), where, zarr_format)
-    verify_cube(steps.open_cube(location, key), spec, grid, where)
-    verify_levels(
-        location.mapper(levels_key),
-        spec,
-        grid,
-        location.url(levels_key),
-        fingerprint=steps.zarr_attrs(location, key).get(FINGERPRINT_ATTR),
-        cube_name=spec.data_id,
-        zarr_format=zarr_format,
-    )
-
-
 @task(task_run_name="verify-{staged.key}", cache_policy=NO_CACHE)
 def verify_staged_cube(
     location: StoreLocation, staged: steps.StagedCube, spec: CubeSpec, grid: TargetGrid
@@ -143,7 +120,7 @@ def verify_staged_cube(
     """Check the merged cube and levels before they are published; failing ones are
     unmarked (merged again by the next run)."""
     try:
-        _check_cube_and_levels(location, staged.key, staged.levels_key, spec, grid)
+        steps.check_cube_and_levels(location, staged.key, staged.levels_key, spec, grid)
     except CubeCheckError:
         steps.discard_staged_cube(location, staged)
         raise
@@ -177,6 +154,37 @@ def check_staged_metadata(
         counts[("acdd:1.3", "highly recommended")],
         counts[("acdd:1.3", "recommended")],
         f" since {baseline}" if baseline else "",
+        time.monotonic() - started,
+    )
+    return report
+
+
+@task(task_run_name="record-chunks-{spec.data_id}", cache_policy=NO_CACHE)
+def record_chunks(location: StoreLocation, spec: CubeSpec) -> int:
+    """Combine the sources' chunk digests into the version's manifest `<stem>.chunks.json`."""
+    keys = VersionKeys(spec.data_id)
+    with _writing(location, location.url(keys.manifest)):
+        count = write_manifest(location, keys, [source.id for source in spec.sources])
+    get_run_logger().info("recorded %d chunk objects in %s", count, location.url(keys.manifest))
+    return count
+
+
+@task(task_run_name="deep-verify-{spec.data_id}", cache_policy=NO_CACHE)
+def deep_verify_staged_cube(
+    location: StoreLocation, spec: CubeSpec, staged: steps.StagedCube
+) -> DeepReport:
+    """Read every chunk object of the version again and compare it with its manifest before
+    publishing it; a damaged or missing one fails the run, naming each."""
+    started = time.monotonic()
+    report = deep_verify(location, VersionKeys(spec.data_id))
+    if report.problems:
+        steps.discard_staged_cube(location, staged)
+        raise refuse_damaged_draft(location, spec, report)
+    get_run_logger().info(
+        "deep-verified %d chunks of %d variables of %s in %.1f s",
+        report.chunks,
+        report.variables,
+        location.url(staged.key),
         time.monotonic() - started,
     )
     return report

@@ -33,6 +33,7 @@ SECONDS = {
     "test_cluster.py": 55,
     "test_icechunk.py": 50,
     "test_secrets.py": 50,
+    "test_repair.py": 115,  # two 3 km builds (a folder, SeaweedFS), each damaged and repaired
     "test_publish_kill.py": 40,
     "test_s3.py": 40,
     "test_snippets.py": 38,
@@ -45,6 +46,7 @@ SECONDS = {
     "test_quicklook.py": 13,
     "test_levels.py": 13,
     "test_merge.py": 7,
+    "test_integrity.py": 5,
     "test_archives.py": 7,
     "test_style.py": 6,
     "test_verify.py": 5,

@@ -160,6 +160,7 @@ def test_the_demo_deployment_names_the_mirror_and_the_resolution(deployment_run,
         "spec_path": "cube.geojson",
         "patch_path": "patch.yaml",
         "bucket_block": "polar-cube-bucket",
+        "deep_verify": True,  # scheduled runs read every chunk back before publishing
         "source_mirror": "http://127.0.0.1:8400",
         "resolution": DEMO_RESOLUTION,
         "cache_dir": str(demo / "cache"),
@@ -321,7 +322,9 @@ def test_run_watch_prints_progress_and_task_runs(deployment_run):
     progress = re.findall(r"^  progress: (\d+) % · ", output, flags=re.M)
     assert progress and progress[-1] == "100"
     assert [int(p) for p in progress] == sorted(int(p) for p in progress)
-    for task_run in ("download-ice_thickness_cryosmos", f"merge-{CUBE}", f"publish-{CUBE}"):
+    # the scheduled deployment deep-verifies what it publishes (its `deep_verify`)
+    tasks = ("download-ice_thickness_cryosmos", f"merge-{CUBE}", f"deep-verify-{CUBE}")
+    for task_run in (*tasks, f"publish-{CUBE}"):
         assert re.search(rf"^  task run {task_run}\S*: Completed in ", output, flags=re.M)
     assert re.search(rf"^  subflow run datasets-{CUBE}-\S+: Completed", output, flags=re.M)
 

@@ -235,6 +235,27 @@ MATRIX = (
         ("test_cube_flow::test_wrong_credentials_are_refused_clearly",),
     ),
     Fault(
+        "a byte of a published chunk flips (at rest)",
+        "`polar-cube verify --deep` (exit 2) names it: `magnetic_anomaly: chunk 0.0 damaged "
+        "(sha256 54679c1e605a ≠ manifest 1d84b7fff061): "
+        "s3://polar-cube/polar-3km-1x2048x2048-v1.1.0.zarr/magnetic_anomaly/0.0`; `polar-cube "
+        "repair` recomputes that chunk from its source and the version is again what the clean "
+        "build wrote",
+        (
+            "test_repair::test_a_flipped_byte_in_a_folder_is_named_and_repaired_from_the_cache",
+            "test_repair::test_a_flipped_byte_in_seaweedfs_is_named_and_repaired_downloading_again",
+        ),
+    ),
+    Fault(
+        "a chunk of the new version is damaged before it is published",
+        "deep verification (scheduled runs; `build --deep-verify`) names each chunk, nothing is "
+        "published, and the next run rebuilds that source",
+        (
+            "test_integrity::"
+            "test_a_draft_failing_deep_verification_names_each_chunk_and_is_rebuilt_next",
+        ),
+    ),
+    Fault(
         "another build is writing the same target",
         "`/data/cube is being built by pid 4242 on HOST (\\`polar-cube build …\\`, since "
         "2026-11-26T01:02:03Z); wait for it to finish (its lock /data/cube/.polar-cube-lock is "

@@ -361,7 +361,7 @@ def record_s3_calls(monkeypatch) -> list[tuple[str, str | None, str | None]]:
 def variable_chunk(key: str | None, names) -> bool:
     """A chunk object of one of the variables `names` (`…/<var>/1.0`, `…/<var>/0.1.2`), in a
     cube or in one of its overview levels; not metadata, not a coordinate's chunk."""
-    if not key:
+    if not key or "/" not in key:  # e.g. a source's chunk record `<id>.chunks.json`
         return False
     *_, variable, name = key.split("/")
     return variable in names and re.fullmatch(r"\d+(\.\d+)+", name) is not None
@@ -431,8 +431,8 @@ def test_the_sources_chunks_are_in_the_version_and_only_their_metadata_apart(dra
 def test_merge_writes_metadata_only_and_publishing_is_one_catalog_write(drafted, monkeypatch):
     """On S3 the merge (and patch) PUT only metadata next to the chunks the builds wrote, and
     never copy, rewrite, read or decode a chunk; the version is published by one PUT of the
-    catalog. Every chunk object keeps its ETag and LastModified; the cube holds the values
-    the sources were built with."""
+    catalog (after its chunk manifest's). Every chunk object keeps its ETag and LastModified;
+    the cube holds the values the sources were built with."""
     from polar_cube.cube import target as steps
     from polar_cube.cube.patching import load_patch
     from polar_cube.cube.versions import VersionError, catalog_key, latest_cube
@@ -464,8 +464,9 @@ def test_merge_writes_metadata_only_and_publishing_is_one_catalog_write(drafted,
 
     calls.clear()
     published = steps.publish_staged_cube(location, spec, staged, patch)
-    assert [c for c in calls if c[0] in WRITES] == [
-        ("put_object", f"merge/{catalog_key(spec.series)}", None)
+    assert [c for c in calls if c[0] in WRITES] == [  # the chunk manifest, then the catalog
+        ("put_object", f"merge/{keys.manifest}", None),
+        ("put_object", f"merge/{catalog_key(spec.series)}", None),
     ]
     assert published.cube == latest_cube(location, spec.series) == keys.cube
     assert published.fingerprint == staged.fingerprint

@@ -14,7 +14,10 @@ import numpy as np
 import pytest
 import xarray as xr
 
+from polar_cube.cube.integrity import deep_verify, read_manifest, repair_version
+from polar_cube.grid import TargetGrid
 from polar_cube.keys import VersionKeys
+from polar_cube.location import StoreLocation
 from polar_cube.sources.mirror import serving_mirror
 from polar_cube.spec import load_spec, zarr_layout
 from tests.conftest import REPO
@@ -328,3 +331,52 @@ def test_a_new_patch_publishes_the_next_zarr3_version_carrying_every_shard(
         np.testing.assert_array_equal(cube[variable.name].values, earlier[variable.name].values)
     catalog = json.loads((old.parent / f"{old.name.split('-v')[0]}.versions.json").read_text())
     assert catalog["latest"] == "1.1.1"
+    # the carried shards are in the new version's manifest, as they are stored
+    report = deep_verify(StoreLocation.local(work / "zarr3-carry"), VersionKeys(new.name))
+    assert not report.problems and report.chunks == len(manifest_keys(work, first_url))
+
+
+def manifest_keys(work: Path, url: str) -> list[str]:
+    keys = VersionKeys(Path(url).name)
+    return list(read_manifest(StoreLocation.local(work / "zarr3-carry"), keys))
+
+
+@pytest.mark.slow
+def test_a_flipped_shard_and_a_lost_level_chunk_are_named_and_repaired(
+    builds, small_standins, repo_spec_path
+):
+    """Into a copy of the zarr 3 build: a shard with one flipped byte and a missing level
+    chunk are named by deep verification; repair recomputes the shard from the cached
+    source and the level chunk from the cube, and every object is the clean build's again."""
+    from polar_cube.sources.fetch import fetch_source, needed_files
+
+    work, results, _ = builds
+    shutil.copytree(work / "zarr3", work / "zarr3-repair")
+    first = results["zarr3"][0]
+    keys = VersionKeys(Path(first.url).name)
+    folder = work / "zarr3-repair"
+    clean = {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    shard = folder / keys.cube / "magnetic_anomaly" / "c" / "0" / "0"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 3] ^= 0x04
+    shard.write_bytes(bytes(data))
+    level = folder / keys.levels / "1.zarr" / "ice_thickness"
+    lost = next(p for p in sorted(level.rglob("*")) if p.is_file() and "c" in p.parts)
+    lost.unlink()
+    location = StoreLocation.local(folder)
+    lines = [p.line(location, keys) for p in deep_verify(location, keys).problems]
+    assert len(lines) == 2
+    assert lines[0].startswith("ice_thickness: level 1 chunk ") and " missing: " in lines[0]
+    assert re.match(r"magnetic_anomaly: chunk 0\.0 damaged \(sha256 ", lines[1])
+    spec = load_spec(repo_spec_path).at_resolution(RESOLUTION).at_format(3, SHARDS)
+    spec = spec.at_version(first.version)
+    with serving_mirror(small_standins) as mirror:
+
+        def fetch(source):
+            files = needed_files(spec, source.id)
+            return fetch_source(source, work / "cache", mirror=mirror, files=files)
+
+        report, repaired = repair_version(location, spec, TargetGrid.from_spec(spec), fetch)
+    assert len(repaired) == 2 and not report.problems
+    after = {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    assert after.keys() == clean.keys() and after == clean

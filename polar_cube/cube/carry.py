@@ -18,6 +18,7 @@ from collections.abc import Iterable, Sequence
 
 from fsspec.asyn import sync
 
+from polar_cube.cube.integrity import record_carried_digests
 from polar_cube.keys import VersionKeys, is_metadata, metadata_order
 from polar_cube.location import StoreLocation, remote_files
 from polar_cube.spec import CubeSpec
@@ -35,8 +36,9 @@ def carry_sources(
     into: VersionKeys,
 ) -> int:
     """Copy each source's part of the version `origins[source id]` into the version `into`:
-    its variables' chunks (cube and levels), then its metadata, completion markers last (an
-    interrupted carry is redone whole). Returns how many objects were copied."""
+    its variables' chunks (cube and levels), the record of their digests (`cube.integrity`),
+    then its metadata, completion markers last (an interrupted carry is redone whole).
+    Returns how many objects were copied."""
     copied = 0
     listings: dict[str, dict[str, int]] = {}
     for source_id, origin in origins.items():
@@ -46,6 +48,7 @@ def carry_sources(
             (origin.input_levels_key(source_id), into.input_levels_key(source_id)),
         ]
         old = [target for _, target in metadata_trees]  # unmarked first, then cleared:
+        old.append(into.input_chunks_key(source_id))
         old += [f"{into.cube}/{name}" for name in names]  # what an earlier attempt left
         for found in location.fs.glob(location.path(into.levels, "*.zarr")):
             level = found.rstrip("/").rsplit("/", 1)[-1]
@@ -53,20 +56,19 @@ def carry_sources(
         for key in old:
             if location.exists(key):
                 location.fs.rm(location.path(key), recursive=True)
-        pairs = []
+        pairs, copies = [], []
         for key_from, key_to, pattern in (
             (origin.cube, into.cube, _chunk_pattern(names, levels=False)),
             (origin.levels, into.levels, _chunk_pattern(names, levels=True)),
         ):
             if key_from not in listings:
                 listings[key_from] = remote_files(location, key_from)
-            pairs += [
-                (location.path(key_from, name), location.path(key_to, name))
-                for name in sorted(listings[key_from])
-                if pattern.fullmatch(name)
-            ]
+            names = [name for name in sorted(listings[key_from]) if pattern.fullmatch(name)]
+            pairs += [(location.path(key_from, n), location.path(key_to, n)) for n in names]
+            copies += [f"{key_to}/{name}" for name in names]
         for start in range(0, len(pairs), COPY_BATCH):
             copy_objects(location, pairs[start : start + COPY_BATCH])
+        record_carried_digests(location, origin, into, source_id, copies)
         for key_from, key_to in metadata_trees:
             stored = remote_files(location, key_from)
             for batch in metadata_batches(stored):

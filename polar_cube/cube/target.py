@@ -22,6 +22,7 @@ from pathlib import Path
 import xarray as xr
 import zarr
 
+from polar_cube.cube.integrity import write_manifest
 from polar_cube.cube.merge import (
     consolidate,
     cube_fingerprint,
@@ -32,7 +33,12 @@ from polar_cube.cube.merge import (
     write_merged_levels,
 )
 from polar_cube.cube.patching import PATCH_ATTR, apply_patch, patch_digest, patch_metadata
-from polar_cube.cube.verify import CubeCheckError
+from polar_cube.cube.verify import (
+    CubeCheckError,
+    check_store_layout,
+    verify_cube,
+    verify_levels,
+)
 from polar_cube.cube.versions import (
     PublishedVersion,
     latest_is_current,
@@ -203,7 +209,10 @@ def discard_staged_cube(location: StoreLocation, staged: StagedCube) -> None:
 def publish_staged_cube(
     location: StoreLocation, spec: CubeSpec, staged: StagedCube, patch: dict
 ) -> PublishedVersion:
-    """Publish the version: one write of the catalog points `latest` at it."""
+    """Publish the version: one write of the catalog points `latest` at it, right after its
+    chunk manifest is (re)written from the sources' records (`cube.integrity`): the catalog
+    never names a version without one, nor with a stale one."""
+    write_manifest(location, VersionKeys(spec.data_id), [source.id for source in spec.sources])
     return publish_version(
         location,
         spec,
@@ -220,3 +229,23 @@ def save_report(location: StoreLocation, spec: CubeSpec, stats: list, summary: s
         json.dump([asdict(s) for s in stats], f, indent=1)
     with location.fs.open(location.path(folder, "summary.md"), "w") as f:
         f.write(summary)
+
+
+def check_cube_and_levels(
+    location: StoreLocation, key: str, levels_key: str, spec: CubeSpec, grid: TargetGrid
+) -> None:
+    """The cube at `key` and its overview levels at `levels_key` against the spec and grid
+    (metadata and coordinates only); CubeCheckError listing every problem."""
+    where = location.url(key)
+    zarr_format = zarr_layout(key)[0]  # a zarr 3 series' (`CubeSpec.at_format`)
+    check_store_layout(location.mapper(key), where, zarr_format)
+    verify_cube(open_cube(location, key), spec, grid, where)
+    verify_levels(
+        location.mapper(levels_key),
+        spec,
+        grid,
+        location.url(levels_key),
+        fingerprint=zarr_attrs(location, key).get(FINGERPRINT_ATTR),
+        cube_name=spec.data_id,
+        zarr_format=zarr_format,
+    )

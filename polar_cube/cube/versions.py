@@ -204,6 +204,25 @@ def published_cube(location: StoreLocation, series: str, version: str | None = N
     return entry.cube
 
 
+def find_version(location: StoreLocation, series: str, version: str | None) -> PublishedVersion:
+    """The published `version` (X.Y.Z or vX.Y.Z) of `series`, or `latest` when None;
+    VersionError naming the published ones when there is no such version."""
+    if version is None:
+        return read_catalog(location, series).find(latest_cube_version(location, series))
+    catalog = read_catalog(location, series)
+    entry = catalog.find(version.removeprefix("v"))
+    if entry is None:
+        known = ", ".join(v.version for v in catalog.versions) or "none"
+        raise VersionError(f"{series}: no published version {version} (published: {known})")
+    return entry
+
+
+def latest_cube_version(location: StoreLocation, series: str) -> str:
+    """The version `latest` names; VersionError when nothing is published."""
+    latest_cube(location, series)  # raises when nothing is published
+    return read_catalog(location, series).latest
+
+
 def rollback(location: StoreLocation, series: str, version: str) -> PublishedVersion:
     """Point `latest` at an earlier (or any published) `version`."""
     catalog = read_catalog(location, series)
