@@ -427,11 +427,10 @@ def _without_crs(path: Path) -> None:
 def _moved_off_the_region(path: Path) -> None:
     """The same grid 10,000 km east: a valid file in EPSG:3031 that misses the cube's bbox."""
     import rasterio
-    from affine import Affine
 
     with rasterio.open(path) as src:
         transform = src.transform
-    _rewrite_geotiff(path, transform=Affine.translation(1e7, 0) * transform)
+    _rewrite_geotiff(path, transform=rasterio.Affine.translation(1e7, 0) * transform)
 
 
 READER_CASES = {

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -38,7 +39,7 @@ from polar_cube.spec import load_spec
 from tests.conftest import REPO, free_port_block
 from tests.prefect_api import session_api_env
 from tests.s3_proxy import HoldingProxy
-from tests.test_faults import FaultyMirror
+from tests.test_faults import FaultyMirror, _rewrite_values
 
 pytestmark = pytest.mark.slow
 
@@ -72,8 +73,12 @@ def inputs(tmp_path_factory) -> tuple[Path, Path]:
 
 
 @pytest.fixture(scope="module")
-def mirror(small_standins):
-    server = FaultyMirror(small_standins)
+def mirror(small_standins, tmp_path_factory):
+    """The stand-ins (a copy: one is changed) over HTTP, stalling or holding on demand."""
+    folder = tmp_path_factory.mktemp("kill-sources")
+    for path in small_standins.iterdir():
+        shutil.copy2(path, folder / path.name)
+    server = FaultyMirror(folder)
     thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
     thread.start()
     yield server
@@ -342,7 +347,9 @@ def test_a_prefect_worker_killed_while_its_run_uploads_crashes_the_run_and_a_new
     """SIGKILL of the Prefect process worker while the flow run it started is writing chunks.
     The flow run (the worker's child process) ends with it, Crashed in the Prefect API, having
     published nothing; with a worker started again, a new run of the deployment resumes the
-    draft and publishes a cube equal to a clean build's."""
+    draft and publishes a cube equal to a clean build's. The next run, after the GeoTIFF got
+    new bytes at its URL, fetches it alone (the other source: one 304) and publishes a new
+    version in which only its variable changed."""
     server, proxy = s3.server, s3.proxy
     fs = fsspec.filesystem("s3", **direct_options(server), skip_instance_cache=True)
     for key in fs.ls(BUCKET):
@@ -398,5 +405,25 @@ def test_a_prefect_worker_killed_while_its_run_uploads_crashes_the_run_and_a_new
     values = cube_values(f"s3://{BUCKET}/{data_id(inputs)}", direct_options(server))
     for name, expected in reference.items():
         np.testing.assert_array_equal(values[name], expected, err_msg=name)
+
+    # issue 21, item 1, as a scheduled build meets it: new bytes at the same URL
+    mirror.answered.clear()
+    _rewrite_values(mirror.root / GEOTIFF)  # the magnetic anomaly, doubled
+    changed = run_cli("run", "--deployment", "build-cube/kills", "--watch", env=api)
+    assert changed.returncode == 0, changed.stdout[-3000:] + changed.stderr[-3000:]
+    fetched = sorted((Path(path).name, status) for method, path, status in mirror.answered)
+    assert fetched == sorted(
+        [(GEOTIFF, 200), (GEOTIFF, 200), ("200km_GHF_windowCenters.nc", 304)]
+    )  # asked and fetched again; the unchanged source: one 304
+    fs.invalidate_cache()
+    newer = published_cube(fs, inputs)
+    assert newer != data_id(inputs)  # a new version
+    values = cube_values(f"s3://{BUCKET}/{newer}", direct_options(server))
+    for name, expected in reference.items():
+        if name == "magnetic_anomaly":
+            finite = np.isfinite(expected) & (expected != 0)
+            np.testing.assert_allclose(values[name][finite], 2 * expected[finite], rtol=1e-5)
+        else:
+            np.testing.assert_array_equal(values[name], expected, err_msg=name)
     stopped = run_cli("worker", "stop", "--pool", pool, "--state-dir", str(state), env=api)
     assert stopped.returncode == 0, stopped.stderr[-3000:]

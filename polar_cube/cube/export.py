@@ -24,7 +24,7 @@ import xarray as xr
 
 from polar_cube.errors import PolarCubeError
 from polar_cube.grid import TargetGrid
-from polar_cube.zarr_store import GRID_MAPPING, VALUE_TYPED_ATTRS
+from polar_cube.zarr_store import GRID_MAPPING, NCZARR_ATTR, VALUE_TYPED_ATTRS
 
 JSON_ATTRS = "polar_cube_json_attrs"
 # zarr attribute names netCDF-CF readers object to, and the names they are stored under
@@ -168,6 +168,9 @@ def netcdf_dataset(cube: xr.Dataset) -> tuple[xr.Dataset, dict[str, dict]]:
     out.attrs = encode_attrs(cube.attrs)
     encoding: dict[str, dict] = {}
     for name, variable in cube.variables.items():
+        # zarr 3 cubes show NCZarr's hints, which xarray hides in zarr 2: not for netCDF
+        variable = variable.copy(deep=False)
+        variable.attrs = {k: v for k, v in variable.attrs.items() if k != NCZARR_ATTR}
         dtype = np.dtype("float32") if name in cube.data_vars else variable.dtype
         if name != GRID_MAPPING and name in cube.data_vars:
             out[name].attrs = encode_attrs(variable.attrs, dtype)
