@@ -17,24 +17,24 @@ from __future__ import annotations
 import pytest
 
 SECONDS = {
-    "test_faults.py": 500,
-    "test_kill_matrix.py": 330,  # 9 SIGKILLs, each with its rerun
-    "test_deployment.py": 230,  # with the README's scheduled-builds run (a session fixture)
-    "test_cube_flow.py": 120,
-    "test_install.py": 105,
-    "test_view.py": 95,
-    "test_open_without_prefect.py": 95,
-    "test_stops.py": 85,
-    "test_metadata.py": 62,  # a 3000 m build, and one with a broken spec stopped by its gate
-    "test_versions_cli.py": 60,  # 13 commands loading a Prefect block each
-    "test_zarr3_build.py": 60,
-    "test_icechunk_build.py": 60,
-    "test_home_untouched.py": 60,
-    "test_cluster.py": 55,
+    "test_faults.py": 420,
+    "test_kill_matrix.py": 380,  # 9 SIGKILLs, each with its rerun
+    "test_deployment.py": 215,  # with the README's scheduled-builds run (a session fixture)
+    "test_cube_flow.py": 165,
+    "test_install.py": 115,
+    "test_view.py": 92,
+    "test_open_without_prefect.py": 125,
+    "test_stops.py": 90,
+    "test_metadata.py": 33,  # a 3000 m build, and one with a broken spec stopped by its gate
+    "test_versions_cli.py": 80,  # 13 commands loading a Prefect block each
+    "test_zarr3_build.py": 28,
+    "test_icechunk_build.py": 54,
+    "test_home_untouched.py": 70,
+    "test_cluster.py": 64,
     "test_icechunk.py": 50,
-    "test_secrets.py": 50,
+    "test_secrets.py": 57,
     "test_repair.py": 115,  # two 3 km builds (a folder, SeaweedFS), each damaged and repaired
-    "test_publish_kill.py": 40,
+    "test_publish_kill.py": 56,
     "test_s3.py": 40,
     "test_snippets.py": 38,
     "test_cli.py": 32,
