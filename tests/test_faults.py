@@ -23,6 +23,8 @@ import tarfile
 import threading
 import time
 import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from http.server import ThreadingHTTPServer
 from pathlib import Path
 
@@ -88,24 +90,37 @@ class FaultyMirror(MirrorServer):
         ThreadingHTTPServer.__init__(self, ("127.0.0.1", 0), _StallingHandler)
 
 
-@pytest.fixture(scope="module")
-def sources(small_standins, tmp_path_factory) -> Path:
-    """A copy of the small stand-ins that the tests break and repair."""
-    folder = tmp_path_factory.mktemp("faulty-sources")
-    for path in small_standins.iterdir():
+def copy_of(standins: Path, folder: Path) -> Path:
+    """`folder` holding a copy of the stand-ins (for tests that break or change them)."""
+    for path in standins.iterdir():
         shutil.copy2(path, folder / path.name)
     return folder
 
 
-@pytest.fixture(scope="module")
-def mirror(sources):
-    server = FaultyMirror(sources)
+@contextmanager
+def serving(folder: Path) -> Iterator[FaultyMirror]:
+    """A FaultyMirror of `folder` on 127.0.0.1, shut down on leaving."""
+    server = FaultyMirror(folder)
     thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
     thread.start()
-    yield server
-    server.released.set()
-    server.shutdown()
-    server.server_close()
+    try:
+        yield server
+    finally:
+        server.released.set()
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture(scope="module")
+def sources(small_standins, tmp_path_factory) -> Path:
+    """A copy of the small stand-ins that the tests break and repair."""
+    return copy_of(small_standins, tmp_path_factory.mktemp("faulty-sources"))
+
+
+@pytest.fixture(scope="module")
+def mirror(sources):
+    with serving(sources) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")

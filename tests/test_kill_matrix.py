@@ -19,11 +19,9 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 import types
 from pathlib import Path
@@ -39,7 +37,7 @@ from polar_cube.spec import load_spec
 from tests.conftest import REPO, free_port_block
 from tests.prefect_api import session_api_env
 from tests.s3_proxy import HoldingProxy
-from tests.test_faults import FaultyMirror, _rewrite_values
+from tests.test_faults import _rewrite_values, copy_of, serving
 
 pytestmark = pytest.mark.slow
 
@@ -74,17 +72,9 @@ def inputs(tmp_path_factory) -> tuple[Path, Path]:
 
 @pytest.fixture(scope="module")
 def mirror(small_standins, tmp_path_factory):
-    """The stand-ins (a copy: one is changed) over HTTP, stalling or holding on demand."""
-    folder = tmp_path_factory.mktemp("kill-sources")
-    for path in small_standins.iterdir():
-        shutil.copy2(path, folder / path.name)
-    server = FaultyMirror(folder)
-    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
-    yield server
-    server.released.set()
-    server.shutdown()
-    server.server_close()
+    """The stand-ins (a copy: one is changed) over HTTP, stalling on demand."""
+    with serving(copy_of(small_standins, tmp_path_factory.mktemp("kill-sources"))) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
@@ -205,6 +195,23 @@ def published_cube(fs, inputs) -> str | None:
     return json.loads(fs.cat_file(key))["latest_cube"]
 
 
+def emptied(server) -> fsspec.AbstractFileSystem:
+    """The bucket, read past the proxy, with nothing in it (each case starts so)."""
+    fs = fsspec.filesystem("s3", **direct_options(server), skip_instance_cache=True)
+    for key in fs.ls(BUCKET):
+        fs.rm(key, recursive=True)
+    return fs
+
+
+def assert_published_equals(fs, server, cube: str, reference: dict[str, np.ndarray]) -> None:
+    """The cube `cube` in the bucket holds the reference's variables, value for value."""
+    fs.invalidate_cache()
+    values = cube_values(f"s3://{BUCKET}/{cube}", direct_options(server))
+    assert values.keys() == reference.keys()
+    for name, expected in reference.items():
+        np.testing.assert_array_equal(values[name], expected, err_msg=name)
+
+
 def phase_pattern(phase: str, inputs) -> str:
     """The request path the proxy holds: the first of `phase`."""
     stem = data_id(inputs).removesuffix(".zarr")
@@ -265,9 +272,7 @@ def test_a_kill_publishes_nothing_partial_and_a_rerun_equals_a_clean_build(
 
     killed, phase = CASES[case]
     server, proxy = s3.server, s3.proxy
-    fs = fsspec.filesystem("s3", **direct_options(server), skip_instance_cache=True)
-    for key in fs.ls(BUCKET):  # every case starts from an empty bucket
-        fs.rm(key, recursive=True)
+    fs = emptied(server)
     args = build_args(inputs, mirror, work, "--bucket-block", blocks)
     if killed == "dask worker":
         args += ["--dask", "local"]
@@ -319,14 +324,10 @@ def test_a_kill_publishes_nothing_partial_and_a_rerun_equals_a_clean_build(
     else:  # distributed gives the killed worker's task to another: the build carries on
         assert build.returncode == 0, stderr[-4000:]
 
-    options = direct_options(server)
     published = published_cube(fs, inputs)
     if published is not None:  # never a partial version
         assert killed == "dask worker" or phase == "publish", published
-        values = cube_values(f"s3://{BUCKET}/{published}", options)
-        assert values.keys() == reference.keys()
-        for name, expected in reference.items():
-            np.testing.assert_array_equal(values[name], expected, err_msg=name)
+        assert_published_equals(fs, server, published, reference)
     if killed == "dask worker":
         assert published == data_id(inputs)
         return
@@ -335,10 +336,7 @@ def test_a_kill_publishes_nothing_partial_and_a_rerun_equals_a_clean_build(
     assert rerun.returncode == 0, rerun.stderr[-4000:]
     fs.invalidate_cache()
     assert published_cube(fs, inputs) == data_id(inputs)  # the draft, resumed and published
-    values = cube_values(f"s3://{BUCKET}/{data_id(inputs)}", options)
-    assert values.keys() == reference.keys()
-    for name, expected in reference.items():
-        np.testing.assert_array_equal(values[name], expected, err_msg=name)
+    assert_published_equals(fs, server, data_id(inputs), reference)
 
 
 def test_a_prefect_worker_killed_while_its_run_uploads_crashes_the_run_and_a_new_run_resumes(
@@ -351,9 +349,7 @@ def test_a_prefect_worker_killed_while_its_run_uploads_crashes_the_run_and_a_new
     new bytes at its URL, fetches it alone (the other source: one 304) and publishes a new
     version in which only its variable changed."""
     server, proxy = s3.server, s3.proxy
-    fs = fsspec.filesystem("s3", **direct_options(server), skip_instance_cache=True)
-    for key in fs.ls(BUCKET):
-        fs.rm(key, recursive=True)
+    fs = emptied(server)
     spec, patch = inputs
     pool, state = "kills-pool", tmp_path / "worker"
     params = {
@@ -402,9 +398,7 @@ def test_a_prefect_worker_killed_while_its_run_uploads_crashes_the_run_and_a_new
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
     fs.invalidate_cache()
     assert published_cube(fs, inputs) == data_id(inputs)  # the draft, resumed and published
-    values = cube_values(f"s3://{BUCKET}/{data_id(inputs)}", direct_options(server))
-    for name, expected in reference.items():
-        np.testing.assert_array_equal(values[name], expected, err_msg=name)
+    assert_published_equals(fs, server, data_id(inputs), reference)
 
     # issue 21, item 1, as a scheduled build meets it: new bytes at the same URL
     mirror.answered.clear()
