@@ -29,6 +29,7 @@ import xarray as xr
 import zarr
 from numcodecs import Blosc
 from zarr.codecs import BloscCodec
+from zarr.core.buffer import Buffer
 
 from polar_cube import zarr3_shards
 from polar_cube.grid import TargetGrid
@@ -249,9 +250,8 @@ def write_zarr(
     if others:  # only (…, y, x) layers are written block by block
         raise ValueError(f"{cube.root}: {', '.join(others)}: not a (y, x) or (time, y, x) layer")
     encoding = encoding_for_v3(dataset, chunk_size, shards) if shards else None
-    _create_arrays(
+    cube_objects = _create_arrays(
         dataset,
-        cube,
         encoding or encoding_for(dataset, chunk_size),
         consolidated=False,
         zarr_format=zarr_format,
@@ -262,8 +262,8 @@ def write_zarr(
         for name, data in layers.items()
     }
     level_chunks = chunks.levels if chunks else levels
-    level_writes, record = _plan_levels(
-        dataset, layers, levels, chunk_size, level_chunks, zarr_format=zarr_format
+    level_writes, level_objects, record = _plan_levels(
+        dataset, layers, chunk_size, level_chunks, zarr_format=zarr_format
     )
     with sending_in_background(chunk_cube):
         cube_results, level_results = dask.compute(stats, level_writes)
@@ -274,10 +274,14 @@ def write_zarr(
     }
     if manifest is not None:
         manifest.fs.pipe_file(manifest.path(), encode_digests(digests))
+    completion = zarr3_shards.ZARR_JSON if zarr_format == 3 else ".zmetadata"
+    for level, objects in level_objects.items():
+        _put_metadata(levels.child(level), objects, last=completion)
     name = cube_name or cube.root.rstrip("/").rsplit("/", 1)[-1]
     levels.fs.pipe_file(levels.path(LINK), link_text(name).encode())
     levels.fs.pipe_file(levels.path(ZLEVELS), encode_record(record))
-    _record_stats(cube, dataset, block_rows, zarr_format=zarr_format)
+    _record_stats(cube_objects, dataset, block_rows, zarr_format=zarr_format)
+    _put_metadata(cube, cube_objects, last=completion)
     return digests
 
 
@@ -318,15 +322,17 @@ def _chunk_digests(results: dict[str, np.ndarray], with_stats: bool) -> dict[str
 
 def _create_arrays(
     dataset: xr.Dataset,
-    store: StoreLocation,
     encoding: dict,
     consolidated: bool = True,
     zarr_format: int = 2,
-) -> None:
-    """Metadata, coordinates and the grid mapping; the data arrays are filled block by block."""
+) -> dict[str, Buffer]:
+    """Metadata, coordinates and the grid mapping, rendered in memory: {key: bytes} of the
+    objects a group of `dataset` starts with (the data arrays are filled block by block).
+    Kept in memory until `_put_metadata` stores them, each once, with no probing requests."""
+    objects: dict[str, Buffer] = {}
     with zarr3_consolidation():
         dataset.to_zarr(
-            _zarr_store(store),
+            zarr.storage.MemoryStore(objects),
             mode="w",
             zarr_format=zarr_format,
             consolidated=consolidated,
@@ -334,6 +340,17 @@ def _create_arrays(
             encoding=encoding,
             write_empty_chunks=False,
         )
+    return objects
+
+
+def _put_metadata(where: StoreLocation, objects: dict[str, Buffer], last: str) -> None:
+    """Store `objects` (from `_create_arrays`) at `where` (a new or cleared group, maybe
+    holding its chunks already): all at once, concurrently, and then `last` (the marker
+    that says the group is complete)."""
+    first = {where.path(k): v.to_bytes() for k, v in objects.items() if k != last}
+    where.fs.pipe(first)
+    if last in objects:
+        where.fs.pipe_file(where.path(last), objects[last].to_bytes())
 
 
 @contextmanager
@@ -343,11 +360,6 @@ def zarr3_consolidation():
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "Consolidated metadata", UserWarning)
         yield
-
-
-def _zarr_store(where: StoreLocation):
-    """What zarr and xarray open: the folder's path, or an fsspec mapping of the prefix."""
-    return where.root if where.is_local else where.mapper()
 
 
 def _store_blocks(
@@ -458,7 +470,9 @@ def write_chunk(
     encoded = _COMPRESSOR.encode(np.ascontiguousarray(block))
     key = ".".join(str(i) for i in index)
     if isinstance(array, Path) or array.is_local:
-        (Path(array.root if isinstance(array, StoreLocation) else array) / key).write_bytes(encoded)
+        folder = Path(array.root if isinstance(array, StoreLocation) else array)
+        folder.mkdir(parents=True, exist_ok=True)  # its metadata is written after the chunks
+        (folder / key).write_bytes(encoded)
     elif _SENDER is not None and _SENDER.fs is array.fs:
         _SENDER.put(array.path(key), encoded)
     else:
@@ -544,35 +558,35 @@ def sending_in_background(chunks: StoreLocation) -> Iterator[None]:
 def _plan_levels(
     dataset: xr.Dataset,
     layers: dict[str, da.Array],
-    levels: StoreLocation,
     chunk_size: int,
     level_chunks: StoreLocation,
     zarr_format: int = 2,
-) -> tuple[dict[str, da.Array], dict]:
-    """Create levels 1… at `levels` and return the tasks that fill them (their chunks under
-    `level_chunks`), each level halved from the blocks of the one above (level 1 from the
-    cube's blocks), by `<k>.zarr/<variable>`, and the `.zlevels` record. `zarr_format` 3:
-    unsharded zarr 3 levels."""
+) -> tuple[dict[str, da.Array], dict[str, dict[str, Buffer]], dict]:
+    """The tasks that fill levels 1… (their chunks under `level_chunks`), each level halved
+    from the blocks of the one above (level 1 from the cube's blocks), by
+    `<k>.zarr/<variable>`; each level's metadata (`_create_arrays`) by `<k>.zarr`; and the
+    `.zlevels` record. `zarr_format` 3: unsharded zarr 3 levels."""
     methods = {name: agg_method(dataset[name].attrs) for name in layers}
     count = level_count((dataset.sizes["y"], dataset.sizes["x"]))
     tile = level_chunk_size(chunk_size)
-    writes, current = {}, dict(layers)
+    writes, metadata, current = {}, {}, dict(layers)
     for level in range(1, count):
         current = {name: _halved(data, methods[name], tile) for name, data in current.items()}
         level_dataset = _level_dataset(dataset, current, level)
-        where = levels.child(level_name(level))
         if zarr_format == 3:
             encoding = encoding_for_v3(level_dataset, tile)
-            _create_arrays(level_dataset, where, encoding, zarr_format=3)
         else:
-            _create_arrays(level_dataset, where, encoding_for(level_dataset, tile))
+            encoding = encoding_for(level_dataset, tile)
+        metadata[level_name(level)] = _create_arrays(
+            level_dataset, encoding, zarr_format=zarr_format
+        )
         chunks_at = level_chunks.child(level_name(level))
         for name, data in current.items():
             writes[f"{level_name(level)}/{name}"] = _store_blocks(
                 data, chunks_at.child(name), tile, False, zarr_format=zarr_format
             )
     fingerprint = dataset.attrs.get(FINGERPRINT_ATTR)
-    return writes, levels_record(count, methods, fingerprint)
+    return writes, metadata, levels_record(count, methods, fingerprint)
 
 
 def _halved(data: da.Array, method: str, tile: int) -> da.Array:
@@ -606,13 +620,14 @@ def _level_dataset(dataset: xr.Dataset, arrays: dict[str, da.Array], level: int)
 
 
 def _record_stats(
-    cube: StoreLocation,
+    objects: dict[str, Buffer],
     dataset: xr.Dataset,
     block_rows: dict[str, np.ndarray],
     zarr_format: int = 2,
 ) -> None:
-    """Each variable's statistics as its `polar_cube_stats` attribute; then consolidate."""
-    store = _zarr_store(cube)
+    """Each variable's statistics as its `polar_cube_stats` attribute, in the group's
+    metadata held in memory (`_create_arrays`); then consolidate it there."""
+    store = zarr.storage.MemoryStore(objects)
     group = zarr.open_group(store, mode="r+", zarr_format=zarr_format)
     for name, rows in block_rows.items():
         cells = dataset.sizes["y"] * dataset.sizes["x"]
@@ -689,11 +704,6 @@ def write_zarr_split(
     for where in old:
         if where.exists():
             where.fs.rm(where.path(), recursive=True)
-    if chunks.cube.is_local and not shards:  # the chunk writer writes into existing folders
-        for name in names:
-            Path(chunks.cube.path(name)).mkdir(parents=True, exist_ok=True)
-            for k in range(1, _level_count(dataset)):
-                Path(chunks.levels.path(level_name(k), name)).mkdir(parents=True, exist_ok=True)
     write_zarr(
         dataset, metadata, levels, chunk_size, chunks=chunks, shards=shards, manifest=manifest
     )

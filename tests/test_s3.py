@@ -483,6 +483,47 @@ def test_merge_writes_metadata_only_and_publishing_is_one_catalog_write(drafted,
         assert name in cube.attrs
 
 
+def test_a_sources_metadata_is_stored_once_per_object_and_never_read_back(
+    drafted, bucket_block, monkeypatch
+):
+    """Writing a source into a version renders its metadata (group, arrays, coordinates,
+    each overview level) in memory and PUTs every object once, concurrently, its completion
+    markers last; it reads nothing back and probes nothing: its only other requests clear
+    what an earlier attempt may have left (the markers, and its parts in the version)."""
+    from polar_cube.dataset import InVersion, write_dataset
+    from polar_cube.keys import VersionKeys, is_metadata
+    from polar_cube.location import StoreLocation
+    from polar_cube.stats import STATS_ATTR
+
+    location = StoreLocation(f"s3://{BUCKET}/once", storage_options_from_blocks(bucket_block))
+    keys = VersionKeys(drafted.spec.data_id)
+    source_id, dataset = next(iter(drafted.datasets.items()))
+    into = InVersion(location, keys, source_id)
+    calls = record_s3_calls(monkeypatch)
+    write_dataset(dataset, into, drafted.grid)
+    monkeypatch.undo()
+
+    puts = [key for method, key, _ in calls if method == "put_object"]
+    metadata = [key for key in puts if is_metadata(key)]
+    assert metadata and len(metadata) == len(set(metadata))  # each object once
+    assert not [key for method, key, _ in calls if method == "get_object"]  # nothing read back
+    cube, levels = (f"once/{keys.input_key(source_id)}", f"once/{keys.input_levels_key(source_id)}")
+    assert puts.index(f"{cube}/.zmetadata") == max(
+        i for i, key in enumerate(puts) if key.startswith(f"{cube}/")
+    )
+    assert puts.index(f"{levels}/.zlevels") == max(
+        i for i, key in enumerate(puts) if key.startswith(f"{levels}/")
+    )
+    assert puts.index(f"{levels}/.zlevels") < puts.index(f"{cube}/.zmetadata")
+    levels_written = {key.split("/")[-2] for key in metadata if key.startswith(f"{levels}/")}
+    parts = 2 + len(levels_written) * len(dataset.data_vars)  # cleared: ≤ 2 requests each
+    others = [(m, key) for m, key, _ in calls if m not in WRITES | {"delete_objects"}]
+    assert len(others) <= 3 + 2 * parts, others  # 3: the markers' and manifest's HEADs
+    opened = xr.open_zarr(location.mapper(keys.input_key(source_id)), consolidated=True)
+    layers = [name for name, v in dataset.data_vars.items() if v.dims[-2:] == ("y", "x")]
+    assert layers and all(STATS_ATTR in opened[name].attrs for name in layers)  # after the pass
+
+
 def test_carrying_copies_each_chunk_object_server_side_never_through_this_machine(
     drafted, monkeypatch
 ):
