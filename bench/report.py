@@ -27,6 +27,9 @@ class BuildRun:
     phases: dict[str, float]
     phase_peaks: dict[str, int] = field(default_factory=dict)
     objects: int = 0  # in the bucket after the build (0: not counted)
+    stored_bytes: int = 0  # their size
+    cpu_seconds: float = 0.0  # user + system of the build's whole process tree
+    server_cpu_seconds: float = 0.0  # the S3 server's, during the build
 
 
 @dataclass
@@ -135,6 +138,8 @@ def render(results: Results) -> str:
         parts += ["", *_scaling_section(results)]
     if results.formats and results.builds.get(results.build_resolution):
         parts += ["", *_formats_section(results)]
+    if any(r.cpu_seconds for r in results.builds.get(results.build_resolution, [])):
+        parts += ["", *_cpu_section(results)]
     parts += ["", *_targets_section(results)]
     return "\n".join(parts) + "\n"
 
@@ -249,6 +254,38 @@ def _formats_section(results: Results) -> list[str]:
             f"{_number(objects, 0)} | {spread(_peaks(build), 2)} |"
         )
     lines += ["", "```text", *(f"{k}: {v}" for k, v in results.format_commands.items()), "```"]
+    return lines
+
+
+def _cpu_section(results: Results) -> list[str]:
+    """CPU seconds of the build and of the S3 server beside it, against the wall time:
+    how busy the machine's cores were."""
+    fine = results.build_resolution
+    rows = {"zarr 2 (the default)": results.builds[fine], **results.formats}
+    cores = results.machine.get("cores", "")
+    lines = [
+        f"#### Where the CPU goes: the whole build at {fine:g} m",
+        "",
+        "CPU seconds (user + system) of the build's process tree and of the S3 server during "
+        "it; cores busy: both together ÷ wall time (the machine has "
+        f"{cores.split(' ', 1)[0] or '?'} cores).",
+        "",
+        "| format | build (CPU s) | S3 server (CPU s) | cores busy | GB in the bucket | "
+        "S3 server CPU s per GB |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for label, runs in rows.items():
+        runs = [r for r in runs if r.cpu_seconds]
+        if not runs:
+            continue
+        busy = [(r.cpu_seconds + r.server_cpu_seconds) / r.measurement.wall_seconds for r in runs]
+        stored = [r.stored_bytes / GB for r in runs if r.stored_bytes]
+        per_gb = [r.server_cpu_seconds / (r.stored_bytes / GB) for r in runs if r.stored_bytes]
+        lines.append(
+            f"| {label} | {spread([r.cpu_seconds for r in runs])} | "
+            f"{spread([r.server_cpu_seconds for r in runs])} | {spread(busy, 2)} | "
+            f"{spread(stored, 2)} | {spread(per_gb)} |"
+        )
     return lines
 
 

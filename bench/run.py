@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import os
+import resource
 import shlex
 import shutil
 import signal
@@ -311,8 +312,8 @@ def build_command(
     ]
 
 
-def count_objects(info) -> int:
-    """Objects in the bench bucket (the cube's versions, catalog and lock)."""
+def count_objects(info) -> tuple[int, int]:
+    """(objects, bytes) in the bench bucket (the cube's versions, catalog and lock)."""
     import s3fs
 
     fs = s3fs.S3FileSystem(
@@ -320,7 +321,23 @@ def count_objects(info) -> int:
         secret=info.secret_key,
         client_kwargs={"endpoint_url": info.endpoint_url},
     )
-    return len(fs.find(BUCKET))
+    found = fs.find(BUCKET, detail=True)
+    return len(found), sum(int(item.get("size") or 0) for item in found.values())
+
+
+def children_cpu_seconds() -> float:
+    """User + system CPU seconds of this process's finished (waited-for) children, and
+    theirs: a measured command's whole tree, once it has exited."""
+    used = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return used.ru_utime + used.ru_stime
+
+
+def server_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds the S3 server (and any children of it) used so far."""
+    import psutil
+
+    times = psutil.Process(pid).cpu_times()
+    return times.user + times.system + times.children_user + times.children_system
 
 
 def measure_build(
@@ -335,9 +352,11 @@ def measure_build(
     what = f"the build at {resolution:g} m {' '.join(extra)} (run {run}/{plan.runs})"
     with fresh_bucket(plan.workdir) as info:
         say(f"{what} ...")
+        cpu, server_cpu = children_cpu_seconds(), server_cpu_seconds(info.pid)
         measured = measure_command(
             command, _log(plan, f"build-{resolution:g}m-run{run}"), what=what, cwd=REPO
         )
+        cpu, server_cpu = children_cpu_seconds() - cpu, server_cpu_seconds(info.pid) - server_cpu
         _report(measured)
         spans = read_task_spans(measured.started)
         if not spans:
@@ -346,7 +365,9 @@ def measure_build(
             measured,
             phase_seconds(spans, source_ids, measured.wall_seconds),
             phase_peaks(spans, source_ids, measured.samples),
-            objects=count_objects(info),
+            *count_objects(info),
+            cpu_seconds=cpu,
+            server_cpu_seconds=server_cpu,
         )
         again = None
         if rerun:

@@ -284,3 +284,31 @@ def test_the_plan_builds_the_sizes_only_when_asked(argv, builds, rerun):
     assert made.build_resolutions == builds
     assert made.rerun is rerun
     assert made.parts == argv[1].split(",")
+
+
+def test_the_cpu_section_shows_both_processes_and_how_busy_the_cores_were():
+    """CPU seconds of the build and the S3 server, their sum over the wall time, and the
+    server's CPU per GB stored; no section when the runs recorded no CPU time."""
+    measured = results(100)
+    assert "Where the CPU goes" not in render(measured)
+    for seconds, wall in zip((100.0, 120.0, 110.0), (120, 130, 110), strict=True):
+        measured.builds[100].append(
+            BuildRun(
+                run(wall, 1.0),
+                {"all per-dataset cubes": 90.0},
+                objects=6000,
+                stored_bytes=6 * GB,
+                cpu_seconds=seconds,
+                server_cpu_seconds=60.0,
+            )
+        )
+    text = render(measured)
+    assert "#### Where the CPU goes: the whole build at 100 m" in text
+    # cores busy: (100 + 60) / 120 = 1.33, (120 + 60) / 130 = 1.38, (110 + 60) / 110 = 1.55
+    assert row(text, "| zarr 2 (the default) |").split(" | ")[1:] == [
+        "110.0 (100.0–120.0)",
+        "60.0 (60.0–60.0)",
+        "1.38 (1.33–1.55)",
+        "6.00 (6.00–6.00)",
+        "10.0 (10.0–10.0) |",
+    ]
