@@ -133,6 +133,18 @@ def _mean(cells: list[np.ndarray]) -> np.ndarray:
 
 
 def _mode(cells: list[np.ndarray]) -> np.ndarray:
+    """Windows whose four cells are equal (or all NaN) are that value, as most windows of a
+    class layer are; the others are counted (`_mode_of_mixed`)."""
+    uniform = (cells[0] == cells[1]) & (cells[1] == cells[2]) & (cells[2] == cells[3])
+    uniform |= np.isnan(cells[0]) & np.isnan(cells[1]) & np.isnan(cells[2]) & np.isnan(cells[3])
+    result = cells[0].astype("float32")  # a copy: the uniform windows' value
+    mixed = ~uniform
+    if mixed.any():
+        result[mixed] = _mode_of_mixed([cell[mixed] for cell in cells])
+    return result
+
+
+def _mode_of_mixed(cells: list[np.ndarray]) -> np.ndarray:
     counts = [(~np.isnan(cell)).astype("uint8") for cell in cells]  # NaN counts nowhere
     for first, second in itertools.combinations(range(len(cells)), 2):
         same = cells[first] == cells[second]  # never true for NaN
