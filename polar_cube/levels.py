@@ -116,13 +116,13 @@ def halve(block: np.ndarray, method: str) -> np.ndarray:
 
 
 def _mean(cells: list[np.ndarray]) -> np.ndarray:
-    if not any(np.isnan(cell).any() for cell in cells):  # the same sums, without masks
-        total = cells[0].astype("float64")
-        for cell in cells[1:]:
-            total += cell
+    total = cells[0].astype("float64")
+    for cell in cells[1:]:
+        total += cell
+    if not np.isnan(total).any():  # no NaN among the cells: no masks needed
         total *= 0.25
         return total.astype("float32")
-    total = np.zeros(cells[0].shape, dtype="float64")
+    total[:] = 0.0
     count = np.zeros(cells[0].shape, dtype="uint8")
     for cell in cells:
         valid = ~np.isnan(cell)
