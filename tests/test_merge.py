@@ -39,7 +39,8 @@ from tests.conftest import layer_count
 
 RESOLUTION = 3000.0
 CHUNK_SIZE = 256  # 3 x 3 chunks per layer at 3000 m, so there are many chunk objects
-TIMESTAMPED = ("date_created", "history")
+# set from the clock when merging: two merges a second apart differ in them
+TIMESTAMPED = ("date_created", "date_modified", "date_metadata_modified", "history")
 
 
 def build_inputs(standins: Path, spec, grid: TargetGrid, work: Path) -> dict[str, xr.Dataset]:
