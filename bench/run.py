@@ -361,11 +361,13 @@ def measure_build(
         spans = read_task_spans(measured.started)
         if not spans:
             raise BenchError(f"{what}: the Prefect API recorded no task runs for it")
+        objects, stored_bytes = count_objects(info)
         build = BuildRun(
             measured,
             phase_seconds(spans, source_ids, measured.wall_seconds),
             phase_peaks(spans, source_ids, measured.samples),
-            *count_objects(info),
+            objects=objects,
+            stored_bytes=stored_bytes,
             cpu_seconds=cpu,
             server_cpu_seconds=server_cpu,
         )
