@@ -10,6 +10,11 @@ from prefect_aws.client_parameters import AwsClientParameters
 from polar_cube.location import StoreLocation
 from polar_cube.storage import StorageAccessError, check_bucket_access
 
+# botocore signs a PUT's body (SHA-256) when the endpoint is plain http, as a local SeaweedFS
+# is: about 1 CPU-second per GB uploaded. The body is covered by the CRC32 checksum botocore
+# sends with every PUT all the same, and over https botocore leaves it unsigned anyway.
+UNSIGNED_PAYLOAD = {"payload_signing_enabled": False}
+
 
 def storage_options_from_blocks(bucket: S3Bucket) -> dict:
     """s3fs keyword arguments from an S3Bucket block and its credentials block."""
@@ -33,8 +38,9 @@ def storage_options_from_blocks(bucket: S3Bucket) -> dict:
         options["profile"] = profile
     if not params.use_ssl:
         options["use_ssl"] = False
-    if params.config:
-        options["config_kwargs"] = dict(params.config)
+    config = dict(params.config or {})
+    config["s3"] = UNSIGNED_PAYLOAD | dict(config.get("s3") or {})  # the block's own wins
+    options["config_kwargs"] = config
     return options
 
 

@@ -124,6 +124,32 @@ def test_blocks_to_s3fs_and_zarr_round_trip(server, bucket_block, options):
     xr.testing.assert_identical(back.load(), ds)
 
 
+def test_a_put_is_checksummed_but_its_body_not_signed_unless_the_block_says_so(
+    server, bucket_block, options
+):
+    """Signing the body over plain http costs ~1 CPU-second per GB; the CRC32 covers it."""
+    from prefect_aws import AwsCredentials, S3Bucket
+    from prefect_aws.client_parameters import AwsClientParameters
+
+    sent: list[dict] = []
+    fs = s3fs.S3FileSystem(skip_instance_cache=True, **options)
+    fs.ls(BUCKET)  # the client exists once something was asked
+    fs.s3.meta.events.register(
+        "before-send.s3.PutObject", lambda request, **_: sent.append(dict(request.headers))
+    )
+    fs.pipe_file(f"{BUCKET}/unsigned.bin", b"\x00\x01" * 50_000)
+    assert fs.cat_file(f"{BUCKET}/unsigned.bin") == b"\x00\x01" * 50_000
+    headers = {k.lower(): v for k, v in sent[0].items()}
+    assert headers["x-amz-content-sha256"] == b"UNSIGNED-PAYLOAD"
+    assert "x-amz-checksum-crc32" in headers or "x-amz-trailer" in headers
+
+    signing = AwsClientParameters(config={"s3": {"payload_signing_enabled": True}})
+    block = S3Bucket(bucket_name=BUCKET, credentials=AwsCredentials(aws_client_parameters=signing))
+    assert storage_options_from_blocks(block)["config_kwargs"]["s3"] == {
+        "payload_signing_enabled": True
+    }
+
+
 def test_bucket_url_joins_folder_and_parts_without_double_slashes():
     from prefect_aws import AwsCredentials, S3Bucket
 
