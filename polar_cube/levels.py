@@ -23,6 +23,8 @@ import math
 import numpy as np
 import xarray as xr
 
+from polar_cube.blank import blank, is_blank
+
 TILE_SIZE = 512
 LEVELS_FORMAT_VERSION = "1.0"  # xcube's `.zlevels` version
 ZLEVELS = ".zlevels"
@@ -106,6 +108,8 @@ def halve(block: np.ndarray, method: str) -> np.ndarray:
     larger on a tie. NaN where the window has no valid cell.
     """
     height, width = block.shape[-2:]
+    if is_blank(block):
+        return blank((*block.shape[:-2], -(-height // 2), -(-width // 2)))
     if height % 2 or width % 2:
         pad = [(0, 0)] * (block.ndim - 2) + [(0, height % 2), (0, width % 2)]
         block = np.pad(block, pad, constant_values=np.nan)

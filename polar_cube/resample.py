@@ -32,6 +32,7 @@ import numpy as np
 import xarray as xr
 from pyproj import CRS, Transformer
 
+from polar_cube.blank import blank
 from polar_cube.grid import TargetGrid
 from polar_cube.sources.readers import SourceFormatError, SourceLayer
 from polar_cube.spec import ResamplingMethod, ValidCondition
@@ -284,7 +285,7 @@ class BlockResampler:
             del sy
         x_range, y_range = _finite_range(fx), _finite_range(fy)
         if x_range is None or y_range is None:
-            return np.full((ys.size, xs.size), np.nan, dtype=np.float32)
+            return blank((ys.size, xs.size))  # the source does not reach this chunk
         if self.method == "nearest":
             return self._nearest(fx, fy, x_range, y_range)
         window = self._bilinear_window(x_range, y_range)
@@ -298,7 +299,7 @@ class BlockResampler:
         x_range = _index_range(self.src_x, *mapping.bounds[:2])
         y_range = _index_range(self.src_y, *mapping.bounds[2:])
         if x_range is None or y_range is None:
-            return np.full((height, mapping.width), np.nan, dtype=np.float32)
+            return blank((height, mapping.width))
         window = self._bilinear_window(x_range, y_range)
         out = np.empty((height, mapping.width), dtype=np.float32)
         for strip in _strips(height):

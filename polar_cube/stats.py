@@ -11,6 +11,8 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
+from polar_cube.blank import is_blank
+
 STATS_ATTR = "polar_cube_stats"
 BLOCK_FIELDS = 4  # valid cells, min, max, sum
 
@@ -18,6 +20,8 @@ BLOCK_FIELDS = 4  # valid cells, min, max, sum
 def block_stats(block: np.ndarray) -> np.ndarray:
     """[valid cells, min, max, sum] of one block, shaped (1, …, 1, 4) like the block's
     position in the block grid; min and max are NaN when no cell is valid."""
+    if is_blank(block):
+        return np.array([0, np.nan, np.nan, 0.0]).reshape((1,) * block.ndim + (BLOCK_FIELDS,))
     missing = np.isnan(block)
     valid = block.size - int(np.count_nonzero(missing))
     if valid:  # fmin/fmax skip NaN without copying the block

@@ -32,6 +32,7 @@ from zarr.codecs import BloscCodec
 from zarr.core.buffer import Buffer
 
 from polar_cube import zarr3_shards
+from polar_cube.blank import is_blank
 from polar_cube.grid import TargetGrid
 from polar_cube.keys import chunks_part_name
 from polar_cube.levels import (
@@ -420,7 +421,7 @@ def _write_block(
     result = np.empty((1,) * block.ndim, dtype=object)
     # a dict, never a tuple: numpy and dask would take a sequence apart
     result[(0,) * block.ndim] = {"stats": stats, "digests": digests} if with_stats else digests
-    if stats is not None and not stats[..., 0].item():
+    if is_blank(block) or (stats is not None and not stats[..., 0].item()):
         return result  # like zarr's write_empty_chunks=False: no all-NaN chunk
     if shard_shape is not None:
         index = tuple(s // c for s, c in zip(start, shard_shape, strict=True))

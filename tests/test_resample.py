@@ -10,6 +10,7 @@ from osgeo import gdal
 from pyproj import Transformer
 from rasterio.transform import from_origin
 
+from polar_cube.blank import is_blank
 from polar_cube.grid import TargetGrid
 from polar_cube.resample import BlockResampler, fractional_index, resample_layer
 from polar_cube.sources.readers import SourceLayer, open_source
@@ -84,6 +85,10 @@ def test_masking_and_outside_are_nan():
     assert np.isnan(out[0, 2]) and np.isnan(out[1, 3])  # masked cell
     assert out[0, 0] == 1 and out[3, 5] == 3
     assert np.isnan(out[:, 6:]).all()  # beyond the source's east edge
+    for method in ("nearest", "linear"):  # a chunk the source does not reach: a blank
+        resampler = BlockResampler(layer_of(values, xs, ys), grid, method)
+        assert is_blank(resampler.resample_block(slice(0, 4), slice(7, 8)))
+        assert not is_blank(resampler.resample_block(slice(0, 4), slice(5, 8)))
 
 
 def test_latlon_source_uses_its_real_non_uniform_latitudes():

@@ -206,6 +206,47 @@ def test_halving_edges_ties_and_gaps():
     assert halve(stack, "mode")[1, 0, 1] == 2
 
 
+def test_blank_blocks_write_what_all_nan_blocks_write_without_being_filled(written, tmp_path):
+    """The resampler's `blank` for chunks its source does not reach: the same statistics,
+    levels and (no) chunks as all-NaN blocks, and no block is ever made full-size."""
+    from polar_cube.blank import blank, is_blank
+    from polar_cube.stats import block_stats
+
+    odd = blank((2, 2047, 5))
+    assert is_blank(odd) and odd.nbytes > 0 and not is_blank(np.full(odd.shape, np.nan))
+    for method in ("mean", "mode"):
+        assert is_blank(halve(odd, method)) and halve(odd, method).shape == (2, 1024, 3)
+        np.testing.assert_array_equal(halve(odd, method), halve(np.asarray(odd).copy(), method))
+    np.testing.assert_array_equal(block_stats(odd), block_stats(np.full(odd.shape, np.nan)))
+
+    made: list[np.ndarray] = []
+
+    def blank_block(block_info=None):
+        (y0, y1), (x0, x1) = block_info[None]["array-location"]
+        made.append(blank((y1 - y0, x1 - x0)))
+        return made[-1]
+
+    dataset = synthetic_dataset()
+    lazy = da.map_blocks(blank_block, chunks=GRID.chunks(), dtype="float32")
+    dataset["ice_thickness"] = dataset["ice_thickness"].copy(data=lazy)
+    target = tmp_path / "synthetic.zarr"
+    with dask.config.set(scheduler="threads"):
+        write_zarr_atomically(dataset, target, GRID.chunk_size)
+    assert made and all(is_blank(block) for block in made)
+
+    def stored(root):
+        files = {}
+        for path in sorted(root.parent.glob(root.stem + ".*/**/*")):
+            if path.is_file() and path.name not in {".zattrs", ".zmetadata", "0.link"}:
+                files[str(path.relative_to(root.parent)).split("/", 1)[1]] = path.read_bytes()
+        return files
+
+    assert len(stored(target)) > 10 and stored(target) == stored(written[0])
+    assert xr.open_zarr(target)["ice_thickness"].attrs == (
+        xr.open_zarr(written[0])["ice_thickness"].attrs
+    )
+
+
 def test_the_writing_pass_never_holds_a_layer(tmp_path):
     """A 4096 x 4096 float32 layer is 64 MB; cube, levels and statistics are written block by
     block (1024 x 1024, 4 MB) far below that."""
