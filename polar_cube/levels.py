@@ -23,7 +23,7 @@ import math
 import numpy as np
 import xarray as xr
 
-from polar_cube.blank import blank, is_blank
+from polar_cube.blank import constant, constant_value
 
 TILE_SIZE = 512
 LEVELS_FORMAT_VERSION = "1.0"  # xcube's `.zlevels` version
@@ -108,8 +108,9 @@ def halve(block: np.ndarray, method: str) -> np.ndarray:
     larger on a tie. NaN where the window has no valid cell.
     """
     height, width = block.shape[-2:]
-    if is_blank(block):
-        return blank((*block.shape[:-2], -(-height // 2), -(-width // 2)))
+    value = constant_value(block)
+    if value is not None:  # one value throughout: so is every window's mean and mode
+        return constant((*block.shape[:-2], -(-height // 2), -(-width // 2)), value)
     if height % 2 or width % 2:
         pad = [(0, 0)] * (block.ndim - 2) + [(0, height % 2), (0, width % 2)]
         block = np.pad(block, pad, constant_values=np.nan)

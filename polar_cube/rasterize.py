@@ -14,6 +14,7 @@ from pyproj import CRS
 from rasterio.features import rasterize
 from rasterio.transform import from_origin
 
+from polar_cube.blank import constant
 from polar_cube.grid import TargetGrid
 from polar_cube.sources.checks import check_polygons
 from polar_cube.sources.readers import SourceFormatError
@@ -82,8 +83,8 @@ class BlockRasterizer:
         shape = (row1 - row0, col1 - col0)
         north, east = south + shape[0] * res, west + shape[1] * res
         hits = self.frame.iloc[self.frame.sindex.query(_box(west, south, east, north))]
-        if hits.empty:
-            return np.full(shape, self.background, dtype=np.float32)
+        if hits.empty:  # no polygon here: the background throughout, taking no memory
+            return constant(shape, self.background)
         burnt = rasterize(
             zip(hits.geometry, hits["code"].astype(float), strict=True),
             out_shape=shape,

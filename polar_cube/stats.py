@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from polar_cube.blank import is_blank
+from polar_cube.blank import constant_value
 
 STATS_ATTR = "polar_cube_stats"
 BLOCK_FIELDS = 4  # valid cells, min, max, sum
@@ -20,8 +20,11 @@ BLOCK_FIELDS = 4  # valid cells, min, max, sum
 def block_stats(block: np.ndarray) -> np.ndarray:
     """[valid cells, min, max, sum] of one block, shaped (1, …, 1, 4) like the block's
     position in the block grid; min and max are NaN when no cell is valid."""
-    if is_blank(block):
-        return np.array([0, np.nan, np.nan, 0.0]).reshape((1,) * block.ndim + (BLOCK_FIELDS,))
+    value = constant_value(block)
+    if value is not None:  # one value throughout: nothing to scan
+        valid = 0 if np.isnan(value) else block.size
+        row = [valid, value, value, value * valid] if valid else [0, np.nan, np.nan, 0.0]
+        return np.array(row, dtype="float64").reshape((1,) * block.ndim + (BLOCK_FIELDS,))
     missing = np.isnan(block)
     valid = block.size - int(np.count_nonzero(missing))
     if valid:  # fmin/fmax skip NaN without copying the block

@@ -9,6 +9,7 @@ chunk, collects its statistics (`polar_cube.stats`) and starts its overview leve
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import itertools
 import json
@@ -32,7 +33,7 @@ from zarr.codecs import BloscCodec
 from zarr.core.buffer import Buffer
 
 from polar_cube import zarr3_shards
-from polar_cube.blank import is_blank
+from polar_cube.blank import constant_value
 from polar_cube.grid import TargetGrid
 from polar_cube.keys import chunks_part_name
 from polar_cube.levels import (
@@ -258,6 +259,7 @@ def write_zarr(
         zarr_format=zarr_format,
     )
     chunk_cube = chunks.cube if chunks else cube
+    _make_array_folders(chunk_cube, layers)
     stats = {
         name: _store_blocks(data, chunk_cube.child(name), chunk_size, True, shards=shards)
         for name, data in layers.items()
@@ -421,7 +423,8 @@ def _write_block(
     result = np.empty((1,) * block.ndim, dtype=object)
     # a dict, never a tuple: numpy and dask would take a sequence apart
     result[(0,) * block.ndim] = {"stats": stats, "digests": digests} if with_stats else digests
-    if is_blank(block) or (stats is not None and not stats[..., 0].item()):
+    value = constant_value(block)  # a block of one value (`polar_cube.blank`), or None
+    if (value is not None and np.isnan(value)) or (stats is not None and not stats[..., 0].item()):
         return result  # like zarr's write_empty_chunks=False: no all-NaN chunk
     if shard_shape is not None:
         index = tuple(s // c for s, c in zip(start, shard_shape, strict=True))
@@ -434,7 +437,7 @@ def _write_block(
     steps = [range(0, size, chunk) for size, chunk in zip(block.shape, chunk_shape, strict=True)]
     for offset in itertools.product(*steps):
         part = block[tuple(slice(o, o + c) for o, c in zip(offset, chunk_shape, strict=True))]
-        if stats is None and np.isnan(part).all():
+        if stats is None and value is None and np.isnan(part).all():
             continue
         index = tuple((s + o) // c for s, o, c in zip(start, offset, chunk_shape, strict=True))
         key, digest = write_chunk(array, index, part, chunk_shape, zarr_format=zarr_format)
@@ -468,17 +471,27 @@ def write_chunk(
         key = zarr3_shards.shard_key(index)
         array.fs.pipe_file(array.path(key), encoded)
         return key, chunk_digest(encoded)
-    encoded = _COMPRESSOR.encode(np.ascontiguousarray(block))
+    value = constant_value(block)
+    if value is None:
+        encoded = _COMPRESSOR.encode(np.ascontiguousarray(block))
+    else:  # e.g. a background-only chunk of a polygon layer: encoded once
+        encoded = _constant_chunk(np.float32(value).tobytes(), block.shape)
     key = ".".join(str(i) for i in index)
     if isinstance(array, Path) or array.is_local:
-        folder = Path(array.root if isinstance(array, StoreLocation) else array)
-        folder.mkdir(parents=True, exist_ok=True)  # its metadata is written after the chunks
-        (folder / key).write_bytes(encoded)
+        # into the folder `_make_array_folders` made: a chunk still being written when a
+        # failed pass removes its temporary folder fails, instead of making it again
+        (Path(array.root if isinstance(array, StoreLocation) else array) / key).write_bytes(encoded)
     elif _SENDER is not None and _SENDER.fs is array.fs:
         _SENDER.put(array.path(key), encoded)
     else:
         array.fs.pipe_file(array.path(key), encoded)
     return key, chunk_digest(encoded)
+
+
+@functools.lru_cache(maxsize=8)
+def _constant_chunk(value: bytes, shape: tuple[int, ...]) -> bytes:
+    """The encoded chunk of `shape` holding the float32 `value` (its bytes) everywhere."""
+    return _COMPRESSOR.encode(np.full(shape, np.frombuffer(value, dtype="float32")[0]))
 
 
 class ChunkSender:
@@ -582,12 +595,20 @@ def _plan_levels(
             level_dataset, encoding, zarr_format=zarr_format
         )
         chunks_at = level_chunks.child(level_name(level))
+        _make_array_folders(chunks_at, current)
         for name, data in current.items():
             writes[f"{level_name(level)}/{name}"] = _store_blocks(
                 data, chunks_at.child(name), tile, False, zarr_format=zarr_format
             )
     fingerprint = dataset.attrs.get(FINGERPRINT_ATTR)
     return writes, metadata, levels_record(count, methods, fingerprint)
+
+
+def _make_array_folders(group: StoreLocation, names) -> None:
+    """A local group's array folders, before its chunks (its metadata comes after them)."""
+    if group.is_local:
+        for name in names:
+            Path(group.root, name).mkdir(parents=True, exist_ok=True)
 
 
 def _halved(data: da.Array, method: str, tile: int) -> da.Array:

@@ -206,45 +206,61 @@ def test_halving_edges_ties_and_gaps():
     assert halve(stack, "mode")[1, 0, 1] == 2
 
 
-def test_blank_blocks_write_what_all_nan_blocks_write_without_being_filled(written, tmp_path):
-    """The resampler's `blank` for chunks its source does not reach: the same statistics,
-    levels and (no) chunks as all-NaN blocks, and no block is ever made full-size."""
-    from polar_cube.blank import blank, is_blank
-    from polar_cube.stats import block_stats
+def _stored(root) -> dict[str, bytes]:
+    """Every chunk and level object of the cube at `root` (not its clock-stamped metadata)."""
+    files = {}
+    for path in sorted(root.parent.glob(root.stem + ".*/**/*")):
+        if path.is_file() and path.name not in {".zattrs", ".zmetadata", "0.link"}:
+            files[str(path.relative_to(root.parent)).split("/", 1)[1]] = path.read_bytes()
+    return files
 
-    odd = blank((2, 2047, 5))
-    assert is_blank(odd) and odd.nbytes > 0 and not is_blank(np.full(odd.shape, np.nan))
-    for method in ("mean", "mode"):
-        assert is_blank(halve(odd, method)) and halve(odd, method).shape == (2, 1024, 3)
-        np.testing.assert_array_equal(halve(odd, method), halve(np.asarray(odd).copy(), method))
-    np.testing.assert_array_equal(block_stats(odd), block_stats(np.full(odd.shape, np.nan)))
 
-    made: list[np.ndarray] = []
+def _written_with_ice_thickness(folder, make_block) -> tuple[dict[str, bytes], dict]:
+    """The synthetic cube written with ice_thickness's blocks from `make_block(shape)`."""
 
-    def blank_block(block_info=None):
+    def block(block_info=None):
         (y0, y1), (x0, x1) = block_info[None]["array-location"]
-        made.append(blank((y1 - y0, x1 - x0)))
-        return made[-1]
+        return make_block((y1 - y0, x1 - x0))
 
     dataset = synthetic_dataset()
-    lazy = da.map_blocks(blank_block, chunks=GRID.chunks(), dtype="float32")
+    lazy = da.map_blocks(block, chunks=GRID.chunks(), dtype="float32")
     dataset["ice_thickness"] = dataset["ice_thickness"].copy(data=lazy)
-    target = tmp_path / "synthetic.zarr"
+    target = folder / "synthetic.zarr"
     with dask.config.set(scheduler="threads"):
         write_zarr_atomically(dataset, target, GRID.chunk_size)
-    assert made and all(is_blank(block) for block in made)
+    return _stored(target), xr.open_zarr(target)["ice_thickness"].attrs
 
-    def stored(root):
-        files = {}
-        for path in sorted(root.parent.glob(root.stem + ".*/**/*")):
-            if path.is_file() and path.name not in {".zattrs", ".zmetadata", "0.link"}:
-                files[str(path.relative_to(root.parent)).split("/", 1)[1]] = path.read_bytes()
-        return files
 
-    assert len(stored(target)) > 10 and stored(target) == stored(written[0])
-    assert xr.open_zarr(target)["ice_thickness"].attrs == (
-        xr.open_zarr(written[0])["ice_thickness"].attrs
+def test_blocks_of_one_value_are_written_as_full_ones_are_without_being_filled(written, tmp_path):
+    """The resampler's `blank` for a chunk its source does not reach, the rasteriser's
+    background-only `constant`: the same statistics, levels and chunks as full-size blocks
+    of the same values, and the halving and statistics never make one full-size."""
+    from polar_cube.blank import blank, constant, constant_value, is_blank
+    from polar_cube.stats import block_stats
+
+    for value in (np.nan, 2.5):
+        odd = constant((2, 2047, 5), value)
+        full = np.full(odd.shape, value, dtype="float32")
+        assert constant_value(odd) == value or np.isnan(value) and is_blank(odd)
+        assert constant_value(full) is None and not is_blank(full)
+        for method in ("mean", "mode"):
+            halved = halve(odd, method)
+            assert constant_value(halved) is not None and halved.shape == (2, 1024, 3)
+            np.testing.assert_array_equal(halved, halve(full, method))
+        np.testing.assert_array_equal(block_stats(odd), block_stats(full))
+
+    blank_cube = _written_with_ice_thickness(tmp_path / "blank", blank)
+    assert len(blank_cube[0]) > 10
+    assert blank_cube == (_stored(written[0]), xr.open_zarr(written[0])["ice_thickness"].attrs)
+
+    def full_of_two(shape):
+        return np.full(shape, 2.0, dtype="float32")
+
+    constant_cube = _written_with_ice_thickness(
+        tmp_path / "constant", lambda shape: constant(shape, 2.0)
     )
+    assert constant_cube == _written_with_ice_thickness(tmp_path / "full", full_of_two)
+    assert constant_cube[1]["polar_cube_stats"][0]["valid_cells"] == GRID.height * GRID.width
 
 
 def test_the_writing_pass_never_holds_a_layer(tmp_path):

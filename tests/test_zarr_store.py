@@ -75,6 +75,35 @@ def test_a_failed_write_leaves_the_previous_cube_intact(tmp_path):
     assert stored_levels_fingerprint(tmp_path / "cube.levels") == "fingerprint-5.0"
 
 
+def test_chunks_still_being_written_when_a_pass_fails_leave_nothing_behind(tmp_path, monkeypatch):
+    """A slow disk: chunk writes in flight when another block fails end after the failed
+    pass removed its temporary folders, and must not make them again."""
+    import threading
+    import time
+
+    from polar_cube import zarr_store
+
+    write_chunk, late = zarr_store.write_chunk, threading.Event()
+
+    def slow_write_chunk(array, index, *args, **kwargs):
+        if index == (1, 1):  # half-way through another thread's write
+            time.sleep(0.1)
+            raise OSError("boom: the disk failed")
+        time.sleep(0.3)
+        try:
+            return write_chunk(array, index, *args, **kwargs)
+        finally:
+            late.set()
+
+    monkeypatch.setattr(zarr_store, "write_chunk", slow_write_chunk)
+    target = tmp_path / "cube.zarr"
+    with pytest.raises(OSError, match="boom"):
+        write_zarr_atomically(dataset(5.0), target, GRID.chunk_size)
+    assert late.wait(5)
+    time.sleep(0.5)  # the writes in flight have ended
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
 def test_an_interrupted_swap_is_repaired(tmp_path):
     target = tmp_path / "cube.zarr"
     write_zarr_atomically(dataset(1.0), target, GRID.chunk_size)
