@@ -289,6 +289,8 @@ class BlockResampler:
         if self.method == "nearest":
             return self._nearest(fx, fy, x_range, y_range)
         window = self._bilinear_window(x_range, y_range)
+        if window.empty:  # e.g. a chunk over land of a sea-ice source
+            return blank((ys.size, xs.size))
         if self.same_crs:
             return window.bilinear_separable(fx[0], fy[:, 0])
         return window.bilinear(fx, fy)
@@ -301,6 +303,8 @@ class BlockResampler:
         if x_range is None or y_range is None:
             return blank((height, mapping.width))
         window = self._bilinear_window(x_range, y_range)
+        if window.empty:
+            return blank((height, mapping.width))
         out = np.empty((height, mapping.width), dtype=np.float32)
         for strip in _strips(height):
             source_x, source_y = mapping.rows(strip.start, min(strip.stop, height))
@@ -341,6 +345,8 @@ class BlockResampler:
         i0, i1 = (int(np.floor(bound + 0.5)) for bound in x_range)
         j0, j1 = (int(np.floor(bound + 0.5)) for bound in y_range)
         window = self._read_window(j0, j1, i0, i1)
+        if not np.isfinite(window).any():
+            return blank(np.broadcast_shapes(fx.shape, fy.shape))
         height, width = window.shape
         table = np.full((height + 1, width + 1), np.nan, dtype=np.float32)  # last row/col: none
         table[:height, :width] = window
@@ -372,6 +378,7 @@ class _Window:
         self.valid = np.zeros((window.shape[0] + 2, window.shape[1] + 2), dtype=bool)
         self.valid[1:-1, 1:-1] = np.isfinite(window)
         self.complete = bool(self.valid[1:-1, 1:-1].all())  # no missing cell inside
+        self.empty = not self.complete and not self.valid.any()  # every target cell NaN
         self.values = np.zeros(self.valid.shape, dtype=np.float32)  # as published
         self.values[1:-1, 1:-1] = window
         if not self.complete:

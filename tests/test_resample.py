@@ -89,6 +89,15 @@ def test_masking_and_outside_are_nan():
         resampler = BlockResampler(layer_of(values, xs, ys), grid, method)
         assert is_blank(resampler.resample_block(slice(0, 4), slice(7, 8)))
         assert not is_blank(resampler.resample_block(slice(0, 4), slice(5, 8)))
+        # a chunk over a part of the source without data (a sea-ice source over land)
+        empty = BlockResampler(layer_of(np.full_like(values, np.nan), xs, ys), grid, method)
+        assert is_blank(empty.resample_block(slice(0, 4), slice(0, 8)))
+    lat, lon = np.linspace(-89, -60, 30), np.linspace(-179.5, 179.5, 360)
+    latlon = layer_of(np.full((lat.size, lon.size), np.nan), lon, lat, crs="EPSG:4326")
+    latlon_grid = TargetGrid("EPSG:3031", (-2_602_500, -1_626_000, -649_500, 495_000), 1000)
+    for method in ("nearest", "linear"):  # across CRSs too
+        empty = BlockResampler(latlon, latlon_grid, method)
+        assert is_blank(empty.resample_block(slice(0, 40), slice(0, 40)))
 
 
 def test_latlon_source_uses_its_real_non_uniform_latitudes():
