@@ -23,6 +23,7 @@ import numpy as np
 import xarray as xr
 import zarr
 from pyproj import CRS
+from zarr.core.buffer import default_buffer_prototype
 
 from polar_cube.errors import PolarCubeError
 from polar_cube.grid import TargetGrid, outline_lonlat
@@ -229,20 +230,34 @@ def write_merged_cube(
     attributes. It is left unconsolidated and without the fingerprint attribute: whoever
     calls this marks it complete afterwards (`target.mark_complete`)."""
     check_same_grid(inputs, grid)
-    _write_metadata(location, keys.cube, keys, inputs, spec, grid, level=0)
+    objects = _metadata_objects(location, keys.cube, keys, inputs, spec, grid, level=0)
     attrs = cube_attributes(spec, grid, inputs)
     del attrs[FINGERPRINT_ATTR]  # the completion marker comes last
-    _write_group_attrs(location, keys.cube, attrs)
+    _put_objects(location, keys.cube, objects)
+    _put_objects(location, keys.cube, _group_attrs_object(keys.cube, attrs))  # then these
 
 
-def _write_group_attrs(location: StoreLocation, key: str, attrs: dict) -> None:
+def _group_attrs_object(key: str, attrs: dict) -> dict[str, bytes]:
     """The group's attributes: `.zattrs`, or a zarr 3 series' root `zarr.json` (without
     consolidated metadata: consolidating marks it complete)."""
     if zarr_layout(key)[0] == 2:
-        location.fs.pipe_file(location.path(key, ".zattrs"), _json(attrs))
-        return
-    group = {"zarr_format": 3, "node_type": "group", "attributes": attrs}
-    location.fs.pipe_file(location.path(key, ZARR_JSON), _json(group))
+        return {".zattrs": _json(attrs)}
+    return {ZARR_JSON: _json({"zarr_format": 3, "node_type": "group", "attributes": attrs})}
+
+
+def _put_objects(location: StoreLocation, key: str, objects: dict[str, bytes]) -> None:
+    """Store the group's `objects` (by key within it) at `key`, all at once."""
+    location.fs.pipe({location.path(key, name): data for name, data in objects.items()})
+
+
+def _consolidated(objects: dict[str, bytes], zarr_format: int) -> dict[str, bytes]:
+    """`objects` (a whole group's metadata) with their consolidated metadata added, made in
+    memory: nothing is read back from the store."""
+    prototype = default_buffer_prototype()
+    store = {name: prototype.buffer.from_bytes(data) for name, data in objects.items()}
+    with zarr3_consolidation():  # zarr 3: "consolidated metadata is not in the spec"
+        zarr.consolidate_metadata(zarr.storage.MemoryStore(store), zarr_format=zarr_format)
+    return {name: buffer.to_bytes() for name, buffer in store.items()}
 
 
 def write_merged_levels(
@@ -255,16 +270,16 @@ def write_merged_levels(
 ) -> None:
     """Write the merged overview levels' metadata at `keys.levels`, next to their chunks.
 
-    Each level is written and consolidated in turn, then `0.link` (to the cube), and last
-    `.zlevels` with `fingerprint`: it marks the levels complete.
+    Each level is written, consolidated (in memory), in turn, then `0.link` (to the cube),
+    and last `.zlevels` with `fingerprint`: it marks the levels complete.
     """
     check_same_grid(inputs, grid)
     count, methods = level_count(grid.shape), {}
     for level in range(1, count):
         target = f"{keys.levels}/{level_name(level)}"
-        _write_metadata(location, target, keys, inputs, spec, grid, level)
-        _write_group_attrs(location, target, cube_attributes(spec, grid, inputs))
-        consolidate(location, target)
+        objects = _metadata_objects(location, target, keys, inputs, spec, grid, level)
+        objects |= _group_attrs_object(target, cube_attributes(spec, grid, inputs))
+        _put_objects(location, target, _consolidated(objects, zarr_layout(target)[0]))
     for variable in spec.variables:
         methods[variable.name] = agg_method(variable.attrs)
     location.fs.pipe_file(location.path(keys.levels, LINK), link_text(keys.cube).encode())
@@ -272,7 +287,7 @@ def write_merged_levels(
     location.fs.pipe_file(location.path(keys.levels, ZLEVELS), encode_record(record))
 
 
-def _write_metadata(
+def _metadata_objects(
     location: StoreLocation,
     key: str,
     keys: VersionKeys,
@@ -280,31 +295,25 @@ def _write_metadata(
     spec: CubeSpec,
     grid: TargetGrid,
     level: int,
-) -> None:
-    """Coordinates and `crs`, then each variable's metadata of the merged `level` at `key`;
-    arrays an earlier merge of this (unpublished) version left there that this one does not
-    write go first (a variable since dropped from the spec: consolidating the cube would
-    list it again)."""
+) -> dict[str, bytes]:
+    """Coordinates and `crs`, and each variable's metadata of the merged `level` at `key`,
+    rendered (by key within the group); arrays an earlier merge of this (unpublished)
+    version left there that this one does not write are removed first (a variable since
+    dropped from the spec: consolidating the cube would list it again)."""
     variables = stored_variables(location, keys, inputs, spec, grid, level)
     timed = any(v.dims[0] == "time" for v in variables)
     merged = {v.name for v in variables} | {"x", "y", GRID_MAPPING} | ({"time"} if timed else set())
     _remove_other_arrays(location, key, merged)
-    _write_coordinates(location, key, inputs, variables, grid, level)
+    objects = _coordinate_objects(inputs, variables, grid, level, zarr_layout(key)[0])
     if zarr_layout(key)[0] == 3:
-        location.fs.pipe(
-            {
-                location.path(key, v.name, ZARR_JSON): _json({**v.zarray, "attributes": v.zattrs})
-                for v in variables
-            }
-        )
-        return
-    location.fs.pipe(
-        {
-            location.path(key, variable.name, name): _json(metadata)
-            for variable in variables
-            for name, metadata in ((".zarray", variable.zarray), (".zattrs", variable.zattrs))
+        return objects | {
+            f"{v.name}/{ZARR_JSON}": _json({**v.zarray, "attributes": v.zattrs}) for v in variables
         }
-    )
+    return objects | {
+        f"{variable.name}/{name}": _json(metadata)
+        for variable in variables
+        for name, metadata in ((".zarray", variable.zarray), (".zattrs", variable.zattrs))
+    }
 
 
 def _remove_other_arrays(location: StoreLocation, key: str, keep: set[str]) -> None:
@@ -511,16 +520,15 @@ def _describe_times(values: np.ndarray) -> str:
     return f"({len(values)} step{'' if len(values) == 1 else 's'}: {', '.join(shown)})"
 
 
-def _write_coordinates(
-    location: StoreLocation,
-    key: str,
+def _coordinate_objects(
     inputs: dict[str, xr.Dataset],
     variables: list[StoredVariable],
     grid: TargetGrid,
-    level: int = 0,
-) -> None:
-    """x and y (the grid's, at `level`), time (the inputs'), and the `crs` variable, written
-    as zarr."""
+    level: int,
+    zarr_format: int,
+) -> dict[str, bytes]:
+    """x and y (the grid's, at `level`), time (the inputs'), and the `crs` variable, as the
+    zarr objects that hold them (`render_zarr`)."""
     coords = {}
     timed = [v.name for v in variables if v.dims[0] == "time"]
     if timed:
@@ -532,17 +540,13 @@ def _write_coordinates(
     if level:
         on_level = level_coords(dataset["x"], dataset["y"], dataset[GRID_MAPPING], level)
         dataset = on_level.assign_coords({name: dataset[name] for name in coords})
-    write_zarr_metadata(
-        location, key, dataset, encoding_for(dataset, grid.chunk_size), zarr_layout(key)[0]
-    )
+    return render_zarr(dataset, encoding_for(dataset, grid.chunk_size), zarr_format)
 
 
-def write_zarr_metadata(
-    location: StoreLocation, key: str, dataset: xr.Dataset, encoding: dict, zarr_format: int = 2
-) -> None:
-    """Write `dataset` (small: coordinates) as zarr 2 at `key` without removing anything
-    there (xarray's `mode="w"` would delete the chunks the builds wrote): rendered in memory,
-    then its objects written one by one."""
+def render_zarr(dataset: xr.Dataset, encoding: dict, zarr_format: int = 2) -> dict[str, bytes]:
+    """`dataset` (small: coordinates) as the zarr objects that hold it, by key, made in
+    memory: stored next to the chunks the builds wrote (xarray's `mode="w"` on the store
+    would delete them)."""
     rendered: dict = {}
     dataset.to_zarr(
         zarr.storage.MemoryStore(rendered),
@@ -552,7 +556,7 @@ def write_zarr_metadata(
         encoding=encoding,
         write_empty_chunks=False,
     )
-    location.fs.pipe({location.path(key, name): buf.to_bytes() for name, buf in rendered.items()})
+    return {name: buffer.to_bytes() for name, buffer in rendered.items()}
 
 
 def _json(value: object) -> bytes:
