@@ -26,6 +26,7 @@ SEQUENTIAL = "viridis"
 CATEGORICAL = "tab10"
 ROBUST_PERCENTILES = (1, 99)
 ZOOM_BELOW = 0.1  # zoom in when the valid cells' box is under 10 % of the map
+PNG_COMPRESS_LEVEL = 4  # zlib: ~40 ms for a 900 × 800 map (the default 6: ~85 ms), 8 % larger
 THUMBNAIL_PIXELS = 240  # per side, for the thumbnails embedded in the run's summary
 
 
@@ -116,7 +117,7 @@ def _map_png(
         if ticks is not None:
             colorbar.set_ticks(ticks, labels=tick_labels)
         buffer = io.BytesIO()
-        figure.savefig(buffer, format="png")
+        figure.savefig(buffer, format="png", pil_kwargs={"compress_level": PNG_COMPRESS_LEVEL})
     return _few_colours(buffer.getvalue()) if thumbnail else buffer.getvalue()
 
 
