@@ -115,26 +115,33 @@ def halve(block: np.ndarray, method: str) -> np.ndarray:
         pad = [(0, 0)] * (block.ndim - 2) + [(0, height % 2), (0, width % 2)]
         block = np.pad(block, pad, constant_values=np.nan)
     cells = [block[..., row::2, column::2] for row in (0, 1) for column in (0, 1)]
+    if method != MODE:
+        return _mean(cells, block)
     if np.isnan(block.flat[0]) and np.isnan(block).all():  # e.g. outside a lake survey
         return np.full(cells[0].shape, np.nan, dtype="float32")
-    return _mode(cells) if method == MODE else _mean(cells)
+    return _mode(cells)
 
 
-def _mean(cells: list[np.ndarray]) -> np.ndarray:
+def _mean(cells: list[np.ndarray], block: np.ndarray) -> np.ndarray:
+    """The float64 sum of the four cells, NaN wherever one is; only the windows with some
+    but not all cells NaN (a layer's edges, its holes) are then averaged over their valid
+    cells, gathered: a block's NaN outside its coverage costs one scan of `block`."""
     total = cells[0].astype("float64")
     for cell in cells[1:]:
         total += cell
-    if not np.isnan(total).any():  # no NaN among the cells: no masks needed
-        total *= 0.25
-        return total.astype("float32")
-    total[:] = 0.0
-    count = np.zeros(cells[0].shape, dtype="uint8")
-    for cell in cells:
-        valid = ~np.isnan(cell)
-        np.add(total, cell, out=total, where=valid)
-        count += valid
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return (total / count).astype("float32")
+    total *= 0.25
+    missing = np.isnan(total)
+    if missing.any():
+        nan = np.isnan(block).view(np.uint8)
+        nan_cells = nan[..., 0::2, 0::2] + nan[..., 0::2, 1::2]
+        nan_cells += nan[..., 1::2, 0::2]
+        nan_cells += nan[..., 1::2, 1::2]
+        partial = np.nonzero(missing & (nan_cells < 4))
+        if partial[0].size:
+            values = np.stack([cell[partial] for cell in cells]).astype("float64")
+            valid = ~np.isnan(values)
+            total[partial] = np.where(valid, values, 0.0).sum(axis=0) / valid.sum(axis=0)
+    return total.astype("float32")
 
 
 def _mode(cells: list[np.ndarray]) -> np.ndarray:

@@ -7,6 +7,7 @@ import json
 import math
 import threading
 import tracemalloc
+import warnings
 from collections import Counter
 
 import dask
@@ -261,6 +262,25 @@ def test_blocks_of_one_value_are_written_as_full_ones_are_without_being_filled(w
     )
     assert constant_cube == _written_with_ice_thickness(tmp_path / "full", full_of_two)
     assert constant_cube[1]["polar_cube_stats"][0]["valid_cells"] == GRID.height * GRID.width
+
+
+def test_halving_means_equal_nanmean_on_random_blocks():
+    """Edges, holes, odd sizes, a time axis, magnitudes from 1e-3 to 1e3: bit for bit."""
+    rng = np.random.default_rng(7)
+    for _ in range(200):
+        shape = tuple(int(n) for n in rng.integers(1, 40, size=rng.integers(2, 4)))
+        block = (rng.normal(size=shape) * 10.0 ** rng.integers(-3, 4)).astype("float32")
+        block[rng.random(shape) < rng.random()] = np.nan
+        padded = np.pad(
+            block,
+            [(0, 0)] * (block.ndim - 2) + [(0, shape[-2] % 2), (0, shape[-1] % 2)],
+            constant_values=np.nan,
+        )
+        cells = [padded[..., r::2, c::2].astype("float64") for r in (0, 1) for c in (0, 1)]
+        with warnings.catch_warnings():  # "Mean of empty slice": an all-NaN window
+            warnings.simplefilter("ignore", RuntimeWarning)
+            expected = np.nanmean(np.stack(cells), axis=0).astype("float32")
+        np.testing.assert_array_equal(halve(block, "mean"), expected)
 
 
 def test_the_writing_pass_never_holds_a_layer(tmp_path):
