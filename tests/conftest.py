@@ -46,6 +46,18 @@ def small_standins(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session", autouse=True)
+def _ephemeral_prefect_ports_clear_of_the_readmes():
+    """Prefect's temporary API server picks a random port in 8000-8999, where the README's
+    servers have fixed ones (S3 8333-8340, sources 8400, viewer 8080): a worker's server
+    there for the whole session failed another worker's README blocks. Keep it above them.
+    (Importing the module costs a few seconds once per worker; nearly every worker starts
+    the server anyway.)"""
+    from prefect.server.api.server import SubprocessASGIServer
+
+    SubprocessASGIServer._port_range = range(8500, 9000)
+
+
+@pytest.fixture(scope="session", autouse=True)
 def _stop_ephemeral_prefect_server():
     """Stop Prefect's temporary API server while pytest's output streams are still open."""
     yield
