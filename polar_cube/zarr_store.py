@@ -9,6 +9,7 @@ chunk, collects its statistics (`polar_cube.stats`) and starts its overview leve
 from __future__ import annotations
 
 import asyncio
+import base64
 import functools
 import hashlib
 import itertools
@@ -260,16 +261,20 @@ def write_zarr(
     )
     chunk_cube = chunks.cube if chunks else cube
     _make_array_folders(chunk_cube, layers)
-    stats = {
-        name: _store_blocks(data, chunk_cube.child(name), chunk_size, True, shards=shards)
-        for name, data in layers.items()
-    }
     level_chunks = chunks.levels if chunks else levels
-    level_writes, level_objects, record = _plan_levels(
-        dataset, layers, chunk_size, level_chunks, zarr_format=zarr_format
-    )
-    with sending_in_background(chunk_cube):
-        cube_results, level_results = dask.compute(stats, level_writes)
+    with sending_in_background(chunk_cube) as sender:
+        stats = {
+            name: _store_blocks(
+                data, chunk_cube.child(name), chunk_size, True, shards=shards, sender=sender
+            )
+            for name, data in layers.items()
+        }
+        level_writes, level_objects, record = _plan_levels(
+            dataset, layers, chunk_size, level_chunks, zarr_format=zarr_format, sender=sender
+        )
+        # unoptimised: the graph has no linear chains worth fusing, and optimising it took
+        # longer (on one thread, all workers idle) than the tasks it would save
+        cube_results, level_results = dask.compute(stats, level_writes, optimize_graph=False)
     block_rows = {name: _stats_rows(results) for name, results in cube_results.items()}
     digests = {
         "cube": _chunk_digests(cube_results, with_stats=True),
@@ -373,6 +378,7 @@ def _store_blocks(
     *,
     shards: int | None = None,
     zarr_format: int = 2,
+    sender: str | None = None,
 ) -> da.Array:
     """One task per block that writes it as the chunk of the zarr array at `array` (chunks
     1 × `chunk_size` × `chunk_size`, or without time) and returns, per block, its statistics
@@ -397,6 +403,7 @@ def _store_blocks(
         array=array,
         chunk_shape=chunk_shape,
         with_stats=with_stats,
+        sender=sender,
         token="write-block-and-stats" if with_stats else "write-level-block",
         **extra,
         **out,
@@ -411,6 +418,7 @@ def _write_block(
     block_info=None,
     shard_shape: tuple | None = None,
     zarr_format: int = 2,
+    sender: str | None = None,
 ) -> np.ndarray:
     """Store `block` as the chunk(s) of the array at `array` it covers (a level's block may
     span several tiles, starting on a tile edge), or as the zarr 3 shard it is (with
@@ -440,7 +448,9 @@ def _write_block(
         if stats is None and value is None and np.isnan(part).all():
             continue
         index = tuple((s + o) // c for s, o, c in zip(start, offset, chunk_shape, strict=True))
-        key, digest = write_chunk(array, index, part, chunk_shape, zarr_format=zarr_format)
+        key, digest = write_chunk(
+            array, index, part, chunk_shape, zarr_format=zarr_format, sender=sender
+        )
         digests[key] = digest
     return result
 
@@ -451,13 +461,16 @@ def write_chunk(
     block: np.ndarray,
     chunk_shape,
     zarr_format: int = 2,
+    sender: str | None = None,
 ) -> tuple[str, list]:
     """Store `block` as chunk `index` of the float32 zarr 2 array at `array` (created with
     `encoding_for`): padded to the chunk shape with the NaN fill, encoded with the cube's
     codec, in the file or object `i.j` (or `t.i.j`). Encoding it here, not through zarr,
     skips zarr's all-fill scan and its event loop: the block is already known to hold data.
     `zarr_format` 3: an unsharded zarr 3 chunk (the same bytes) in the object `c/i/j`.
-    Returns the chunk's key in the array and its `chunk_digest`."""
+    `sender`: the key `sending_in_background` gave the writing pass: into a bucket, this
+    process's `ChunkSender` sends the chunk. Returns the chunk's key in the array and its
+    `chunk_digest`."""
     block = np.asarray(block, dtype="float32")
     if block.shape != tuple(chunk_shape):
         padded = np.full(chunk_shape, np.nan, dtype="float32")
@@ -477,15 +490,30 @@ def write_chunk(
     else:  # e.g. a background-only chunk of a polygon layer: encoded once
         encoded = _constant_chunk(np.float32(value).tobytes(), block.shape)
     key = ".".join(str(i) for i in index)
+    digest = chunk_digest(encoded)
     if isinstance(array, Path) or array.is_local:
         # into the folder `_make_array_folders` made: a chunk still being written when a
         # failed pass removes its temporary folder fails, instead of making it again
         (Path(array.root if isinstance(array, StoreLocation) else array) / key).write_bytes(encoded)
-    elif _SENDER is not None and _SENDER.fs is array.fs:
-        _SENDER.put(array.path(key), encoded)
+    elif (chunk_sender := _SENDERS.get(sender)) is not None and chunk_sender.fs is array.fs:
+        chunk_sender.put(array.path(key), encoded, digest[0])
     else:
-        array.fs.pipe_file(array.path(key), encoded)
-    return key, chunk_digest(encoded)
+        array.fs.pipe_file(array.path(key), encoded, **checked_put(array.fs, digest[0]))
+    return key, digest
+
+
+def checked_put(fs, sha256_hex: str) -> dict:
+    """PUT arguments that make an S3 server check the body against the chunk's digest (the
+    one the manifest records) and keep it as the object's checksum: `x-amz-checksum-sha256`
+    (botocore then computes no CRC32 of its own). Nothing for other filesystems, nor when
+    the client is configured to send checksums only where required (a server without them)."""
+    if "s3" not in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
+        return {}
+    if (getattr(fs, "config_kwargs", None) or {}).get("request_checksum_calculation") == (
+        "when_required"
+    ):
+        return {}
+    return {"ChecksumSHA256": base64.b64encode(bytes.fromhex(sha256_hex)).decode("ascii")}
 
 
 @functools.lru_cache(maxsize=8)
@@ -510,22 +538,23 @@ class ChunkSender:
         self._lock = threading.Lock()
         self._failure: BaseException | None = None
 
-    def put(self, path: str, data: bytes) -> None:
+    def put(self, path: str, data: bytes, sha256_hex: str) -> None:
         if self._failure is not None:
             raise self._failure
         self._room.acquire()
-        future = asyncio.run_coroutine_threadsafe(self._send(path, data), self.fs.loop)
+        put = checked_put(self.fs, sha256_hex)
+        future = asyncio.run_coroutine_threadsafe(self._send(path, data, put), self.fs.loop)
         with self._lock:
             self._futures.append(future)
 
-    async def _send(self, path: str, data: bytes) -> None:
+    async def _send(self, path: str, data: bytes, put: dict) -> None:
         if self._sending is None:  # made on the loop that uses it
             self._sending = asyncio.Semaphore(FILES_IN_FLIGHT)
         try:
             if self._failure is not None:
                 return  # the write failed: the rest is not sent
             async with self._sending:
-                await self.fs._pipe_file(path, data)
+                await self.fs._pipe_file(path, data, **put)
         except BaseException as error:
             if self._failure is None:
                 self._failure = error
@@ -543,29 +572,31 @@ class ChunkSender:
             raise self._failure
 
 
-_SENDER: ChunkSender | None = None  # while local threads write chunks into a bucket
+_SENDERS: dict[str, ChunkSender] = {}  # by writing pass, while its threads write into a bucket
 
 
 @contextmanager
-def sending_in_background(chunks: StoreLocation) -> Iterator[None]:
-    """Chunks written into a bucket by this process's threads are sent in the background
-    (`ChunkSender`); on leaving, every one is stored (or the first failure raised) before
-    anything is marked complete. Local folders, and dask.distributed workers (other
-    processes, which send their own), write as before."""
-    global _SENDER
+def sending_in_background(chunks: StoreLocation) -> Iterator[str | None]:
+    """Yield the key of a `ChunkSender` (in `_SENDERS`) through which the chunks this
+    process's threads write into a bucket are sent in the background (`write_chunk`'s
+    `sender`); on leaving, every one is stored (or the first failure raised) before anything
+    is marked complete. Each writing pass has its own: passes running side by side wait for
+    and fail on their own chunks only. Local folders, and dask.distributed workers (other
+    processes, which send their own), get None and write as before."""
     threads = isinstance(dask.config.get("scheduler", None), str | None)
-    if chunks.is_local or not threads or _SENDER is not None:
-        yield
+    if chunks.is_local or not threads:
+        yield None
         return
-    _SENDER = sender = ChunkSender(chunks.fs)
+    key = uuid.uuid4().hex
+    _SENDERS[key] = sender = ChunkSender(chunks.fs)
     try:
-        yield
+        yield key
     except BaseException:
-        _SENDER = None
         with suppress(Exception):  # the write failed already: wait, report that failure
             sender.wait()
         raise
-    _SENDER = None
+    finally:
+        _SENDERS.pop(key, None)
     sender.wait()
 
 
@@ -575,6 +606,7 @@ def _plan_levels(
     chunk_size: int,
     level_chunks: StoreLocation,
     zarr_format: int = 2,
+    sender: str | None = None,
 ) -> tuple[dict[str, da.Array], dict[str, dict[str, Buffer]], dict]:
     """The tasks that fill levels 1… (their chunks under `level_chunks`), each level halved
     from the blocks of the one above (level 1 from the cube's blocks), by
@@ -598,7 +630,7 @@ def _plan_levels(
         _make_array_folders(chunks_at, current)
         for name, data in current.items():
             writes[f"{level_name(level)}/{name}"] = _store_blocks(
-                data, chunks_at.child(name), tile, False, zarr_format=zarr_format
+                data, chunks_at.child(name), tile, False, zarr_format=zarr_format, sender=sender
             )
     fingerprint = dataset.attrs.get(FINGERPRINT_ATTR)
     return writes, metadata, levels_record(count, methods, fingerprint)

@@ -1,7 +1,9 @@
 """S3 storage: a real local SeaweedFS server, real Prefect blocks, s3fs and zarr over S3."""
 
 import argparse
+import base64
 import dataclasses
+import hashlib
 import json
 import os
 import re
@@ -10,14 +12,17 @@ import stat
 import subprocess
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 
+import fsspec
 import numpy as np
 import pytest
 import s3fs
 import xarray as xr
 
 from polar_cube.cli.s3 import add_blocks_commands, add_s3_commands
+from polar_cube.location import StoreLocation
 from polar_cube.servers.s3server import (
     S3ServerError,
     S3ServerInfo,
@@ -148,6 +153,57 @@ def test_a_put_is_checksummed_but_its_body_not_signed_unless_the_block_says_so(
     assert storage_options_from_blocks(block)["config_kwargs"]["s3"] == {
         "payload_signing_enabled": True
     }
+
+
+def test_chunks_go_up_with_their_manifest_digest_which_the_server_checks_and_keeps(options):
+    """A chunk's PUT carries the sha256 its manifest records: the server refuses a body that
+    does not match, and keeps the digest as the object's checksum."""
+    from polar_cube.zarr_store import (
+        checked_put,
+        chunk_digest,
+        sending_in_background,
+        write_chunk,
+    )
+
+    fs = s3fs.S3FileSystem(skip_instance_cache=True, **options)
+    array = StoreLocation(f"s3://{BUCKET}/digests.zarr/v", options)
+    block = np.arange(16, dtype="float32").reshape(4, 4)
+    for background in (False, True):  # straight, and by the writing pass's sender
+        with sending_in_background(array) if background else nullcontext() as sender:
+            assert (sender is not None) == background
+            key, digest = write_chunk(array, (0, int(background)), block, (4, 4), sender=sender)
+        head = fs.call_s3(
+            "head_object", Bucket=BUCKET, Key=f"digests.zarr/v/{key}", ChecksumMode="ENABLED"
+        )
+        assert base64.b64decode(head["ChecksumSHA256"]).hex() == digest[0]
+        assert chunk_digest(fs.cat_file(array.path(key))) == digest
+
+    wrong = checked_put(fs, hashlib.sha256(b"other bytes").hexdigest())
+    with pytest.raises(OSError):
+        fs.pipe_file(array.path("0.2"), b"these bytes", **wrong)
+    assert not fs.exists(array.path("0.2"))
+    assert checked_put(fsspec.filesystem("file"), digest[0]) == {}
+    optional = {"request_checksum_calculation": "when_required"}
+    plain = s3fs.S3FileSystem(skip_instance_cache=True, **(options | {"config_kwargs": optional}))
+    assert checked_put(plain, digest[0]) == {}
+
+
+def test_writing_passes_side_by_side_wait_for_and_fail_on_their_own_chunks(options):
+    from polar_cube.zarr_store import sending_in_background, write_chunk
+
+    good = StoreLocation(f"s3://{BUCKET}/passes.zarr/v", options)
+    bad = StoreLocation("s3://no-such-bucket-here/passes.zarr/v", options)
+    block = np.ones((4, 4), dtype="float32")
+    with sending_in_background(good) as kept:
+        with pytest.raises(OSError), sending_in_background(bad) as failing:
+            assert failing != kept
+            write_chunk(bad, (0, 0), block, (4, 4), sender=failing)
+            for column in range(8):  # the other pass goes on while this one fails
+                write_chunk(good, (0, column), block, (4, 4), sender=kept)
+        write_chunk(good, (1, 0), block, (4, 4), sender=kept)
+    fs = s3fs.S3FileSystem(skip_instance_cache=True, **options)
+    stored = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(good.path()))
+    assert stored == ["0.0", "0.1", "0.2", "0.3", "0.4", "0.5", "0.6", "0.7", "1.0"]
 
 
 def test_bucket_url_joins_folder_and_parts_without_double_slashes():
