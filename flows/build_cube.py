@@ -227,6 +227,7 @@ def _build(
         fingerprints |= kept
         current = steps.current_version(location, spec, grid, patch, fingerprints)
         metadata = None  # the metadata gate's report, when a new version is built
+        drawing = None  # the report, drawn while the new version's checks run
         if current:
             logger.info("%s is already current; nothing to publish", location.url(current.cube))
             published = spec.at_version(current.version)
@@ -246,14 +247,20 @@ def _build(
             progress.start("patch")
             patch_cube(location, published, staged, patch, patch_path)
             progress.start("verify")
-            verify_staged_cube(location, staged, published, grid)
-            record_chunks(location, published)
-            if deep_verify:
-                deep_verify_staged_cube(location, published, staged)
-            progress.start("metadata")
-            metadata = check_staged_metadata(location, staged, latest.cube if latest else None)
+            # the report (quicklooks drawn from the levels: seconds of one core) needs the
+            # patched metadata only; it is drawn on a task-runner thread beside the checks
+            drawing = report_cube.submit(location, published)
+            try:
+                verify_staged_cube(location, staged, published, grid)
+                record_chunks(location, published)
+                if deep_verify:
+                    deep_verify_staged_cube(location, published, staged)
+                progress.start("metadata")
+                metadata = check_staged_metadata(location, staged, latest.cube if latest else None)
+            finally:
+                drawing.wait()  # a failed check fails the build once the drawing is done
         progress.start("report")
-        report = report_cube(location, published)
+        report = drawing.result() if drawing else report_cube(location, published)
         if current:  # a published version is never rewritten, its STAC item neither
             progress.skip("stac", "the latest version's STAC item is kept")
             stac_item = location.url(steps.stac_key(published))
